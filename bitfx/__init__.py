@@ -1,0 +1,11 @@
+"""bitfx: lossless bitmap compression of sparse saved activations, as a
+``torch.compile`` backend (``backend="bittrain"``)."""
+
+from .ops import Packed, compress, decompress
+
+__all__ = ["Packed", "compress", "decompress"]
+__version__ = "0.1.0"
+
+from .backend import backend  # noqa: E402
+
+__all__ += ["backend"]

@@ -1,0 +1,84 @@
+"""The ``bittrain`` torch.compile backend.
+
+``inner="inductor"`` runs Inductor's own ``compile_fx`` with
+:class:`bitfx.passes.BitfxPartitioner` as its ``custom_partitioner_fn``: the
+joint graph sees Inductor's decompositions and joint-graph passes, the stock
+min-cut partitioner decides what to save, and bitfx compresses what it saved.
+
+``inner="eager"`` runs AOTAutograd with the same decomposition table and the
+same partitioner, and executes the resulting graphs as plain FX.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from .options import Options
+
+log = logging.getLogger("bitfx")
+
+
+def _decompositions():
+    import torch._inductor.lowering  # noqa: F401  (fills the decomposition table)
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on_partition=None):
+    from .passes import BitfxPartitioner
+    from .passes.partition import partition
+
+    if options.inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        partitioner = BitfxPartitioner(options, on_partition)
+        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def run_as_fx(fx_gm, _example_inputs):
+        return make_boxed_func(fx_gm.forward)
+
+    return aot_autograd(
+        fw_compiler=run_as_fx,
+        bw_compiler=run_as_fx,
+        partition_fn=functools.partial(partition, options=options, on_partition=on_partition),
+        decompositions=_decompositions(),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+class Backend:
+    """A ``torch.compile`` backend with fixed options."""
+
+    def __init__(self, options: Options, on_partition=None):
+        self.options = options
+        self.on_partition = on_partition
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        return compile_graph(gm, example_inputs, self.options, self.on_partition)
+
+    def __repr__(self) -> str:
+        return f"bitfx.backend({self.options})"
+
+
+def backend(**options: Any) -> Backend:
+    """A backend callable for ``torch.compile(model, backend=bitfx.backend(...))``."""
+    return Backend(Options.from_dict(options))
+
+
+def bittrain(gm, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Entry point registered as ``torch_dynamo_backends: bittrain``.
+
+    ``torch.compile(model, backend="bittrain", options={...})`` arrives here
+    with ``options`` as a keyword argument.
+    """
+    if mode not in (None, "default"):
+        raise ValueError(f"bittrain does not take a mode (got mode={mode!r}); use options=")
+    return compile_graph(gm, example_inputs, Options.from_dict(options))

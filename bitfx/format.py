@@ -1,0 +1,107 @@
+"""The bitfx storage format, defined once.
+
+A tensor ``x`` is compressed into two tensors, ``offsets`` and ``payload``.
+
+Element order
+    Elements are taken in *memory order*: the dimensions of ``x`` sorted by
+    stride, largest first (ties: larger size first, then lower dimension
+    index).  For a contiguous tensor this is row-major order; for a
+    channels_last tensor it is N, H, W, C.  Dimensions of stride 0 with size
+    > 1 (broadcasts made by ``expand``) are stored once: ``x`` is narrowed to
+    size 1 along them and decompression expands again.  The order depends only
+    on ``(size, stride)``, so compressor and decompressor derive it
+    independently.
+
+Zero test
+    An element is zero iff its bit pattern is all zeros.  ``-0.0``, NaN
+    payloads and denormals are nonzero, so every bit pattern round-trips.
+
+Blocks
+    The ``n`` elements are split into ``ceil(n / BLOCK)`` blocks of
+    ``BLOCK = 1024`` elements; the last block is padded with zeros.
+
+``offsets``: int64, ``nblocks + 1`` entries
+    ``offsets[b]`` is the number of nonzero elements before block ``b``;
+    ``offsets[-1]`` is the total nonzero count.  A GPU kernel decodes block
+    ``b`` independently from it.
+
+``payload``: uint8, one of two encodings
+    * sparse: ``nblocks * BLOCK / 8`` bitmap bytes, then the nonzero
+      elements' raw bytes in memory order.  Bit ``i % 8`` (LSB first) of
+      bitmap byte ``i // 8`` is set iff element ``i`` is nonzero.  The bitmap
+      length is a multiple of 128 bytes, so the values are aligned for any
+      dtype.
+    * dense (runtime fallback): the ``n * itemsize`` raw bytes of all
+      elements in memory order.  Used when the sparse encoding would not be
+      smaller than this, i.e. at very high density.
+
+    The decoder tells them apart by length: a sparse payload is always
+    strictly shorter than ``n * itemsize``.
+
+Bool masks are stored separately by ``bitfx::pack_bool``: ``ceil(n / 8)``
+bytes in memory order, LSB first, no offsets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+BLOCK = 1024
+BITMAP_BYTES_PER_BLOCK = BLOCK // 8
+
+# Same-width integer dtypes: the zero test and all copies go through these, so
+# no floating-point arithmetic ever touches the data.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
+    try:
+        return _INT_VIEW[dtype.itemsize]
+    except KeyError:
+        raise TypeError(f"bitfx: unsupported dtype {dtype}") from None
+
+
+def num_blocks(n):
+    return (n + BLOCK - 1) // BLOCK
+
+
+def sparse_payload_bytes(n: int, nnz: int, itemsize: int) -> int:
+    return num_blocks(n) * BITMAP_BYTES_PER_BLOCK + nnz * itemsize
+
+
+def use_sparse(n: int, nnz: int, itemsize: int) -> bool:
+    return sparse_payload_bytes(n, nnz, itemsize) < n * itemsize
+
+
+def memory_order(size: Sequence[int], stride: Sequence[int]) -> list[int]:
+    """Dimensions sorted from outermost to innermost in memory."""
+    return sorted(range(len(size)), key=lambda d: (-stride[d], -size[d], d))
+
+
+def broadcast_dims(size: Sequence[int], stride: Sequence[int]) -> list[int]:
+    return [d for d in range(len(size)) if stride[d] == 0 and size[d] > 1]
+
+
+def stored_numel(size: Sequence[int], stride: Sequence[int]) -> int:
+    bdims = set(broadcast_dims(size, stride))
+    return math.prod(1 if d in bdims else s for d, s in enumerate(size))
+
+
+def predicted_bytes(numel: int, itemsize: int, density: float) -> int:
+    """Bytes ``bitfx::compress`` stores for a tensor at the given density.
+
+    The planner and the analysis price tensors with this; it mirrors the
+    fallback rule of the compressor exactly.
+    """
+    nnz = int(round(numel * density))
+    offsets = (num_blocks(numel) + 1) * 8
+    if use_sparse(numel, nnz, itemsize):
+        return offsets + sparse_payload_bytes(numel, nnz, itemsize)
+    return offsets + numel * itemsize
+
+
+def packed_bool_bytes(numel: int) -> int:
+    return (numel + 7) // 8

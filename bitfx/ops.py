@@ -1,0 +1,205 @@
+"""The ``bitfx::`` custom ops and their fake implementations.
+
+The ops handle layout (memory order, broadcast dimensions, strides) and hand
+flat, contiguous tensors to a kernel backend chosen by
+:func:`bitfx.kernels.select`.  The format is documented in :mod:`bitfx.format`.
+
+=======================  ==================================================
+op                       schema
+=======================  ==================================================
+``bitfx::compress``      ``(Tensor x) -> (Tensor offsets, Tensor payload)``
+``bitfx::decompress``    ``(offsets, payload, SymInt[] size, SymInt[] stride,
+                         ScalarType dtype) -> Tensor``
+``bitfx::pack_bool``     ``(Tensor x) -> Tensor``
+``bitfx::unpack_bool``   ``(packed, SymInt[] size, SymInt[] stride) -> Tensor``
+=======================  ==================================================
+
+``payload`` has a data-dependent length.  Its fake value needs an unbacked
+SymInt, made by :func:`fresh_size`; the graph rewrite binds it on the node
+(see :func:`bitfx.passes.rewrite.fake_compress`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, guard_or_false
+
+from . import kernels
+from .format import int_view_dtype, memory_order, num_blocks
+
+_LIB = torch.library.Library("bitfx", "DEF")
+# The memory order of the input decides the element order of the format, and
+# decompress rebuilds the strides recorded in the graph: Inductor must hand us
+# inputs with exactly the strides of their fake values, not a layout it prefers.
+_EXACT = (torch.Tag.needs_exact_strides,)
+_LIB.define("compress(Tensor x) -> (Tensor, Tensor)", tags=_EXACT)
+_LIB.define(
+    "decompress(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, "
+    "ScalarType dtype) -> Tensor"
+)
+_LIB.define("pack_bool(Tensor x) -> Tensor", tags=_EXACT)
+_LIB.define("unpack_bool(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor")
+
+
+def _broadcast_dims(size: Sequence, stride: Sequence) -> set[int]:
+    return {
+        d
+        for d in range(len(size))
+        if guard_or_false(stride[d] == 0) and guard_or_false(size[d] > 1)
+    }
+
+
+def _stored_size(size: Sequence, stride: Sequence) -> list:
+    bdims = _broadcast_dims(size, stride)
+    return [1 if d in bdims else s for d, s in enumerate(size)]
+
+
+def stored_numel(size: Sequence, stride: Sequence):
+    n = 1
+    for s in _stored_size(size, stride):
+        n = n * s
+    return n
+
+
+def to_flat(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s elements in memory order, as a flat contiguous tensor."""
+    for d in sorted(_broadcast_dims(x.shape, x.stride())):
+        x = x.narrow(d, 0, 1)
+    return x.permute(memory_order(x.shape, x.stride())).reshape(-1)
+
+
+class _Target:
+    """An output of the given layout and the flat buffer a kernel fills."""
+
+    def __init__(self, size, stride, dtype, device):
+        self.size = list(size)
+        self.bdims = _broadcast_dims(size, stride)
+        stored = _stored_size(size, stride)
+        self.base = torch.empty_strided(stored, list(stride), dtype=dtype, device=device)
+        self.permuted = self.base.permute(memory_order(stored, stride))
+        self.direct = self.permuted.is_contiguous()
+        self.flat = self.permuted.view(-1) if self.direct else torch.empty(
+            self.base.numel(), dtype=dtype, device=device
+        )
+
+    def finish(self) -> torch.Tensor:
+        if not self.direct:
+            self.permuted.copy_(self.flat.view(self.permuted.shape))
+        return self.base.expand(self.size) if self.bdims else self.base
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    int_view_dtype(x.dtype)  # raises for unsupported dtypes
+
+
+@torch.library.impl(_LIB, "compress", "CompositeExplicitAutograd")
+def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dtype(x)
+    flat = to_flat(x)
+    return kernels.select(flat.device).compress(flat)
+
+
+@torch.library.impl(_LIB, "decompress", "CompositeExplicitAutograd")
+def _decompress(offsets, payload, size, stride, dtype):
+    target = _Target(size, stride, dtype, payload.device)
+    kernels.select(payload.device).decompress(offsets, payload, target.flat)
+    return target.finish()
+
+
+@torch.library.impl(_LIB, "pack_bool", "CompositeExplicitAutograd")
+def _pack_bool(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.bool:
+        raise TypeError(f"bitfx::pack_bool expects a bool tensor, got {x.dtype}")
+    flat = to_flat(x)
+    return kernels.select(flat.device).pack_bool(flat)
+
+
+@torch.library.impl(_LIB, "unpack_bool", "CompositeExplicitAutograd")
+def _unpack_bool(packed, size, stride):
+    target = _Target(size, stride, torch.bool, packed.device)
+    kernels.select(packed.device).unpack_bool(packed, target.flat)
+    return target.finish()
+
+
+def compress_fake(x: torch.Tensor, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake ``(offsets, payload)`` for ``x``, given a fresh unbacked ``nbytes``."""
+    _check_dtype(x)
+    n = stored_numel(x.shape, x.stride())
+    offsets = x.new_empty((num_blocks(n) + 1,), dtype=torch.int64)
+    # A sparse payload is strictly shorter than the dense bytes; dense equals them.
+    torch._check(nbytes <= n * x.element_size())
+    payload = x.new_empty((nbytes,), dtype=torch.uint8)
+    return offsets, payload
+
+
+def fresh_size(shape_env) -> torch.SymInt:
+    """A new unbacked, size-like SymInt for the payload length.
+
+    ``ctx.new_dynamic_size()`` refuses unless Dynamo was configured to capture
+    dynamic-output-shape ops, a global switch that would also change how user
+    code such as ``nonzero`` is traced.  Our op is inserted after tracing, and
+    its outputs are bound where it is inserted, so it asks the ShapeEnv directly.
+    """
+    size = shape_env.create_unbacked_symint()
+    _constrain_range_for_size(size)
+    return size
+
+
+@torch.library.register_fake("bitfx::compress")
+def _compress_fake(x):
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
+    return compress_fake(x, nbytes)
+
+
+@torch.library.register_fake("bitfx::decompress")
+def _decompress_fake(offsets, payload, size, stride, dtype):
+    return torch.empty_strided(size, stride, dtype=dtype, device=payload.device)
+
+
+@torch.library.register_fake("bitfx::pack_bool")
+def _pack_bool_fake(x):
+    n = stored_numel(x.shape, x.stride())
+    return x.new_empty(((n + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("bitfx::unpack_bool")
+def _unpack_bool_fake(packed, size, stride):
+    return torch.empty_strided(size, stride, dtype=torch.bool, device=packed.device)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A compressed tensor: what :func:`compress` returns."""
+
+    offsets: torch.Tensor
+    payload: torch.Tensor
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.payload.nbytes
+
+    @property
+    def is_dense(self) -> bool:
+        """True when the runtime fell back to storing the raw bytes."""
+        n = stored_numel(self.size, self.stride)
+        return n > 0 and self.payload.numel() == n * self.dtype.itemsize
+
+
+def compress(x: torch.Tensor) -> Packed:
+    """Compress ``x`` losslessly; :func:`decompress` restores it bit for bit."""
+    offsets, payload = torch.ops.bitfx.compress(x)
+    return Packed(offsets, payload, tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+def decompress(packed: Packed) -> torch.Tensor:
+    return torch.ops.bitfx.decompress(
+        packed.offsets, packed.payload, list(packed.size), list(packed.stride), packed.dtype
+    )

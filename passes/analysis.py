@@ -1,0 +1,263 @@
+"""Which saved tensors are sparse by construction, and what to do with each.
+
+The forward graph that PyTorch's partitioner produces returns
+``(*forward_outputs, *saved_tensors, *saved_symints)``.  :func:`analyze`
+walks the forward graph once, marks every node whose output is zero wherever
+a ReLU-family output is zero ("sparse by construction"), and gives each saved
+tensor a :class:`Decision`:
+
+``COMPRESS``
+    a sparse float/int tensor: ``bitfx::compress`` right after its producer.
+``DERIVE``
+    a bool comparison of a compressed tensor with a scalar, e.g. the
+    ``le(relu, 0)`` mask of ``threshold_backward``: recomputed in backward
+    from the decompressed tensor, so nothing is saved for it.
+``PACK``
+    any other saved bool tensor: stored at 1 bit per element.
+``KEEP``
+    everything else, with the reason.
+
+The analysis never affects correctness, only benefit: compression is
+lossless whatever the data, and a tensor that turns out dense at run time is
+stored dense by the compressor.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from bitfx.format import packed_bool_bytes, predicted_bytes
+from bitfx.options import Options
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Density assumed before anything runs, by the kind of op that made a tensor
+# sparse.  ReLU of a zero-mean pre-activation is 50% zeros; max-pool values
+# are zero only where a whole window is, so they are usually dense.
+DEFAULT_DENSITY = {"relu": 0.5, "max_pool": 1.0}
+
+
+class Decision(enum.Enum):
+    COMPRESS = "compressed"
+    DERIVE = "derived"
+    PACK = "bool-packed"
+    KEEP = "kept dense"
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_num(value, pred) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and pred(value)
+
+
+def _relu_source(node: fx.Node) -> bool:
+    """Ops whose output is zero wherever the input is <= 0 (or below a threshold)."""
+    t = node.target
+    if t in (aten.relu.default, aten.relu_.default):
+        return True
+    if t is aten.threshold.default:
+        return _is_num(_arg(node, 2, "value"), lambda v: v == 0)
+    if t is aten.hardtanh.default:
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+        return _is_num(lo, lambda v: v == 0) and _is_num(hi, lambda v: v >= 0)
+    if t is aten.clamp_min.default:
+        return _is_num(_arg(node, 1, "min"), lambda v: v == 0)
+    if t is aten.clamp.default:
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        return _is_num(lo, lambda v: v == 0) and (hi is None or _is_num(hi, lambda v: v >= 0))
+    return False
+
+
+# Ops that keep a zero input element zero, judged on their first argument.
+_VIEWS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.permute.default, aten.transpose.int, aten.t.default,
+    aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
+    aten.as_strided.default, aten.unfold.default, aten.narrow.default,
+    aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
+    aten.abs.default,
+}
+_MAX_POOLS = {
+    aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default,
+}
+_low_mem_pool = getattr(prims, "_low_memory_max_pool_with_offsets", None)
+if _low_mem_pool is not None:
+    _MAX_POOLS.add(_low_mem_pool.default)
+_COMPARISONS = {
+    aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar,
+    aten.eq.Scalar, aten.ne.Scalar,
+}
+
+
+def propagate_sparsity(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Map each sparse-by-construction node to the kind that made it sparse."""
+    kind: dict[fx.Node, str] = {}
+
+    def sparse(a) -> str | None:
+        return kind.get(a) if isinstance(a, fx.Node) else None
+
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        t, args = node.target, node.args
+        if _relu_source(node):
+            kind[node] = "relu"
+            continue
+        first = sparse(args[0]) if args else None
+        if t in _VIEWS and first:
+            kind[node] = first
+        elif t is aten.clamp_max.default and first and _is_num(_arg(node, 1, "max"), lambda v: v >= 0):
+            kind[node] = first
+        elif t in (aten.mul.Tensor, aten.mul.Scalar):
+            k = first or sparse(args[1])
+            if k:
+                kind[node] = k
+        elif t in (aten.div.Tensor, aten.div.Scalar) and first:
+            kind[node] = first
+        elif t is aten.pow.Tensor_Scalar and first and _is_num(args[1], lambda v: v > 0):
+            kind[node] = first
+        elif t is aten.cat.default and args[0] and all(sparse(a) for a in args[0]):
+            kind[node] = sparse(args[0][0])
+        elif t is operator.getitem and args[1] == 0 and isinstance(args[0], fx.Node):
+            producer = args[0]
+            inner = sparse(producer.args[0]) if producer.args else None
+            if inner and producer.target in _MAX_POOLS:
+                kind[node] = "max_pool"
+            elif inner and producer.target is aten.native_dropout.default:
+                kind[node] = inner
+    return kind
+
+
+@dataclass
+class SavedTensor:
+    """One tensor the forward graph saves for backward, and what bitfx does with it."""
+
+    node: fx.Node
+    index: int  # position among the saved values
+    decision: Decision
+    reason: str
+    kind: str | None = None  # what made it sparse ("relu", "max_pool"), if anything
+    derived_from_info: SavedTensor | None = None  # for DERIVE: the compressed source
+    parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
+
+    @property
+    def val(self) -> torch.Tensor:
+        return self.node.meta["val"]
+
+    @property
+    def module_path(self) -> str:
+        stack = self.node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            return path.removeprefix("L['self'].").removeprefix("L__self___") or "<root>"
+        return ""
+
+    def dense_bytes(self) -> int:
+        return _hint(self.val.numel()) * self.val.element_size()
+
+    def stored_bytes(self, density: float | None = None) -> int:
+        """Predicted bytes kept for backward; ``density`` defaults by kind."""
+        numel = _hint(self.val.numel())
+        if self.decision is Decision.COMPRESS:
+            if density is None:
+                density = DEFAULT_DENSITY.get(self.kind or "relu", 0.5)
+            return predicted_bytes(numel, self.val.element_size(), density)
+        if self.decision is Decision.PACK:
+            return packed_bool_bytes(numel)
+        if self.decision is Decision.DERIVE:
+            return 0
+        return self.dense_bytes()
+
+
+# Size assumed for a dimension with no hint (an unbacked size): large, so that
+# tensors whose size is unknown are never skipped for being small.
+_NO_HINT = 1 << 20
+
+
+def _hint(value) -> int:
+    """A concrete example value for an int or SymInt (the one compiled with)."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(value.node, "hint", None)
+    return int(hint) if hint is not None else _NO_HINT
+
+
+def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
+    outputs = gm.graph.find_nodes(op="output")[0].args[0]
+    return list(outputs[num_fwd_outputs:])
+
+
+def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options) -> list[SavedTensor]:
+    """Classify every tensor saved by the partitioned forward graph ``gm``."""
+    kind = propagate_sparsity(gm.graph)
+    saved = [
+        (i, n) for i, n in enumerate(saved_values(gm, num_fwd_outputs))
+        if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    fwd_outputs = set(gm.graph.find_nodes(op="output")[0].args[0][:num_fwd_outputs])
+    result: list[SavedTensor] = []
+    by_node: dict[fx.Node, SavedTensor] = {}
+    for i, node in saved:
+        info = _decide(node, i, kind, fwd_outputs, options)
+        result.append(info)
+        by_node[node] = info
+    # Masks compare a saved tensor with a scalar: recompute them from it when
+    # it is compressed, since decompressing restores it bit for bit.
+    for info in result:
+        if info.decision is not Decision.PACK:
+            continue
+        src = info.node.args[0] if info.node.target in _COMPARISONS else None
+        if src in by_node and by_node[src].decision is Decision.COMPRESS:
+            info.decision = Decision.DERIVE
+            info.derived_from_info = by_node[src]
+            info.reason = f"recomputed as {info.node.target.__name__.split('.')[0]}({src.name}) in backward"
+    return result
+
+
+def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
+    val = node.meta["val"]
+    keep = lambda why, k=None: SavedTensor(node, index, Decision.KEEP, why, k)  # noqa: E731
+    if node.op == "placeholder":
+        return keep("graph input (parameter, buffer or user input)")
+    if node in fwd_outputs:
+        return keep("also a forward output, alive anyway")
+    if _hint(val.numel()) * val.element_size() < options.min_bytes:
+        return keep(f"smaller than min_bytes={options.min_bytes}", kind.get(node))
+    if val.dtype == torch.bool:
+        if not options.pack_masks:
+            return keep("bool mask; pack_masks=False")
+        return SavedTensor(node, index, Decision.PACK, "bool mask: 1 bit per element")
+    k = kind.get(node)
+    if k is None:
+        return keep("not sparse by construction")
+    if val.dtype.is_complex or val.dtype.itemsize not in (1, 2, 4, 8):
+        return keep(f"dtype {val.dtype} not supported", k)
+    origin = _describe(node)
+    return SavedTensor(node, index, Decision.COMPRESS, f"sparse: {origin}", k)
+
+
+def _describe(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        name = getattr(node.args[0].target, "__name__", str(node.args[0].target))
+    return name.split(".")[0] + " output"
+
+
+def summarize(infos: Sequence[SavedTensor]) -> str:
+    counts: dict[str, int] = {}
+    for info in infos:
+        counts[info.decision.value] = counts.get(info.decision.value, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing saved"

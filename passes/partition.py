@@ -1,0 +1,78 @@
+"""The partition function: PyTorch's partitioner, then the bitfx rewrite.
+
+AOTAutograd reads the saved values from the forward graph's outputs after
+``num_fwd_outputs``; the backward graph's placeholders take them in the same
+order, before the tangents.  Wrapping the partitioner keeps every decision it
+makes (recompute, min-cut, ``activation_memory_budget``) and compresses only
+what it still saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from bitfx.options import Options
+
+from .analysis import SavedTensor, analyze, summarize
+from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward
+
+log = logging.getLogger("bitfx")
+
+
+def partition(
+    joint: fx.GraphModule,
+    joint_inputs,
+    *,
+    num_fwd_outputs: int,
+    options: Options,
+    on_partition=None,
+    **kwargs,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Min-cut partition (as for Inductor), then compress the sparse saved tensors.
+
+    ``on_partition(fw, bw, infos)``, if given, sees the result; the planner
+    uses it to read the decisions without a second copy of this logic.
+    """
+    kwargs.setdefault("compiler", "inductor")
+    fw, bw = min_cut_rematerialization_partition(
+        joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+    )
+    infos: list[SavedTensor] = []
+    if options.enabled:
+        infos = analyze(fw, num_fwd_outputs, options)
+        demote_inexpressible(bw, infos)
+        rewrite_forward(fw, num_fwd_outputs, infos)
+        rewrite_backward(bw, infos)
+        log.debug("bitfx partition: %s", summarize(infos))
+    if options.report:
+        from bitfx.report import log_decisions
+
+        log_decisions(infos)
+    if on_partition is not None:
+        on_partition(fw, bw, infos)
+    return fw, bw
+
+
+class BitfxPartitioner(CustomPartitionerFn):
+    """:func:`partition` as Inductor's ``custom_partitioner_fn``."""
+
+    def __init__(self, options: Options, on_partition=None):
+        self.options = options
+        self.on_partition = on_partition
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        return partition(gm, joint_inputs, options=self.options, on_partition=self.on_partition, **kwargs)
+
+    def uuid(self):
+        if self.on_partition is not None:
+            return None  # a callback is not part of any cache key: do not cache
+        h = hashlib.sha256(repr(self.options).encode())
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(path.read_bytes())
+        return h.hexdigest()

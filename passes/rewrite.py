@@ -1,0 +1,222 @@
+"""Insert compress / decompress nodes into partitioned forward and backward graphs.
+
+Forward, for a saved ReLU output (``d`` = dense bytes)::
+
+    before                                  after
+    relu = aten.relu(add)                   relu = aten.relu(add)
+                                            c = bitfx.compress(relu)
+                                            off = c[0]; pay = c[1]     # pay: uint8[u0]
+    conv = aten.convolution(relu, w, ...)   conv = aten.convolution(relu, w, ...)
+    le = aten.le(relu, 0)                   (le no longer saved)
+    return (out, relu, le)                  return (out, off, pay)
+
+Backward::
+
+    before                                  after
+    relu, le, tangents = placeholders       off, pay, tangents = placeholders
+    ...                                     ...
+                                            relu = bitfx.decompress(off, pay, size, stride, dtype)
+                                            le = aten.le(relu, 0)
+    where = aten.where(le, 0, grad)         where = aten.where(le, 0, grad)
+    cbw = convolution_backward(..., relu)   cbw = convolution_backward(..., relu)
+
+Compression sits right after the producer, so the dense tensor is freed after
+its last forward use; decompression sits right before the first backward use,
+so the dense tensor is alive only from there on.  Saved bool masks get
+``bitfx::pack_bool`` / ``bitfx::unpack_bool`` the same way.
+
+Every node added carries ``meta['val']``.  The payload's length is an unbacked
+SymInt, bound on the compress node through ``meta['unbacked_bindings']``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+from bitfx.ops import compress_fake, fresh_size
+
+from .analysis import Decision, SavedTensor
+from .symbolic import SymIntEmitter, missing_symbols, symbol_sources
+
+log = logging.getLogger("bitfx")
+
+bitfx_ops = torch.ops.bitfx
+
+
+def fake_compress(val: torch.Tensor):
+    """Fake (offsets, payload) for ``val`` and the bindings of the new symbol.
+
+    The new symbol must be bound on the node right away; otherwise Inductor
+    fails with PendingUnbackedSymbolNotFound.
+    """
+    fake_mode = val.fake_mode
+    shape_env = fake_mode.shape_env
+    if shape_env is None:
+        raise RuntimeError("bitfx: the graph's FakeTensorMode has no ShapeEnv; cannot size the payload")
+    with fake_mode:
+        out = compress_fake(val, fresh_size(shape_env))
+    return out, compute_unbacked_bindings(shape_env, out)
+
+
+def _copy_provenance(src: fx.Node, dst: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def _pin_input_strides(node: fx.Node, value: fx.Node) -> None:
+    # The ops are tagged needs_exact_strides, but Inductor applies that only
+    # to nodes carrying eager_input_vals (it assumes pass-inserted nodes want
+    # freedom).  We do not: decompress rebuilds the strides recorded here, so
+    # Inductor's layout optimization must not hand us, say, channels_last.
+    node.meta["eager_input_vals"] = ((value.meta["val"],), {})
+
+
+def _after(node: fx.Node):
+    return node.graph.inserting_after(node)
+
+
+def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedTensor]) -> None:
+    """Replace saved tensors in the forward outputs by their compressed parts."""
+    graph = gm.graph
+    output = graph.find_nodes(op="output")[0]
+    outs = list(output.args[0])
+    by_index = {info.index: info for info in infos}
+    new_saved: list = []
+    new_descs: list = []
+    descs = output.meta.get("desc")
+    for j, value in enumerate(outs[num_fwd_outputs:]):
+        info = by_index.get(j)
+        decision = info.decision if info else Decision.KEEP
+        if decision is Decision.COMPRESS:
+            parts = _insert_compress(value)
+        elif decision is Decision.PACK:
+            with _after(value):
+                packed = graph.call_function(bitfx_ops.pack_bool.default, (value,))
+            with value.meta["val"].fake_mode:
+                packed.meta["val"] = bitfx_ops.pack_bool.default(value.meta["val"])
+            _pin_input_strides(packed, value)
+            _copy_provenance(value, packed)
+            parts = [packed]
+        elif decision is Decision.DERIVE:
+            parts = []
+        else:
+            parts = [value]
+        if info is not None:
+            info.parts = parts
+        new_saved.extend(parts)
+        if descs is not None:
+            new_descs.extend([descs[num_fwd_outputs + j]] * len(parts))
+    output.args = (tuple(outs[:num_fwd_outputs] + new_saved),)
+    if descs is not None:
+        output.meta["desc"] = list(descs[:num_fwd_outputs]) + [
+            dataclasses.replace(d, idx=k) if hasattr(d, "idx") else d
+            for k, d in enumerate(new_descs)
+        ]
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _insert_compress(value: fx.Node) -> list[fx.Node]:
+    graph = value.graph
+    val, bindings = fake_compress(value.meta["val"])
+    with _after(value):
+        c = graph.call_function(bitfx_ops.compress.default, (value,))
+    c.meta["val"] = val
+    _pin_input_strides(c, value)
+    if bindings:
+        c.meta["unbacked_bindings"] = bindings
+    parts = []
+    prev = c
+    for k in range(2):
+        with _after(prev):
+            part = graph.call_function(operator.getitem, (c, k))
+        part.meta["val"] = val[k]
+        parts.append(part)
+        prev = part
+    for n in (c, *parts):
+        _copy_provenance(value, n)
+    return parts
+
+
+def _first_user(node: fx.Node) -> fx.Node:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
+    """Turn each changed saved-tensor placeholder into compressed parts + decode."""
+    graph = bw.graph
+    phs = {p.name: p for p in graph.find_nodes(op="placeholder")}
+    changed = [i for i in fw_infos if i.decision is not Decision.KEEP]
+    for info in changed:
+        if info.node.name not in phs:
+            raise AssertionError(f"bitfx: backward graph has no placeholder for saved {info.node.name}")
+    emitter = SymIntEmitter(graph, exclude={phs[i.node.name] for i in changed})
+
+    for info in changed:
+        if info.decision is not Decision.DERIVE:
+            continue
+        ph, src = phs[info.node.name], phs[info.derived_from_info.node.name]
+        with graph.inserting_before(_first_user(ph)):
+            mask = graph.call_function(info.node.target, (src, *info.node.args[1:]), dict(info.node.kwargs))
+        mask.meta.update(ph.meta)
+        ph.replace_all_uses_with(mask)
+        graph.erase_node(ph)
+
+    for info in changed:
+        if info.decision is Decision.DERIVE:
+            continue
+        ph = phs[info.node.name]
+        fw_parts = info.parts
+        with graph.inserting_before(ph):
+            new_phs = [graph.placeholder(p.name) for p in fw_parts]
+        for new_ph, part in zip(new_phs, fw_parts):
+            new_ph.meta["val"] = part.meta["val"]
+        val = ph.meta["val"]
+        size = [emitter.arg(s) for s in val.shape]
+        stride = [emitter.arg(s) for s in val.stride()]
+        with graph.inserting_before(_first_user(ph)):
+            if info.decision is Decision.COMPRESS:
+                dense = graph.call_function(
+                    bitfx_ops.decompress.default, (*new_phs, size, stride, val.dtype)
+                )
+            else:
+                dense = graph.call_function(bitfx_ops.unpack_bool.default, (*new_phs, size, stride))
+        dense.meta["val"] = val
+        _copy_provenance(info.node, dense)
+        ph.replace_all_uses_with(dense)
+        graph.erase_node(ph)
+    graph.lint()
+    bw.recompile()
+
+
+def demote_inexpressible(bw: fx.GraphModule, infos: list[SavedTensor]) -> None:
+    """Keep dense the tensors whose size or stride backward cannot compute.
+
+    Runs before any rewrite, so both graphs stay consistent.  In practice the
+    partitioner saves every symbol backward needs; this is a guard, and it
+    says so in the log when it fires.
+    """
+    changed = [i for i in infos if i.decision in (Decision.COMPRESS, Decision.PACK)]
+    names = {i.node.name for i in changed}
+    sources = symbol_sources(
+        bw.graph, exclude={p for p in bw.graph.find_nodes(op="placeholder") if p.name in names}
+    )
+    for info in changed:
+        val = info.node.meta["val"]
+        missing = missing_symbols((*val.shape, *val.stride()), sources)
+        if missing:
+            log.warning("bitfx: keeping %s dense: backward has no value for %s", info.node.name, sorted(missing))
+            info.decision = Decision.KEEP
+            info.reason = f"size uses {sorted(missing)}, unknown in backward"
+    for info in infos:
+        if info.decision is Decision.DERIVE and info.derived_from_info.decision is not Decision.COMPRESS:
+            info.decision, info.reason, info.derived_from_info = Decision.PACK, "bool mask: 1 bit per element", None
