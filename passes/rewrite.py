@@ -146,6 +146,22 @@ def _insert_compress(value: fx.Node) -> list[fx.Node]:
     return parts
 
 
+def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
+    # A placeholder's target becomes the argument name in generated code.  If
+    # FX had to rename the node, the code would read ``name_1 = name``, and a
+    # later node called ``name`` would shadow the argument: pick a fresh name.
+    taken = {n.name for n in graph.nodes} | {
+        n.target for n in graph.find_nodes(op="placeholder")
+    }
+    fresh, k = name, 0
+    while fresh in taken:
+        k += 1
+        fresh = f"{name}_{k}"
+    node = graph.placeholder(fresh)
+    assert node.name == fresh, (node.name, fresh)
+    return node
+
+
 def _first_user(node: fx.Node) -> fx.Node:
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return min(node.users, key=order.__getitem__)
@@ -176,8 +192,9 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
             continue
         ph = phs[info.node.name]
         fw_parts = info.parts
+        suffixes = ("offsets", "payload") if info.decision is Decision.COMPRESS else ("packed",)
         with graph.inserting_before(ph):
-            new_phs = [graph.placeholder(p.name) for p in fw_parts]
+            new_phs = [_placeholder(graph, f"{info.node.name}_{sfx}") for sfx in suffixes]
         for new_ph, part in zip(new_phs, fw_parts):
             new_ph.meta["val"] = part.meta["val"]
         val = ph.meta["val"]

@@ -1,0 +1,45 @@
+"""Measure what autograd really saves, for checking predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def saved_activation_bytes(
+    fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()
+) -> int:
+    """Bytes of the tensors saved for backward while ``fn()`` runs.
+
+    Counts every saved tensor's storage once (views of one storage count
+    once), leaving out the storages of ``exclude`` (pass the model's
+    parameters and buffers).  This is what
+    ``torch.autograd.graph.saved_tensors_hooks`` sees.
+    """
+    skip = {_storage_key(t) for t in exclude}
+    seen: dict = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = _storage_key(t)
+            if key not in skip and key[1] != 0:
+                seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def model_saved_bytes(model: nn.Module, *inputs, loss_fn=None) -> int:
+    """Saved-activation bytes of one forward of ``model`` (parameters and buffers excluded)."""
+    exclude = [*model.parameters(), *model.buffers()]
+    loss_fn = loss_fn or (lambda out: out.float().sum())
+    return saved_activation_bytes(lambda: loss_fn(model(*inputs)), exclude)
