@@ -18,18 +18,28 @@ def saved_activation_bytes(
     """Bytes of the tensors saved for backward while ``fn()`` runs.
 
     Counts every saved tensor's storage once (views of one storage count
-    once), leaving out the storages of ``exclude`` (pass the model's
-    parameters and buffers).  This is what
-    ``torch.autograd.graph.saved_tensors_hooks`` sees.
+    once), leaving out ``exclude`` (pass the model's parameters and buffers)
+    and exact copies of them.  Copies matter under Inductor: its layout
+    optimization saves channels-last copies of conv weights for backward;
+    those are weights, the same with and without bitfx, not activations.
+    This is what ``torch.autograd.graph.saved_tensors_hooks`` sees.
     """
+    exclude = list(exclude)
     skip = {_storage_key(t) for t in exclude}
+    by_shape: dict = {}
+    for t in exclude:
+        by_shape.setdefault((tuple(t.shape), t.dtype), []).append(t)
     seen: dict = {}
+
+    def is_copy(t):
+        return any(torch.equal(t, p) for p in by_shape.get((tuple(t.shape), t.dtype), ()))
 
     def pack(t):
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             key = _storage_key(t)
-            if key not in skip and key[1] != 0:
-                seen[key] = t.untyped_storage().nbytes()
+            if key not in skip and key[1] != 0 and key not in seen:
+                with torch.no_grad():
+                    seen[key] = 0 if is_copy(t) else t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

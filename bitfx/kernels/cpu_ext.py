@@ -1,4 +1,135 @@
-def available():
-    return False
-def check_usable():
-    raise RuntimeError("not yet")
+"""Multi-threaded CPU kernels: ``bitmap_cpu.c``, built on first use.
+
+The C source is compiled with the system C compiler (``$CC``, else ``cc``)
+and OpenMP into a cache directory (``$BITFX_CACHE``, else
+``~/.cache/bitfx``), keyed by the source's hash, then loaded with ctypes.
+Threads follow ``torch.get_num_threads()``.  Where no compiler works,
+:func:`available` is False and ``BITFX_KERNELS=auto`` uses the torch kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..format import BITMAP_BYTES_PER_BLOCK, num_blocks, use_sparse
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("bitmap_cpu.c")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BITFX_CACHE") or Path.home() / ".cache" / "bitfx"
+    return Path(root)
+
+
+def _build() -> Path:
+    src = _SOURCE.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    digest = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"bitmap_cpu-{digest}.so"
+    if target.exists():
+        return target
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler found (tried {cc!r}; set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {_SOURCE.name} failed: {' '.join(cmd)}\n{proc.stderr}")
+        os.replace(out, target)  # atomic: concurrent builders race safely
+    log.info("bitfx: built %s", target)
+    return target
+
+
+@functools.cache
+def _lib():
+    lib = ctypes.CDLL(str(_build()))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bitfx_count.argtypes = [p, i64, i32, p, i32]
+    lib.bitfx_count.restype = i64
+    lib.bitfx_compress.argtypes = [p, i64, i32, p, p, p, i32]
+    lib.bitfx_compress.restype = i32
+    lib.bitfx_decompress.argtypes = [p, p, p, i64, i32, p, i32]
+    lib.bitfx_decompress.restype = i32
+    lib.bitfx_pack_bool.argtypes = [p, i64, p, i32]
+    lib.bitfx_unpack_bool.argtypes = [p, i64, p, i32]
+    return lib
+
+
+@functools.cache
+def _load_error() -> str | None:
+    try:
+        _lib()
+    except (OSError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    err = _load_error()
+    if err:
+        log.warning("bitfx: CPU kernels unavailable, using torch kernels: %s", err)
+    return err is None
+
+
+def check_usable() -> None:
+    err = _load_error()
+    if err:
+        raise RuntimeError(f"BITFX_KERNELS=cpu but the CPU kernels cannot be built: {err}")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def compress(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, itemsize = flat.numel(), flat.element_size()
+    nblocks = num_blocks(n)
+    offsets = torch.empty(nblocks + 1, dtype=torch.int64)
+    nnz = _lib().bitfx_count(_ptr(flat), n, itemsize, _ptr(offsets), _threads())
+    if not use_sparse(n, nnz, itemsize):
+        return offsets, flat.view(torch.uint8).clone()
+    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
+    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8)
+    _lib().bitfx_compress(
+        _ptr(flat), n, itemsize, _ptr(offsets), _ptr(payload), _ptr(payload) + bitmap_bytes, _threads()
+    )
+    return offsets, payload
+
+
+def decompress(offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
+    n, itemsize = out.numel(), out.element_size()
+    if payload.numel() == n * itemsize:
+        out.view(torch.uint8).copy_(payload)
+        return
+    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+    _lib().bitfx_decompress(
+        _ptr(offsets), _ptr(payload), _ptr(payload) + bitmap_bytes, n, itemsize, _ptr(out), _threads()
+    )
+
+
+def pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+    _lib().bitfx_pack_bool(_ptr(flat), flat.numel(), _ptr(out), _threads())
+    return out
+
+
+def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
+    _lib().bitfx_unpack_bool(_ptr(packed), out.numel(), _ptr(out), _threads())
