@@ -25,6 +25,7 @@ stored dense by the compressor.
 from __future__ import annotations
 
 import enum
+import re
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,17 +90,22 @@ _VIEWS = {
     aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
     aten.abs.default,
 }
+# By name: Inductor registers its low-memory max-pool prim only when its
+# decompositions are imported, which may be after this module.
 _MAX_POOLS = {
-    aten.max_pool2d_with_indices.default,
-    aten.max_pool3d_with_indices.default,
+    "aten::max_pool2d_with_indices",
+    "aten::max_pool3d_with_indices",
+    "prims::_low_memory_max_pool_with_offsets",
 }
-_low_mem_pool = getattr(prims, "_low_memory_max_pool_with_offsets", None)
-if _low_mem_pool is not None:
-    _MAX_POOLS.add(_low_mem_pool.default)
 _COMPARISONS = {
     aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar,
     aten.eq.Scalar, aten.ne.Scalar,
 }
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target.name() if isinstance(target, torch._ops.OpOverload) else ""
 
 
 def propagate_sparsity(graph: fx.Graph) -> dict[fx.Node, str]:
@@ -134,7 +140,7 @@ def propagate_sparsity(graph: fx.Graph) -> dict[fx.Node, str]:
         elif t is operator.getitem and args[1] == 0 and isinstance(args[0], fx.Node):
             producer = args[0]
             inner = sparse(producer.args[0]) if producer.args else None
-            if inner and producer.target in _MAX_POOLS:
+            if inner and _op_name(producer) in _MAX_POOLS:
                 kind[node] = "max_pool"
             elif inner and producer.target is aten.native_dropout.default:
                 kind[node] = inner
@@ -160,10 +166,11 @@ class SavedTensor:
     @property
     def module_path(self) -> str:
         stack = self.node.meta.get("nn_module_stack")
-        if stack:
-            path = list(stack.values())[-1][0]
-            return path.removeprefix("L['self'].").removeprefix("L__self___") or "<root>"
-        return ""
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        # Dynamo spells the root module L['self'] or L['fn'] (a compiled Sequential).
+        return re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
 
     def dense_bytes(self) -> int:
         return _hint(self.val.numel()) * self.val.element_size()

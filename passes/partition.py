@@ -9,7 +9,9 @@ what it still saves.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import uuid as uuid_mod
 import logging
 from pathlib import Path
 
@@ -65,14 +67,41 @@ class BitfxPartitioner(CustomPartitionerFn):
     def __init__(self, options: Options, on_partition=None):
         self.options = options
         self.on_partition = on_partition
+        # A callback must see every partition, so such a partitioner never
+        # shares cache entries: its key gets a nonce.
+        self._nonce = uuid_mod.uuid4().hex if on_partition is not None else None
 
     def __call__(self, gm, joint_inputs, **kwargs):
         return partition(gm, joint_inputs, options=self.options, on_partition=self.on_partition, **kwargs)
 
+    def __deepcopy__(self, memo):
+        # Inductor deep-copies its config for cache keys; the callback may
+        # hold captured graphs, and the partitioner itself is immutable.
+        return self
+
+    def __reduce__(self):
+        # Inductor pickles its config into cache keys: reduce to what decides
+        # the output (options, this package's source, the nonce).
+        return (_rebuild, (self.options, self.uuid()))
+
     def uuid(self):
-        if self.on_partition is not None:
-            return None  # a callback is not part of any cache key: do not cache
         h = hashlib.sha256(repr(self.options).encode())
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            h.update(path.read_bytes())
+        h.update(_source_hash().encode())
+        if self._nonce:
+            h.update(self._nonce.encode())
         return h.hexdigest()
+
+
+def _rebuild(options: Options, _key: str) -> BitfxPartitioner:
+    return BitfxPartitioner(options)
+
+
+@functools.cache
+def _source_hash() -> str:
+    import bitfx
+
+    files = {*Path(bitfx.__file__).parent.rglob("*.py"), *Path(__file__).parent.glob("*.py")}
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(path.read_bytes())
+    return h.hexdigest()

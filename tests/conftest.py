@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def kernels(monkeypatch, request):
+    """Run a test under a given BITFX_KERNELS choice."""
+
+    def use(choice: str):
+        monkeypatch.setenv("BITFX_KERNELS", choice)
+
+    return use
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern, for exact comparisons that see NaN payloads and -0.0."""
+    from bitfx.format import int_view_dtype
+
+    return t.view(int_view_dtype(t.dtype)) if t.dtype != torch.bool else t
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.device == b.device
+        and torch.equal(bits(a.contiguous()), bits(b.contiguous()))
+    )
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,170 @@
+"""The bitfx:: ops: format, round trips over bit patterns and layouts, opcheck."""
+
+import pytest
+import torch
+from conftest import bit_equal
+from torch.library import opcheck
+
+import bitfx
+from bitfx import format as fmt
+from bitfx.kernels import cpu_ext, torch_ref
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 3 * 1024 * 1024 + 5]
+KERNELS = ["torch", "cpu"]
+
+
+def random_bits(n, dtype, density=0.5, gen=None):
+    """Random bit patterns (NaNs, infs, denormals, -0.0 included) with given density."""
+    ints = fmt.int_view_dtype(dtype)
+    raw = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int64, generator=gen)
+    if ints is not torch.int16:
+        raw = raw * 2**(8 * dtype.itemsize - 16) + torch.randint(0, 2**15, (n,), generator=gen)
+    x = raw.to(ints).view(dtype)
+    keep = torch.rand(n, generator=gen) < density
+    return torch.where(keep, x, torch.zeros((), dtype=dtype))
+
+
+def special_values(dtype):
+    ints = fmt.int_view_dtype(dtype)
+    w = 8 * dtype.itemsize
+    sign = -(2 ** (w - 1))
+    pats = [0, sign, 1, sign + 1]  # +0, -0.0, smallest denormals
+    if dtype.is_floating_point:
+        pats += [int(torch.tensor(float("nan"), dtype=dtype).view(ints)) ^ 1]  # NaN with a payload
+    vals = torch.tensor(pats, dtype=torch.int64).to(ints).view(dtype)
+    return torch.cat([vals, torch.tensor([float("inf"), -float("inf"), 1.5], dtype=dtype)])
+
+
+def roundtrip(x):
+    packed = bitfx.compress(x)
+    return packed, bitfx.decompress(packed)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_roundtrip_random_bits(kernels, kernel, dtype, n):
+    kernels(kernel)
+    x = random_bits(n, dtype, gen=torch.Generator().manual_seed(n))
+    packed, y = roundtrip(x)
+    assert bit_equal(x, y)
+    nnz = int(x.view(fmt.int_view_dtype(dtype)).ne(0).sum())
+    assert packed.nbytes == fmt.predicted_bytes(n, dtype.itemsize, nnz / max(n, 1))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_roundtrip(kernels, kernel, dtype):
+    kernels(kernel)
+    x = special_values(dtype).repeat(300)
+    _, y = roundtrip(x)
+    assert bit_equal(x, y)
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+    "transposed": lambda t: t.transpose(1, 3),
+    "offset_view": lambda t: t[1:, :, 2:],
+    "strided_gaps": lambda t: t[:, ::2, :, 1::3],
+    "expanded": lambda t: t[:, :1].expand(-1, 5, -1, -1),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_roundtrip(kernels, kernel, layout):
+    kernels(kernel)
+    base = torch.relu(torch.randn(3, 5, 7, 9))
+    x = LAYOUTS[layout](base)
+    _, y = roundtrip(x)
+    assert bit_equal(x, y)  # same strides too
+
+
+def test_format_bytes_are_as_documented():
+    x = torch.zeros(1030)
+    x[[0, 3, 9, 1024, 1029]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    offsets, payload = torch.ops.bitfx.compress(x)
+    assert offsets.tolist() == [0, 3, 5]
+    bitmap = payload[: 2 * fmt.BITMAP_BYTES_PER_BLOCK]
+    assert bitmap[0].item() == 0b00001001 and bitmap[1].item() == 0b00000010
+    assert bitmap[2:128].eq(0).all()
+    assert bitmap[128].item() == 0b00100001 and bitmap[129:].eq(0).all()
+    assert payload[256:].view(torch.float32).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dense_fallback_and_all_zero(kernels, kernel):
+    kernels(kernel)
+    dense = torch.randn(5000) + 10  # no zeros
+    packed, y = roundtrip(dense)
+    assert packed.is_dense and packed.payload.numel() == dense.nbytes
+    assert bit_equal(dense, y)
+    zeros = torch.zeros(5000)
+    packed, y = roundtrip(zeros)
+    assert not packed.is_dense
+    assert packed.payload.numel() == fmt.num_blocks(5000) * fmt.BITMAP_BYTES_PER_BLOCK
+    assert bit_equal(zeros, y)
+
+
+def test_kernels_produce_identical_bytes():
+    x = random_bits(100_003, torch.float32, density=0.3)
+    a, b = torch_ref.compress(x), cpu_ext.compress(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    m = torch.rand(12_345) < 0.4
+    assert torch.equal(torch_ref.pack_bool(m), cpu_ext.pack_bool(m))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 1025])
+def test_pack_bool_roundtrip(kernels, kernel, n):
+    kernels(kernel)
+    m = torch.rand(n) < 0.5
+    packed = torch.ops.bitfx.pack_bool(m)
+    assert packed.numel() == (n + 7) // 8
+    back = torch.ops.bitfx.unpack_bool(packed, [n], [1])
+    assert torch.equal(back, m)
+    cl = (torch.rand(2, 3, 4, 5) < 0.5).to(memory_format=torch.channels_last)
+    back = torch.ops.bitfx.unpack_bool(torch.ops.bitfx.pack_bool(cl), list(cl.shape), list(cl.stride()))
+    assert bit_equal(back, cl)
+
+
+def test_opcheck_all_ops():
+    x = torch.relu(torch.randn(4, 8, 5, 5)).to(memory_format=torch.channels_last)
+    opcheck(torch.ops.bitfx.compress.default, (x,))
+    offsets, payload = torch.ops.bitfx.compress(x)
+    opcheck(torch.ops.bitfx.decompress.default, (offsets, payload, list(x.shape), list(x.stride()), x.dtype))
+    m = x > 0
+    opcheck(torch.ops.bitfx.pack_bool.default, (m,))
+    packed = torch.ops.bitfx.pack_bool(m)
+    opcheck(torch.ops.bitfx.unpack_bool.default, (packed, list(m.shape), list(m.stride())))
+
+
+def test_unsupported_dtype_and_bad_kernel_choice(kernels):
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        bitfx.compress(torch.zeros(3, dtype=torch.complex128))
+    with pytest.raises(TypeError, match="bool"):
+        torch.ops.bitfx.pack_bool(torch.zeros(3))
+    kernels("fastest")
+    with pytest.raises(ValueError, match="BITFX_KERNELS"):
+        bitfx.compress(torch.zeros(3))
+
+
+def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
+    """Without a compiler, auto falls back to torch and an explicit cpu choice fails loudly."""
+    from bitfx import kernels as k
+
+    monkeypatch.setattr(cpu_ext, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("CC", "no-such-compiler")
+    cpu_ext._lib.cache_clear()
+    cpu_ext._load_error.cache_clear()
+    try:
+        monkeypatch.setenv("BITFX_KERNELS", "auto")
+        assert k.select(torch.device("cpu")) is torch_ref
+        monkeypatch.setenv("BITFX_KERNELS", "cpu")
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            k.select(torch.device("cpu"))
+    finally:
+        cpu_ext._lib.cache_clear()
+        cpu_ext._load_error.cache_clear()

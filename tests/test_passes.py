@@ -1,0 +1,290 @@
+"""Graph-level tests of the analysis and rewrite (inner="eager": fast, same partition)."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from graph_utils import Decision, call_nodes, compile_and_capture, saved_outputs
+
+import models
+
+bitfx = torch.ops.bitfx
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Post-attention ReLU FFN with dropout, as in the original Transformer."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, 2, dropout=0.1, batch_first=True)
+        self.fc1, self.fc2, self.drop = nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = self.ln(x)
+        x = x + self.att(h, h, h, need_weights=False)[0]
+        return x + self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+def squared_relu_ffn():
+    return nn.Sequential(nn.Linear(16, 64), models.SquaredReLU(), nn.Linear(64, 16))
+
+
+def conv_bn_relu():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+
+def check_invariants(cap):
+    """What every rewrite must keep: lint, meta['val'], bound symbols, placement."""
+    fw, bw = cap.fw, cap.bw
+    fw.graph.lint()
+    bw.graph.lint()
+    for gm in (fw, bw):
+        for n in gm.graph.nodes:
+            if n.op not in ("output",):
+                assert "val" in n.meta, f"{n} lacks meta['val']"
+    for c in call_nodes(fw, bitfx.compress.default):
+        assert c.meta.get("unbacked_bindings"), "payload symbol must be bound on the node"
+        producer = c.args[0]
+        assert c.prev is producer, f"compress of {producer} is not right after it"
+    for c in call_nodes(fw, bitfx.pack_bool.default):
+        assert c.prev is c.args[0]
+    for d in call_nodes(bw, bitfx.decompress.default) + call_nodes(bw, bitfx.unpack_bool.default):
+        assert d.next in d.users, f"{d} is not right before its first use"
+        if d.target is bitfx.decompress.default:
+            assert d.meta["val"].dtype == d.args[4]
+    # Saved values line up: the tensors among the forward outputs (after the
+    # model output) are the backward's tensor placeholders before the tangents;
+    # SymInts are last in forward and first in backward.
+    phs = [p for p in bw.graph.find_nodes(op="placeholder") if not p.name.startswith("tangents")]
+    saved = saved_outputs(fw)
+    assert len(phs) == len(saved)
+    tensors = lambda nodes: [n.meta["val"] for n in nodes if isinstance(n.meta["val"], torch.Tensor)]  # noqa: E731
+    for p, s in zip(tensors(phs), tensors(saved), strict=True):
+        assert p.dtype == s.dtype and p.shape == s.shape
+
+
+def compressed_sources(cap):
+    return [c.args[0] for c in call_nodes(cap.fw, bitfx.compress.default)]
+
+
+def test_mlp_compresses_relu_outputs():
+    cap, _ = compile_and_capture(mlp(), torch.randn(8, 16))
+    check_invariants(cap)
+    srcs = compressed_sources(cap)
+    assert [s.target for s in srcs] == [torch.ops.aten.relu.default] * 2
+    saved = saved_outputs(cap.fw)
+    assert not any(s in saved for s in srcs), "dense relu outputs must no longer be saved"
+    assert sum(1 for s in saved if s.target is operator.getitem and s.args[0].target is bitfx.compress.default) == 4
+    # parameters and the input stay as they are
+    assert {i.node.name for i in cap.decided(Decision.KEEP)} <= {s.name for s in saved}
+    assert len(call_nodes(cap.bw, bitfx.decompress.default)) == 2
+
+
+def test_conv_bn_relu_keeps_conv_output_dense():
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10))
+    check_invariants(cap)
+    (src,) = compressed_sources(cap)
+    assert src.target is torch.ops.aten.relu.default
+    conv = call_nodes(cap.fw, torch.ops.aten.convolution.default)[0]
+    assert conv in saved_outputs(cap.fw)
+    assert any(i.node is conv and i.decision is Decision.KEEP for i in cap.infos)
+
+
+def test_residual_block():
+    cap, _ = compile_and_capture(models.BasicBlock(8, 8), torch.randn(2, 8, 6, 6))
+    check_invariants(cap)
+    assert [s.target for s in compressed_sources(cap)] == [torch.ops.aten.relu.default]
+    # the output ReLU's mask is saved alone: bit-packed
+    (packed,) = call_nodes(cap.fw, bitfx.pack_bool.default)
+    assert packed.args[0].target is torch.ops.aten.le.Scalar
+    assert packed in saved_outputs(cap.fw)
+
+
+def test_max_pool_values_compressed_and_offsets_kept():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3))
+    cap, _ = compile_and_capture(m, torch.randn(2, 3, 12, 12))
+    check_invariants(cap)
+    (src,) = compressed_sources(cap)
+    assert src.target is operator.getitem and "max_pool" in str(src.args[0].target)
+    info = next(i for i in cap.infos if i.node is src)
+    assert info.kind == "max_pool"
+    kept = [i.node for i in cap.decided(Decision.KEEP) if i.val.dtype == torch.int8]
+    assert kept and kept[0] in saved_outputs(cap.fw)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inplace_relu_same_as_out_of_place(inplace):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace), nn.Conv2d(8, 4, 3))
+    cap, _ = compile_and_capture(m, torch.randn(2, 3, 10, 10))
+    check_invariants(cap)
+    assert [s.target for s in compressed_sources(cap)] == [torch.ops.aten.relu.default]
+
+
+def test_functional_and_module_relu_give_the_same_graphs():
+    torch.manual_seed(0)
+    a = FunctionalReLU()
+    b = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    b.load_state_dict({"0.weight": a.a.weight, "0.bias": a.a.bias, "2.weight": a.b.weight, "2.bias": a.b.bias})
+    x = torch.randn(8, 16)
+    cap_a, _ = compile_and_capture(a, x)
+    torch._dynamo.reset()
+    cap_b, _ = compile_and_capture(b, x)
+    assert cap_a.fw.code == cap_b.fw.code
+    assert cap_a.bw.code == cap_b.bw.code
+    assert len(compressed_sources(cap_a)) == 1
+
+
+def test_relu6_follows_clamp_chain_and_packs_mask():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 3))
+    cap, _ = compile_and_capture(m, torch.randn(2, 3, 10, 10))
+    check_invariants(cap)
+    (src,) = compressed_sources(cap)
+    assert src.target is torch.ops.aten.clamp_max.default
+    assert src.args[0].target is torch.ops.aten.clamp_min.default
+    (packed,) = call_nodes(cap.fw, bitfx.pack_bool.default)
+    assert packed.args[0].target is torch.ops.aten.bitwise_or.Tensor  # le | ge of the conv output
+
+
+def test_transformer_block_with_dropout():
+    cap, _ = compile_and_capture(TransformerBlock(), torch.randn(2, 5, 16))
+    check_invariants(cap)
+    (src,) = compressed_sources(cap)
+    # the FFN hidden activation reaches fc2 as a view of dropout(relu(.))
+    assert src.target is torch.ops.aten.view.default
+    assert next(i for i in cap.infos if i.node is src).kind == "relu"
+    packed = [p.args[0].target for p in call_nodes(cap.fw, bitfx.pack_bool.default)]
+    assert torch.ops.aten.gt.Scalar in packed  # dropout masks
+
+
+def test_squared_relu_ffn():
+    cap, _ = compile_and_capture(squared_relu_ffn(), torch.randn(4, 16))
+    check_invariants(cap)
+    (src,) = compressed_sources(cap)
+    assert src.target is torch.ops.aten.pow.Tensor_Scalar
+    assert src.args[0].target is torch.ops.aten.relu.default
+
+
+def test_mask_of_compressed_tensor_is_derived_not_saved():
+    """A saved le(r, 0) of a compressed r is recomputed from r in backward."""
+    from bitfx.options import Options
+    from bitfx.passes.analysis import analyze
+    from bitfx.passes.rewrite import rewrite_backward, rewrite_forward
+
+    cap, _ = compile_and_capture(mlp(), torch.randn(8, 16), backward=False, enabled=False)
+    fw, bw = cap.fw, cap.bw
+    # Make the forward also save le(relu, 0), as min-cut does when it cannot
+    # recompute the mask: add it to the saved outputs and to backward.
+    relu = call_nodes(fw, torch.ops.aten.relu.default)[0]
+    out = fw.graph.find_nodes(op="output")[0]
+    with fw.graph.inserting_after(relu):
+        le = fw.graph.call_function(torch.ops.aten.le.Scalar, (relu, 0))
+    with relu.meta["val"].fake_mode:
+        le.meta["val"] = relu.meta["val"] <= 0
+    out.args = (tuple(out.args[0]) + (le,),)
+    if "desc" in out.meta:
+        out.meta["desc"] = list(out.meta["desc"]) + [out.meta["desc"][-1]]
+    ph_relu = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == relu.name)
+    tangent = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name.startswith("tangents"))
+    with bw.graph.inserting_before(tangent):
+        ph_le = bw.graph.placeholder(le.name)
+    ph_le.meta["val"] = le.meta["val"]
+    user = next(iter(ph_relu.users))
+    with bw.graph.inserting_before(user):
+        use = bw.graph.call_function(torch.ops.aten.logical_not.default, (ph_le,))
+    use.meta["val"] = le.meta["val"]
+    infos = analyze(fw, 1, Options())
+    (derived,) = [i for i in infos if i.decision is Decision.DERIVE]
+    assert derived.node is le and derived.derived_from_info.node is relu
+    rewrite_forward(fw, 1, infos)
+    rewrite_backward(bw, infos)
+    assert le not in saved_outputs(fw)
+    (mask,) = [n for n in call_nodes(bw, torch.ops.aten.le.Scalar) if n.args[0].target is bitfx.decompress.default]
+    assert mask.args[1] == 0 and use.args[0] is mask
+    assert mask.next is use
+
+
+def test_model_without_relu_family_compiles_to_identical_graphs():
+    def silu_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+
+    x = torch.randn(8, 16)
+    on, _ = compile_and_capture(silu_net(), x, enabled=True, pack_masks=False)
+    torch._dynamo.reset()
+    off, _ = compile_and_capture(silu_net(), x, enabled=False)
+    assert on.fw.code == off.fw.code
+    assert on.bw.code == off.bw.code
+    assert not any(i.decision is not Decision.KEEP for i in on.infos)
+
+
+def test_min_bytes_keeps_small_tensors():
+    cap, _ = compile_and_capture(mlp(), torch.randn(8, 16), min_bytes=8 * 32 * 4 + 1)
+    assert not compressed_sources(cap)
+    assert all("min_bytes" in i.reason for i in cap.infos if i.kind == "relu")
+
+
+def test_no_new_aliasing_in_outputs():
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10))
+    for c in call_nodes(cap.fw, bitfx.compress.default):
+        schema = c.target._schema
+        assert all(r.alias_info is None for r in schema.returns)
+
+
+def test_dynamic_batch_no_recompile_and_exact():
+    counts = []
+
+    def run(enabled):
+        torch.manual_seed(0)
+        m = conv_bn_relu()
+        cap, compiled = compile_and_capture(m, torch.randn(2, 3, 10, 10), dynamic=True, enabled=enabled)
+        grads = []
+        for b in (3, 5, 4):
+            m.zero_grad()
+            compiled(torch.randn(b, 3, 10, 10, generator=torch.Generator().manual_seed(b))).sum().backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        counts.append(len(cap.graphs))
+        return cap, grads
+
+    cap, on = run(True)
+    check_invariants(cap)
+    (d,) = call_nodes(cap.bw, bitfx.decompress.default)
+    assert isinstance(d.args[2][0], torch.fx.Node), "the batch size is symbolic in backward"
+    torch._dynamo.reset()
+    _, off = run(False)
+    assert counts == [1, 1], "a batch-size change must not recompile"
+    for a, b in zip(on, off):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_composes_with_memory_budget_partitioner():
+    """Budget recompute first; bitfx compresses what stays saved (no BatchNorm here)."""
+    def run(enabled, budget):
+        torch.manual_seed(0)
+        m = models.relu_mlp(dim=64, hidden=128, depth=3, num_classes=10)
+        x = torch.randn(16, 64)
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            cap, _ = compile_and_capture(m, x, enabled=enabled)
+        return cap, [p.grad for p in m.parameters()]
+
+    cap, on = run(True, 0.5)
+    check_invariants(cap)
+    assert compressed_sources(cap), "sparse tensors survive the budget and get compressed"
+    torch._dynamo.reset()
+    _, off = run(False, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
