@@ -1,0 +1,74 @@
+"""The public API: entry point, options, errors."""
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bitfx
+from bitfx.options import Options
+
+
+def test_registered_once_through_the_entry_point():
+    eps = [ep for ep in entry_points(group="torch_dynamo_backends") if ep.name == "bittrain"]
+    assert len(eps) == 1 and eps[0].value == "bitfx.backend:bittrain"
+    assert "bittrain" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_wheel_maps_passes_into_bitfx_and_installs_no_top_level_passes(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("bitfx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "passes" not in tops
+    assert "bitfx/passes/rewrite.py" in names and "bitfx/kernels/bitmap_cpu.c" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "[torch_dynamo_backends]\nbittrain = bitfx.backend:bittrain" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_compile_by_name_with_options():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    out = torch.compile(m, backend="bittrain", options={"inner": "eager", "min_bytes": 0})(x)
+    out.sum().backward()
+    assert m[0].weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"inner": "tvm"}, "inner='tvm' is not valid"),
+        ({"enabled": "yes"}, "enabled must be True or False"),
+        ({"min_bytes": -1}, "min_bytes must be an int >= 0"),
+        ({"min_byte": 1}, "unknown bittrain option"),
+    ],
+)
+def test_bad_options_raise_value_error_listing_valid_ones(options, message):
+    with pytest.raises(ValueError, match=message) as err:
+        bitfx.backend(**options)
+    if "unknown" in message:
+        assert "inner" in str(err.value) and "min_bytes" in str(err.value)
+
+
+def test_mode_is_rejected_clearly():
+    from bitfx.backend import bittrain
+
+    with pytest.raises(ValueError, match="mode"):
+        bittrain(None, [], mode="max-autotune")
+
+
+def test_options_defaults():
+    o = Options()
+    assert (o.inner, o.enabled, o.pack_masks, o.min_bytes, o.report) == ("inductor", True, True, 0, False)

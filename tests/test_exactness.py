@@ -1,0 +1,91 @@
+"""Gradients with compression are bit-identical to the same compile without it."""
+
+import pytest
+import torch
+import torch.nn as nn
+from test_passes import TransformerBlock, conv_bn_relu, mlp, squared_relu_ffn
+
+import bitfx
+import models
+
+
+def grads_of(make_model, x, *, autocast=False, seed=0, steps=1, **options):
+    torch.manual_seed(seed)
+    model = make_model()
+    compiled = torch.compile(model, backend=bitfx.backend(**options))
+    out = None
+    for step in range(steps):
+        torch.manual_seed(seed + 100 + step)  # dropout draws the same masks in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = compiled(x)
+        out.float().sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def assert_bit_identical(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert torch.equal(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert ga.dtype == gb.dtype and torch.equal(ga, gb)
+
+
+CASES = {
+    "mlp": (mlp, (8, 16)),
+    "conv_bn_relu": (conv_bn_relu, (2, 3, 10, 10)),
+    "residual": (lambda: models.BasicBlock(8, 16, stride=2), (2, 8, 8, 8)),
+    "relu6": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 3)), (2, 3, 10, 10)),
+    "maxpool": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3)), (2, 3, 12, 12)),
+    "transformer_dropout": (TransformerBlock, (2, 5, 16)),
+    "squared_relu": (squared_relu_ffn, (4, 16)),
+}
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_identical_fp32(case, inner):
+    make, shape = CASES[case]
+    x = torch.randn(*shape)
+    on = grads_of(make, x, inner=inner, enabled=True, steps=2)
+    torch._dynamo.reset()
+    off = grads_of(make, x, inner=inner, enabled=False, steps=2)
+    assert_bit_identical(on, off)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("case", ["conv_bn_relu", "transformer_dropout", "squared_relu"])
+def test_bit_identical_bf16_autocast(case, inner):
+    make, shape = CASES[case]
+    x = torch.randn(*shape)
+    on = grads_of(make, x, autocast=True, inner=inner, enabled=True)
+    torch._dynamo.reset()
+    off = grads_of(make, x, autocast=True, inner=inner, enabled=False)
+    assert_bit_identical(on, off)
+
+
+def test_resnet18_bit_identical_inductor():
+    x = torch.randn(2, 3, 32, 32)
+    make = lambda: models.resnet18(num_classes=10)  # noqa: E731
+    on = grads_of(make, x, inner="inductor", enabled=True)
+    torch._dynamo.reset()
+    off = grads_of(make, x, inner="inductor", enabled=False)
+    assert_bit_identical(on, off)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv_bn_relu", "residual", "squared_relu"])
+def test_close_to_eager_pytorch(case):
+    """Against eager, only within the error PyTorch's own decomposed pipeline shows."""
+    make, shape = CASES[case]
+    x = torch.randn(*shape)
+    torch.manual_seed(0)
+    model = make()
+    model(x).sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    _, ours = grads_of(make, x, inner="inductor", enabled=True)
+    torch._dynamo.reset()
+    _, theirs = grads_of(make, x, inner="inductor", enabled=False)
+    for e, a, b in zip(eager, ours, theirs):
+        assert torch.equal(a, b)
+        scale = e.abs().max().item()
+        ref_err = (b - e).abs().max().item()  # what decompositions alone change
+        assert ref_err <= 0.1 * scale
+        torch.testing.assert_close(a, e, rtol=0, atol=max(ref_err, 1e-5 * scale) + 1e-12)
