@@ -91,25 +91,40 @@ class _Target:
         return self.base.expand(self.size) if self.bdims else self.base
 
 
+def _impl_for_devices(name: str):
+    """Register one implementation as the CPU and the CUDA kernel of ``bitfx::name``.
+
+    It picks the kernel backend per call (:func:`bitfx.kernels.select`): Triton
+    on CUDA, the C kernels on CPU, the torch kernels as the portable reference.
+    """
+
+    def register(fn):
+        for key in ("CPU", "CUDA"):
+            torch.library.impl(_LIB, name, key)(fn)
+        return fn
+
+    return register
+
+
 def _check_dtype(x: torch.Tensor) -> None:
     int_view_dtype(x.dtype)  # raises for unsupported dtypes
 
 
-@torch.library.impl(_LIB, "compress", "CompositeExplicitAutograd")
+@_impl_for_devices("compress")
 def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(x)
     flat = to_flat(x)
     return kernels.select(flat.device).compress(flat)
 
 
-@torch.library.impl(_LIB, "decompress", "CompositeExplicitAutograd")
+@_impl_for_devices("decompress")
 def _decompress(offsets, payload, size, stride, dtype):
     target = _Target(size, stride, dtype, payload.device)
     kernels.select(payload.device).decompress(offsets, payload, target.flat)
     return target.finish()
 
 
-@torch.library.impl(_LIB, "pack_bool", "CompositeExplicitAutograd")
+@_impl_for_devices("pack_bool")
 def _pack_bool(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.bool:
         raise TypeError(f"bitfx::pack_bool expects a bool tensor, got {x.dtype}")
@@ -117,7 +132,7 @@ def _pack_bool(x: torch.Tensor) -> torch.Tensor:
     return kernels.select(flat.device).pack_bool(flat)
 
 
-@torch.library.impl(_LIB, "unpack_bool", "CompositeExplicitAutograd")
+@_impl_for_devices("unpack_bool")
 def _unpack_bool(packed, size, stride):
     target = _Target(size, stride, torch.bool, packed.device)
     kernels.select(packed.device).unpack_bool(packed, target.flat)
@@ -185,6 +200,10 @@ class Packed:
     @property
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.payload.nbytes
+
+    def to(self, device) -> Packed:
+        """The same compressed tensor on another device (the bytes do not change)."""
+        return Packed(self.offsets.to(device), self.payload.to(device), self.size, self.stride, self.dtype)
 
     @property
     def is_dense(self) -> bool:

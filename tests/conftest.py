@@ -5,6 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's
+# interpreter.  It is chosen when a kernel is decorated, so set it before
+# anything imports bitfx.kernels.triton_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -44,4 +50,12 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+def triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,8 +1,10 @@
 """The bitfx:: ops: format, round trips over bit patterns and layouts, opcheck."""
 
+import os
+
 import pytest
 import torch
-from conftest import bit_equal
+from conftest import DEVICE, bit_equal, triton_usable
 from torch.library import opcheck
 
 import bitfx
@@ -11,7 +13,21 @@ from bitfx.kernels import cpu_ext, torch_ref
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 3 * 1024 * 1024 + 5]
-KERNELS = ["torch", "cpu"]
+# (BITFX_KERNELS, device): every backend runs the same tests.
+KERNELS = [
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(
+        ("triton", DEVICE),
+        id=f"triton-{DEVICE}",
+        marks=pytest.mark.skipif(not triton_usable(), reason="triton not installed"),
+    ),
+    pytest.param(
+        ("torch", "cuda"),
+        id="torch-cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"),
+    ),
+]
 
 
 def random_bits(n, dtype, density=0.5, gen=None):
@@ -41,23 +57,31 @@ def roundtrip(x):
     return packed, bitfx.decompress(packed)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.fixture
+def device(kernels, request):
+    """The kernel under test (BITFX_KERNELS set) and the device its tensors live on."""
+    choice, dev = request.param
+    kernels(choice)
+    return torch.device(dev)
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
-def test_roundtrip_random_bits(kernels, kernel, dtype, n):
-    kernels(kernel)
-    x = random_bits(n, dtype, gen=torch.Generator().manual_seed(n))
+def test_roundtrip_random_bits(device, dtype, n):
+    if os.environ["BITFX_KERNELS"] == "triton" and device.type == "cpu":
+        n = min(n, 100_003)  # the interpreter runs ~5 us per element
+    x = random_bits(n, dtype, gen=torch.Generator().manual_seed(n)).to(device)
     packed, y = roundtrip(x)
     assert bit_equal(x, y)
     nnz = int(x.view(fmt.int_view_dtype(dtype)).ne(0).sum())
     assert packed.nbytes == fmt.predicted_bytes(n, dtype.itemsize, nnz / max(n, 1))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_special_values_roundtrip(kernels, kernel, dtype):
-    kernels(kernel)
-    x = special_values(dtype).repeat(300)
+def test_special_values_roundtrip(device, dtype):
+    x = special_values(dtype).repeat(300).to(device)
     _, y = roundtrip(x)
     assert bit_equal(x, y)
 
@@ -72,11 +96,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layouts_roundtrip(kernels, kernel, layout):
-    kernels(kernel)
-    base = torch.relu(torch.randn(3, 5, 7, 9))
+def test_layouts_roundtrip(device, layout):
+    base = torch.relu(torch.randn(3, 5, 7, 9, device=device))
     x = LAYOUTS[layout](base)
     _, y = roundtrip(x)
     assert bit_equal(x, y)  # same strides too
@@ -94,38 +117,49 @@ def test_format_bytes_are_as_documented():
     assert payload[256:].view(torch.float32).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_dense_fallback_and_all_zero(kernels, kernel):
-    kernels(kernel)
-    dense = torch.randn(5000) + 10  # no zeros
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+def test_dense_fallback_and_all_zero(device):
+    dense = torch.randn(5000, device=device) + 10  # no zeros
     packed, y = roundtrip(dense)
     assert packed.is_dense and packed.payload.numel() == dense.nbytes
     assert bit_equal(dense, y)
-    zeros = torch.zeros(5000)
+    zeros = torch.zeros(5000, device=device)
     packed, y = roundtrip(zeros)
     assert not packed.is_dense
     assert packed.payload.numel() == fmt.num_blocks(5000) * fmt.BITMAP_BYTES_PER_BLOCK
     assert bit_equal(zeros, y)
 
 
-def test_kernels_produce_identical_bytes():
-    x = random_bits(100_003, torch.float32, density=0.3)
-    a, b = torch_ref.compress(x), cpu_ext.compress(x)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_produce_the_reference_bytes(device, dtype):
+    x = random_bits(100_003, dtype, density=0.3)
+    ref = torch_ref.compress(x)
+    got = torch.ops.bitfx.compress(x.to(device))
+    assert torch.equal(ref[0], got[0].cpu()) and torch.equal(ref[1], got[1].cpu())
     m = torch.rand(12_345) < 0.4
-    assert torch.equal(torch_ref.pack_bool(m), cpu_ext.pack_bool(m))
+    assert torch.equal(torch_ref.pack_bool(m), torch.ops.bitfx.pack_bool(m.to(device)).cpu())
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 1025])
-def test_pack_bool_roundtrip(kernels, kernel, n):
-    kernels(kernel)
-    m = torch.rand(n) < 0.5
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_device_identity(dtype):
+    x = random_bits(70_001, dtype, density=0.4)
+    on_gpu = bitfx.compress(x.cuda())
+    assert bit_equal(bitfx.decompress(on_gpu.to("cpu")), x)
+    on_cpu = bitfx.compress(x)
+    assert bit_equal(bitfx.decompress(on_cpu.to("cuda")).cpu(), x)
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 1025, 8 * 1024 + 3])
+def test_pack_bool_roundtrip(device, n):
+    m = (torch.rand(n) < 0.5).to(device)
     packed = torch.ops.bitfx.pack_bool(m)
     assert packed.numel() == (n + 7) // 8
     back = torch.ops.bitfx.unpack_bool(packed, [n], [1])
     assert torch.equal(back, m)
-    cl = (torch.rand(2, 3, 4, 5) < 0.5).to(memory_format=torch.channels_last)
+    cl = (torch.rand(2, 3, 4, 5, device=device) < 0.5).to(memory_format=torch.channels_last)
     back = torch.ops.bitfx.unpack_bool(torch.ops.bitfx.pack_bool(cl), list(cl.shape), list(cl.stride()))
     assert bit_equal(back, cl)
 

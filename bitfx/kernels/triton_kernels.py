@@ -1,0 +1,162 @@
+"""Triton kernels for the bitmap format; the same bytes as :mod:`.torch_ref`.
+
+One program per block of ``BLOCK`` (1024) elements:
+
+1. ``_count_kernel``: nonzeros per block.
+2. host: ``offsets = cumsum(counts)``, then ``offsets[-1].item()`` -- the one
+   device-to-host synchronization per compressed tensor.  It sizes the payload
+   (and picks sparse or dense encoding); it waits for the count kernel, so its
+   cost is the launch latency plus that kernel, not a data transfer.
+3. ``_compress_kernel``: each block writes its 128 bitmap bytes and compacts
+   its nonzeros to ``values[offsets[b]:]`` with a prefix sum inside the block.
+
+``_decompress_kernel`` inverts step 3 with no synchronization at all.
+Kernels use only core ``tl`` ops (no libdevice, no inline asm), so they run
+under ``TRITON_INTERPRET=1`` on CPU tensors, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..format import BITMAP_BYTES_PER_BLOCK, BLOCK, int_view_dtype, num_blocks, use_sparse
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+PACK_BYTES = 1024  # bool packing: bytes written per program
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def check_usable(device: torch.device) -> None:
+    if triton is None:
+        raise RuntimeError("BITFX_KERNELS=triton but triton is not installed")
+    if device.type == "cpu" and not _interpreting():
+        raise RuntimeError("BITFX_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"BITFX_KERNELS=triton cannot run on {device}")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _count_kernel(x_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0)
+        tl.store(counts_ptr + b, tl.sum((v != 0).to(tl.int64), axis=0))
+
+    @triton.jit
+    def _bits_to_bytes(bits, NBYTES: tl.constexpr):
+        weights = (1 << tl.arange(0, 8)).to(tl.int32)
+        grid = tl.reshape(bits.to(tl.int32), (NBYTES, 8))
+        return tl.sum(grid * weights[None, :], axis=1).to(tl.uint8)
+
+    @triton.jit
+    def _bytes_to_bits(packed, NBYTES: tl.constexpr):
+        shifts = tl.arange(0, 8)
+        grid = (packed.to(tl.int32)[:, None] >> shifts[None, :]) & 1
+        return tl.reshape(grid, (NBYTES * 8,))
+
+    @triton.jit
+    def _compress_kernel(x_ptr, offsets_ptr, bitmap_ptr, values_ptr, n, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0)
+        nz = (v != 0).to(tl.int32)
+        pos = tl.cumsum(nz, axis=0) - 1
+        base = tl.load(offsets_ptr + b)
+        tl.store(values_ptr + base + pos, v, mask=nz != 0)
+        byte_offs = b.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(bitmap_ptr + byte_offs, _bits_to_bytes(nz, BLOCK // 8))
+
+    @triton.jit
+    def _decompress_kernel(offsets_ptr, bitmap_ptr, values_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        byte_offs = b.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        bits = _bytes_to_bits(tl.load(bitmap_ptr + byte_offs), BLOCK // 8)
+        offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        pos = tl.cumsum(bits, axis=0) - 1
+        base = tl.load(offsets_ptr + b)
+        keep = (bits != 0) & (offs < n)
+        v = tl.load(values_ptr + base + pos, mask=keep, other=0)
+        tl.store(out_ptr + offs, v, mask=offs < n)
+
+    @triton.jit
+    def _pack_bool_kernel(x_ptr, out_ptr, n, NBYTES: tl.constexpr):
+        p = tl.program_id(0)
+        offs = p.to(tl.int64) * NBYTES * 8 + tl.arange(0, NBYTES * 8)
+        bits = tl.load(x_ptr + offs, mask=offs < n, other=0) != 0
+        byte_offs = p.to(tl.int64) * NBYTES + tl.arange(0, NBYTES)
+        tl.store(out_ptr + byte_offs, _bits_to_bytes(bits, NBYTES), mask=byte_offs < (n + 7) // 8)
+
+    @triton.jit
+    def _unpack_bool_kernel(packed_ptr, out_ptr, n, NBYTES: tl.constexpr):
+        p = tl.program_id(0)
+        byte_offs = p.to(tl.int64) * NBYTES + tl.arange(0, NBYTES)
+        packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < (n + 7) // 8, other=0)
+        bits = _bytes_to_bits(packed, NBYTES)
+        offs = p.to(tl.int64) * NBYTES * 8 + tl.arange(0, NBYTES * 8)
+        tl.store(out_ptr + offs, bits.to(tl.uint8), mask=offs < n)
+
+
+def compress(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, itemsize = flat.numel(), flat.element_size()
+    ints = flat.view(int_view_dtype(flat.dtype))
+    nblocks = num_blocks(n)
+    offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=flat.device)
+    if nblocks:
+        _count_kernel[(nblocks,)](ints, offsets[1:], n, BLOCK=BLOCK)
+        torch.cumsum(offsets[1:], 0, out=offsets[1:])
+    nnz = int(offsets[-1])  # the one device->host sync: sizes the payload
+    if not use_sparse(n, nnz, itemsize):
+        return offsets, ints.clone().view(torch.uint8)
+    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
+    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8, device=flat.device)
+    values = payload[bitmap_bytes:].view(ints.dtype)
+    _compress_kernel[(nblocks,)](ints, offsets, payload, values, n, BLOCK=BLOCK)
+    return offsets, payload
+
+
+def decompress(offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
+    n = out.numel()
+    ints = out.view(int_view_dtype(out.dtype))
+    if payload.numel() == n * out.element_size():
+        ints.copy_(payload.view(ints.dtype))
+        return
+    nblocks = num_blocks(n)
+    if nblocks == 0:
+        return
+    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
+    values = payload[bitmap_bytes:].view(ints.dtype)
+    _decompress_kernel[(nblocks,)](offsets, payload, values, ints, n, BLOCK=BLOCK)
+
+
+def pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    n = flat.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    if n:
+        grid = (triton.cdiv(out.numel(), PACK_BYTES),)
+        _pack_bool_kernel[grid](flat.view(torch.uint8), out, n, NBYTES=PACK_BYTES)
+    return out
+
+
+def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
+    n = out.numel()
+    if n:
+        grid = (triton.cdiv(packed.numel(), PACK_BYTES),)
+        _unpack_bool_kernel[grid](packed, out.view(torch.uint8), n, NBYTES=PACK_BYTES)
