@@ -35,9 +35,20 @@ static void compress_block_##T(const T *src, int64_t len, uint8_t *bm, T *dst) {
     }                                                                              \
     memcpy(dst, local, (size_t)k * sizeof(T));                                     \
 }                                                                                  \
+/* may_overread: vals[k] is readable even one past this block's last value  \
+ * (true unless the block's values end the payload); then the loop reads      \
+ * unconditionally and masks, with no data-dependent branch. */               \
 static void decompress_block_##T(const uint8_t *bm, const T *vals, int64_t len,   \
-                                 T *out) {                                         \
+                                 T *out, int may_overread) {                       \
     int64_t k = 0;                                                                 \
+    if (may_overread) {                                                            \
+        for (int64_t i = 0; i < len; i++) {                                        \
+            T bit = (T)((bm[i >> 3] >> (i & 7)) & 1);                              \
+            out[i] = vals[k] & (T)((T)0 - bit);                                    \
+            k += bit;                                                              \
+        }                                                                          \
+        return;                                                                    \
+    }                                                                              \
     for (int64_t i = 0; i < len; i++) {                                            \
         int bit = (bm[i >> 3] >> (i & 7)) & 1;                                     \
         out[i] = bit ? vals[k] : (T)0;                                             \
@@ -105,11 +116,12 @@ int bitfx_decompress(const int64_t *offsets, const uint8_t *bitmap, const void *
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t len = block_len(b, n);
         const uint8_t *bm = bitmap + b * BM_BYTES;
+        int over = offsets[b + 1] < offsets[nblocks];
         switch (itemsize) {
-            case 1: decompress_block_uint8_t(bm, (const uint8_t *)values + offsets[b], len, (uint8_t *)out + b * BLOCK); break;
-            case 2: decompress_block_uint16_t(bm, (const uint16_t *)values + offsets[b], len, (uint16_t *)out + b * BLOCK); break;
-            case 4: decompress_block_uint32_t(bm, (const uint32_t *)values + offsets[b], len, (uint32_t *)out + b * BLOCK); break;
-            case 8: decompress_block_uint64_t(bm, (const uint64_t *)values + offsets[b], len, (uint64_t *)out + b * BLOCK); break;
+            case 1: decompress_block_uint8_t(bm, (const uint8_t *)values + offsets[b], len, (uint8_t *)out + b * BLOCK, over); break;
+            case 2: decompress_block_uint16_t(bm, (const uint16_t *)values + offsets[b], len, (uint16_t *)out + b * BLOCK, over); break;
+            case 4: decompress_block_uint32_t(bm, (const uint32_t *)values + offsets[b], len, (uint32_t *)out + b * BLOCK, over); break;
+            case 8: decompress_block_uint64_t(bm, (const uint64_t *)values + offsets[b], len, (uint64_t *)out + b * BLOCK, over); break;
         }
     }
     return 0;

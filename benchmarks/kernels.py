@@ -1,0 +1,132 @@
+"""Throughput of bitfx compress / decompress against torch.clone.
+
+A copy is the practical limit for a kernel that reads a tensor and writes a
+smaller one, so every figure is also given as a ratio to ``clone`` of the
+same tensor, measured in the same process with the same thread count.
+
+    python benchmarks/kernels.py [--device cuda] [--quick] [--out kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tabulate import tabulate
+
+import bitfx
+from bitfx import kernels
+
+
+@dataclass(frozen=True)
+class Config:
+    numel: int
+    density: float
+    dtype: str
+
+
+def _timer(device: torch.device, fn, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(cfg.numel)
+    x = torch.randn(cfg.numel, generator=g)
+    keep = torch.rand(cfg.numel, generator=g) < cfg.density
+    return torch.where(keep, x, 0.0).to(device=device, dtype=getattr(torch, cfg.dtype))
+
+
+def run(cfg: Config, device: torch.device, reps: int) -> dict:
+    x = make_input(cfg, device)
+    packed = bitfx.compress(x)
+    assert torch.equal(bitfx.decompress(packed), x)
+    t_clone = _timer(device, lambda: x.clone(), reps)
+    t_comp = _timer(device, lambda: bitfx.compress(x), reps)
+    t_decomp = _timer(device, lambda: bitfx.decompress(packed), reps)
+    gbs = lambda t: x.nbytes / t / 1e9  # noqa: E731  (GB/s of dense input)
+    row = {
+        **asdict(cfg),
+        "dense_MB": x.nbytes / 1e6,
+        "stored_ratio": packed.nbytes / x.nbytes,
+        "clone_us": t_clone * 1e6,
+        "compress_us": t_comp * 1e6,
+        "decompress_us": t_decomp * 1e6,
+        "compress_GBps": gbs(t_comp),
+        "decompress_GBps": gbs(t_decomp),
+        "compress_vs_clone": t_comp / t_clone,
+        "decompress_vs_clone": t_decomp / t_clone,
+    }
+    if device.type == "cuda":
+        # clone moves 2 bytes per dense byte: that is the copy bandwidth.
+        copy_bw = 2 * x.nbytes / t_clone
+        row["compress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / t_comp / copy_bw
+        row["decompress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / t_decomp / copy_bw
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="1M and 16M elements, densities 0.1/0.5/0.9")
+    p.add_argument("--sizes", default=None, help="comma-separated element counts (default 1M,4M,16M,64M)")
+    p.add_argument("--densities", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--out", default=None, help="write JSON rows here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    mb = 1 << 20
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [mb, 16 * mb] if args.quick else [mb, 4 * mb, 16 * mb, 64 * mb]
+    )
+    densities = [0.1, 0.5, 0.9] if args.quick else [float(d) for d in args.densities.split(",")]
+    configs = [Config(n, d, dt) for dt in args.dtypes.split(",") for n in sizes for d in densities]
+    backend = kernels.select(device).__name__.rsplit(".", 1)[-1]
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "kernels": backend,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    rows = []
+    for i, cfg in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] {cfg}", file=sys.stderr, flush=True)
+        rows.append(run(cfg, device, args.reps))
+    cols = ["dtype", "numel", "density", "stored_ratio", "clone_us", "compress_us", "decompress_us",
+            "compress_GBps", "decompress_GBps", "compress_vs_clone", "decompress_vs_clone"]
+    if device.type == "cuda":
+        cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]
+    print(f"bitfx kernels={backend} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".2f"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
