@@ -37,7 +37,18 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
         from torch._inductor.compile_fx import compile_fx
 
         partitioner = BitfxPartitioner(options, on_partition)
-        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+        patches = {"custom_partitioner_fn": partitioner}
+        if not options.enabled:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        from . import inductor_layouts
+
+        inductor_layouts.install()
+        # See bitfx.inductor_layouts: forward and backward must be lowered together.
+        patches["fx_graph_cache"] = False
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(
+                gm, example_inputs, inner_compile=inductor_layouts.inner_compile, config_patches=patches
+            )
 
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd

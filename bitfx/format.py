@@ -3,8 +3,9 @@
 A tensor ``x`` is compressed into two tensors, ``offsets`` and ``payload``.
 
 Element order
-    Elements are taken in *memory order*: the dimensions of ``x`` sorted by
-    stride, largest first (ties: larger size first, then lower dimension
+    Elements are taken in the *memory order* of a layout: the strides the
+    tensor has when restored (by default ``x``'s own).  That is the
+    dimensions sorted by stride, largest first (ties: larger size first, then lower dimension
     index).  For a contiguous tensor this is row-major order; for a
     channels_last tensor it is N, H, W, C.  Dimensions of stride 0 with size
     > 1 (broadcasts made by ``expand``) are stored once: ``x`` is narrowed to

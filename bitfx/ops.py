@@ -1,16 +1,19 @@
 """The ``bitfx::`` custom ops and their fake implementations.
 
-The ops handle layout (memory order, broadcast dimensions, strides) and hand
+``stride`` is the layout the tensor will have when restored: its memory
+order is the element order of the format (:mod:`bitfx.format`), whatever the
+strides of ``x`` itself.  The ops handle layout (memory order, broadcast
+dimensions, strides) and hand
 flat, contiguous tensors to a kernel backend chosen by
 :func:`bitfx.kernels.select`.  The format is documented in :mod:`bitfx.format`.
 
 =======================  ==================================================
 op                       schema
 =======================  ==================================================
-``bitfx::compress``      ``(Tensor x) -> (Tensor offsets, Tensor payload)``
+``bitfx::compress``      ``(Tensor x, SymInt[] stride) -> (offsets, payload)``
 ``bitfx::decompress``    ``(offsets, payload, SymInt[] size, SymInt[] stride,
                          ScalarType dtype) -> Tensor``
-``bitfx::pack_bool``     ``(Tensor x) -> Tensor``
+``bitfx::pack_bool``     ``(Tensor x, SymInt[] stride) -> Tensor``
 ``bitfx::unpack_bool``   ``(packed, SymInt[] size, SymInt[] stride) -> Tensor``
 =======================  ==================================================
 
@@ -31,16 +34,16 @@ from . import kernels
 from .format import int_view_dtype, memory_order, num_blocks
 
 _LIB = torch.library.Library("bitfx", "DEF")
-# The memory order of the input decides the element order of the format, and
-# decompress rebuilds the strides recorded in the graph: Inductor must hand us
-# inputs with exactly the strides of their fake values, not a layout it prefers.
-_EXACT = (torch.Tag.needs_exact_strides,)
-_LIB.define("compress(Tensor x) -> (Tensor, Tensor)", tags=_EXACT)
+# compress takes the layout whose memory order defines the element order, so
+# it accepts inputs of any strides; Inductor may keep the layout it prefers
+# (see bitfx.inductor_lowering).
+_FLEX = (torch.Tag.flexible_layout,)
+_LIB.define("compress(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", tags=_FLEX)
 _LIB.define(
     "decompress(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, "
     "ScalarType dtype) -> Tensor"
 )
-_LIB.define("pack_bool(Tensor x) -> Tensor", tags=_EXACT)
+_LIB.define("pack_bool(Tensor x, SymInt[] stride) -> Tensor", tags=_FLEX)
 _LIB.define("unpack_bool(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor")
 
 
@@ -64,11 +67,21 @@ def stored_numel(size: Sequence, stride: Sequence):
     return n
 
 
-def to_flat(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s elements in memory order, as a flat contiguous tensor."""
-    for d in sorted(_broadcast_dims(x.shape, x.stride())):
+def to_flat(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """``x``'s elements in the memory order of ``stride``, flat and contiguous.
+
+    ``stride`` is the layout the decompressed tensor will have; when ``x``
+    has other strides the elements are gathered into that order.
+    """
+    bdims = _broadcast_dims(x.shape, stride)
+    for d in sorted(bdims):
+        if x.stride(d) != 0:
+            raise ValueError(
+                f"bitfx: layout {list(stride)} broadcasts dim {d}, but the tensor does not "
+                f"(strides {list(x.stride())})"
+            )
         x = x.narrow(d, 0, 1)
-    return x.permute(memory_order(x.shape, x.stride())).reshape(-1)
+    return x.permute(memory_order(_stored_size(x.shape, stride), stride)).reshape(-1)
 
 
 class _Target:
@@ -111,9 +124,9 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 
 @_impl_for_devices("compress")
-def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(x)
-    flat = to_flat(x)
+    flat = to_flat(x, stride)
     return kernels.select(flat.device).compress(flat)
 
 
@@ -125,10 +138,10 @@ def _decompress(offsets, payload, size, stride, dtype):
 
 
 @_impl_for_devices("pack_bool")
-def _pack_bool(x: torch.Tensor) -> torch.Tensor:
+def _pack_bool(x: torch.Tensor, stride) -> torch.Tensor:
     if x.dtype != torch.bool:
         raise TypeError(f"bitfx::pack_bool expects a bool tensor, got {x.dtype}")
-    flat = to_flat(x)
+    flat = to_flat(x, stride)
     return kernels.select(flat.device).pack_bool(flat)
 
 
@@ -139,10 +152,10 @@ def _unpack_bool(packed, size, stride):
     return target.finish()
 
 
-def compress_fake(x: torch.Tensor, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
+def compress_fake(x: torch.Tensor, stride, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake ``(offsets, payload)`` for ``x``, given a fresh unbacked ``nbytes``."""
     _check_dtype(x)
-    n = stored_numel(x.shape, x.stride())
+    n = stored_numel(x.shape, stride)
     offsets = x.new_empty((num_blocks(n) + 1,), dtype=torch.int64)
     # A sparse payload is strictly shorter than the dense bytes; dense equals them.
     torch._check(nbytes <= n * x.element_size())
@@ -164,11 +177,11 @@ def fresh_size(shape_env) -> torch.SymInt:
 
 
 @torch.library.register_fake("bitfx::compress")
-def _compress_fake(x):
+def _compress_fake(x, stride):
     ctx = torch.library.get_ctx()
     shape_env = getattr(ctx, "_shape_env", None)
     nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
-    return compress_fake(x, nbytes)
+    return compress_fake(x, stride, nbytes)
 
 
 @torch.library.register_fake("bitfx::decompress")
@@ -177,8 +190,8 @@ def _decompress_fake(offsets, payload, size, stride, dtype):
 
 
 @torch.library.register_fake("bitfx::pack_bool")
-def _pack_bool_fake(x):
-    n = stored_numel(x.shape, x.stride())
+def _pack_bool_fake(x, stride):
+    n = stored_numel(x.shape, stride)
     return x.new_empty(((n + 7) // 8,), dtype=torch.uint8)
 
 
@@ -214,7 +227,7 @@ class Packed:
 
 def compress(x: torch.Tensor) -> Packed:
     """Compress ``x`` losslessly; :func:`decompress` restores it bit for bit."""
-    offsets, payload = torch.ops.bitfx.compress(x)
+    offsets, payload = torch.ops.bitfx.compress(x, list(x.stride()))
     return Packed(offsets, payload, tuple(x.shape), tuple(x.stride()), x.dtype)
 
 

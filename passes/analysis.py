@@ -158,6 +158,7 @@ class SavedTensor:
     kind: str | None = None  # what made it sparse ("relu", "max_pool"), if anything
     derived_from_info: SavedTensor | None = None  # for DERIVE: the compressed source
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
+    layout_key: str | None = None  # links its compress and decompress nodes
 
     @property
     def val(self) -> torch.Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import uuid
 
 import torch
 import torch.fx as fx
@@ -46,10 +47,12 @@ from .symbolic import SymIntEmitter, missing_symbols, symbol_sources
 
 log = logging.getLogger("bitfx")
 
+LAYOUT_KEY = "bitfx_layout_key"
+
 bitfx_ops = torch.ops.bitfx
 
 
-def fake_compress(val: torch.Tensor):
+def fake_compress(val: torch.Tensor, stride):
     """Fake (offsets, payload) for ``val`` and the bindings of the new symbol.
 
     The new symbol must be bound on the node right away; otherwise Inductor
@@ -60,7 +63,7 @@ def fake_compress(val: torch.Tensor):
     if shape_env is None:
         raise RuntimeError("bitfx: the graph's FakeTensorMode has no ShapeEnv; cannot size the payload")
     with fake_mode:
-        out = compress_fake(val, fresh_size(shape_env))
+        out = compress_fake(val, stride, fresh_size(shape_env))
     return out, compute_unbacked_bindings(shape_env, out)
 
 
@@ -70,12 +73,12 @@ def _copy_provenance(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-def _pin_input_strides(node: fx.Node, value: fx.Node) -> None:
-    # The ops are tagged needs_exact_strides, but Inductor applies that only
-    # to nodes carrying eager_input_vals (it assumes pass-inserted nodes want
-    # freedom).  We do not: decompress rebuilds the strides recorded here, so
-    # Inductor's layout optimization must not hand us, say, channels_last.
-    node.meta["eager_input_vals"] = ((value.meta["val"],), {})
+def _tag(node: fx.Node) -> str:
+    # Links a compress node to its decompress node across the two graphs,
+    # so Inductor's layout choice in forward can reach backward.
+    key = uuid.uuid4().hex
+    node.meta[LAYOUT_KEY] = key
+    return key
 
 
 def _after(node: fx.Node):
@@ -85,6 +88,7 @@ def _after(node: fx.Node):
 def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedTensor]) -> None:
     """Replace saved tensors in the forward outputs by their compressed parts."""
     graph = gm.graph
+    emitter = SymIntEmitter(graph)
     output = graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
     by_index = {info.index: info for info in infos}
@@ -95,13 +99,17 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
         info = by_index.get(j)
         decision = info.decision if info else Decision.KEEP
         if decision is Decision.COMPRESS:
-            parts = _insert_compress(value)
+            parts = _insert_compress(value, emitter)
+            info.layout_key = parts[0].args[0].meta[LAYOUT_KEY]
         elif decision is Decision.PACK:
+            val = value.meta["val"]
             with _after(value):
-                packed = graph.call_function(bitfx_ops.pack_bool.default, (value,))
-            with value.meta["val"].fake_mode:
-                packed.meta["val"] = bitfx_ops.pack_bool.default(value.meta["val"])
-            _pin_input_strides(packed, value)
+                packed = graph.call_function(
+                    bitfx_ops.pack_bool.default, (value, [emitter.arg(s) for s in val.stride()])
+                )
+            with val.fake_mode:
+                packed.meta["val"] = bitfx_ops.pack_bool.default(val, val.stride())
+            info.layout_key = _tag(packed)
             _copy_provenance(value, packed)
             parts = [packed]
         elif decision is Decision.DERIVE:
@@ -124,13 +132,14 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
     gm.recompile()
 
 
-def _insert_compress(value: fx.Node) -> list[fx.Node]:
+def _insert_compress(value: fx.Node, emitter: SymIntEmitter) -> list[fx.Node]:
     graph = value.graph
-    val, bindings = fake_compress(value.meta["val"])
+    stride = value.meta["val"].stride()
+    val, bindings = fake_compress(value.meta["val"], stride)
     with _after(value):
-        c = graph.call_function(bitfx_ops.compress.default, (value,))
+        c = graph.call_function(bitfx_ops.compress.default, (value, [emitter.arg(s) for s in stride]))
     c.meta["val"] = val
-    _pin_input_strides(c, value)
+    _tag(c)
     if bindings:
         c.meta["unbacked_bindings"] = bindings
     parts = []
@@ -208,6 +217,7 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
             else:
                 dense = graph.call_function(bitfx_ops.unpack_bool.default, (*new_phs, size, stride))
         dense.meta["val"] = val
+        dense.meta[LAYOUT_KEY] = info.layout_key
         _copy_provenance(info.node, dense)
         ph.replace_all_uses_with(dense)
         graph.erase_node(ph)

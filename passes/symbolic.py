@@ -69,6 +69,12 @@ class SymIntEmitter:
             return int(expr)
         return self._emit(expr)
 
+    def arg_from_expr(self, value) -> fx.Node | int:
+        """A graph argument for an int or a sympy expression over known symbols."""
+        if isinstance(value, int):
+            return value
+        return self._emit(sympy.sympify(value))
+
     def _emit(self, expr: sympy.Expr) -> fx.Node | int:
         if expr.is_Integer:
             return int(expr)

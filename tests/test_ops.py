@@ -108,13 +108,27 @@ def test_layouts_roundtrip(device, layout):
 def test_format_bytes_are_as_documented():
     x = torch.zeros(1030)
     x[[0, 3, 9, 1024, 1029]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    offsets, payload = torch.ops.bitfx.compress(x)
+    offsets, payload = torch.ops.bitfx.compress(x, [1])
     assert offsets.tolist() == [0, 3, 5]
     bitmap = payload[: 2 * fmt.BITMAP_BYTES_PER_BLOCK]
     assert bitmap[0].item() == 0b00001001 and bitmap[1].item() == 0b00000010
     assert bitmap[2:128].eq(0).all()
     assert bitmap[128].item() == 0b00100001 and bitmap[129:].eq(0).all()
     assert payload[256:].view(torch.float32).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+def test_compress_into_another_layout(device):
+    """The element order follows the layout passed in, not the input's strides."""
+    x = torch.relu(torch.randn(2, 5, 4, 3, device=device))
+    cl = x.to(memory_format=torch.channels_last)
+    offsets, payload = torch.ops.bitfx.compress(x, list(cl.stride()))
+    ref = torch.ops.bitfx.compress(cl, list(cl.stride()))
+    assert torch.equal(offsets, ref[0]) and torch.equal(payload, ref[1])
+    back = torch.ops.bitfx.decompress(offsets, payload, list(x.shape), list(cl.stride()), x.dtype)
+    assert bit_equal(back, cl)
+    with pytest.raises(ValueError, match="broadcasts dim 1"):
+        torch.ops.bitfx.compress(x, [60, 0, 3, 1])
 
 
 @pytest.mark.parametrize("device", KERNELS, indirect=True)
@@ -135,10 +149,10 @@ def test_dense_fallback_and_all_zero(device):
 def test_kernels_produce_the_reference_bytes(device, dtype):
     x = random_bits(100_003, dtype, density=0.3)
     ref = torch_ref.compress(x)
-    got = torch.ops.bitfx.compress(x.to(device))
+    got = torch.ops.bitfx.compress(x.to(device), [1])
     assert torch.equal(ref[0], got[0].cpu()) and torch.equal(ref[1], got[1].cpu())
     m = torch.rand(12_345) < 0.4
-    assert torch.equal(torch_ref.pack_bool(m), torch.ops.bitfx.pack_bool(m.to(device)).cpu())
+    assert torch.equal(torch_ref.pack_bool(m), torch.ops.bitfx.pack_bool(m.to(device), [1]).cpu())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -155,23 +169,24 @@ def test_cross_device_identity(dtype):
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 1025, 8 * 1024 + 3])
 def test_pack_bool_roundtrip(device, n):
     m = (torch.rand(n) < 0.5).to(device)
-    packed = torch.ops.bitfx.pack_bool(m)
+    packed = torch.ops.bitfx.pack_bool(m, [1])
     assert packed.numel() == (n + 7) // 8
     back = torch.ops.bitfx.unpack_bool(packed, [n], [1])
     assert torch.equal(back, m)
     cl = (torch.rand(2, 3, 4, 5, device=device) < 0.5).to(memory_format=torch.channels_last)
-    back = torch.ops.bitfx.unpack_bool(torch.ops.bitfx.pack_bool(cl), list(cl.shape), list(cl.stride()))
+    back = torch.ops.bitfx.unpack_bool(torch.ops.bitfx.pack_bool(cl, list(cl.stride())), list(cl.shape), list(cl.stride()))
     assert bit_equal(back, cl)
 
 
 def test_opcheck_all_ops():
     x = torch.relu(torch.randn(4, 8, 5, 5)).to(memory_format=torch.channels_last)
-    opcheck(torch.ops.bitfx.compress.default, (x,))
-    offsets, payload = torch.ops.bitfx.compress(x)
+    opcheck(torch.ops.bitfx.compress.default, (x, list(x.stride())))
+    opcheck(torch.ops.bitfx.compress.default, (x, list(x.contiguous().stride())))
+    offsets, payload = torch.ops.bitfx.compress(x, list(x.stride()))
     opcheck(torch.ops.bitfx.decompress.default, (offsets, payload, list(x.shape), list(x.stride()), x.dtype))
     m = x > 0
-    opcheck(torch.ops.bitfx.pack_bool.default, (m,))
-    packed = torch.ops.bitfx.pack_bool(m)
+    opcheck(torch.ops.bitfx.pack_bool.default, (m, list(m.stride())))
+    packed = torch.ops.bitfx.pack_bool(m, list(m.stride()))
     opcheck(torch.ops.bitfx.unpack_bool.default, (packed, list(m.shape), list(m.stride())))
 
 
@@ -179,7 +194,7 @@ def test_unsupported_dtype_and_bad_kernel_choice(kernels):
     with pytest.raises(TypeError, match="unsupported dtype"):
         bitfx.compress(torch.zeros(3, dtype=torch.complex128))
     with pytest.raises(TypeError, match="bool"):
-        torch.ops.bitfx.pack_bool(torch.zeros(3))
+        torch.ops.bitfx.pack_bool(torch.zeros(3), [1])
     kernels("fastest")
     with pytest.raises(ValueError, match="BITFX_KERNELS"):
         bitfx.compress(torch.zeros(3))
