@@ -9,3 +9,7 @@ __version__ = "0.1.0"
 from .backend import backend  # noqa: E402
 
 __all__ += ["backend"]
+
+from .planner import MemoryPlan, plan  # noqa: E402
+
+__all__ += ["MemoryPlan", "plan"]

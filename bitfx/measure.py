@@ -53,3 +53,23 @@ def model_saved_bytes(model: nn.Module, *inputs, loss_fn=None) -> int:
     exclude = [*model.parameters(), *model.buffers()]
     loss_fn = loss_fn or (lambda out: out.float().sum())
     return saved_activation_bytes(lambda: loss_fn(model(*inputs)), exclude)
+
+
+def peak_cpu_bytes(fn: Callable[[], object]) -> int:
+    """Peak of CPU allocator bytes above the level at the start of ``fn()``.
+
+    Read from ``torch.profiler`` memory events (every allocation and free of
+    the CPU allocator), so it is allocator-level, not RSS.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            level += e.nbytes()
+            peak = max(peak, level)
+    return peak

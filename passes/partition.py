@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from dataclasses import dataclass
 import uuid as uuid_mod
 import logging
 from pathlib import Path
@@ -38,8 +39,8 @@ def partition(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Min-cut partition (as for Inductor), then compress the sparse saved tensors.
 
-    ``on_partition(fw, bw, infos)``, if given, sees the result; the planner
-    uses it to read the decisions without a second copy of this logic.
+    ``on_partition(Partition)``, if given, sees the result; the planner uses
+    it to read the decisions without a second copy of this logic.
     """
     kwargs.setdefault("compiler", "inductor")
     fw, bw = min_cut_rematerialization_partition(
@@ -57,8 +58,23 @@ def partition(
 
         log_decisions(infos)
     if on_partition is not None:
-        on_partition(fw, bw, infos)
+        on_partition(Partition(fw, bw, infos, num_fwd_outputs))
     return fw, bw
+
+
+@dataclass
+class Partition:
+    """What :func:`partition` produced: both graphs and the per-tensor decisions."""
+
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    infos: list[SavedTensor]
+    num_fwd_outputs: int
+
+    @property
+    def saved(self) -> list:
+        """The forward's saved outputs (tensors, then SymInts)."""
+        return list(self.fw.graph.find_nodes(op="output")[0].args[0][self.num_fwd_outputs:])
 
 
 class BitfxPartitioner(CustomPartitionerFn):

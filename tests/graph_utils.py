@@ -13,8 +13,8 @@ from bitfx.passes import Decision
 class Captured:
     graphs: list = field(default_factory=list)  # (fw, bw, infos) per compiled graph
 
-    def __call__(self, fw, bw, infos):
-        self.graphs.append((fw, bw, infos))
+    def __call__(self, result):
+        self.graphs.append((result.fw, result.bw, result.infos))
 
     @property
     def fw(self):

@@ -1,0 +1,109 @@
+"""Liveness simulation of partitioned forward and backward graphs.
+
+Modelled on ``torch/_inductor/fx_passes/memory_estimator.py``: the byte size
+of every value comes from an injected ``size_of(node)``, so the same walk
+prices a baseline graph (dense sizes) and a bitfx graph (predicted
+compressed sizes for data-dependent payloads).
+
+Rules:
+* a value is allocated when its producer runs and freed after its last use;
+* views and aliases share their base's storage (no allocation; the base
+  lives as long as any alias does);
+* graph outputs never die within the graph: forward outputs include the
+  saved tensors, which live on into backward; backward outputs are the
+  gradients.
+* graph inputs are resident (``inputs_resident``) or freed after their last
+  use (backward's saved tensors: AOTAutograd releases them as it goes).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+_VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.alias.default, aten.as_strided.default, aten.unfold.default, aten.narrow.default,
+    aten.detach.default,
+}
+
+
+@dataclass
+class Liveness:
+    peak: int  # largest total of live non-resident storages
+    peak_node: str  # where it happened
+    end: int  # live bytes when the graph returns (its outputs)
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node that allocated ``node``'s storage."""
+    while node.op == "call_function" and (
+        node.target in _VIEW_OPS or node.target is operator.getitem and _is_view_getitem(node)
+    ):
+        node = node.args[0]
+    return node
+
+
+def _is_view_getitem(node: fx.Node) -> bool:
+    # getitem of a multi-output op picks one of its outputs: a real
+    # allocation.  getitem of a list (e.g. split) is a view.
+    val = node.args[0].meta.get("val")
+    return isinstance(val, (list, tuple)) and node.args[0].target in (
+        aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
+    )
+
+
+def simulate(
+    graph: fx.Graph,
+    size_of: Callable[[fx.Node], int],
+    *,
+    inputs_resident: bool,
+) -> Liveness:
+    """Walk ``graph`` once, tracking live storage bytes."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    output = nodes[-1]
+    outputs = {storage_root(a) for a in output.all_input_nodes}
+    # last use of each storage, through its aliases
+    last_use: dict[fx.Node, int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            root = storage_root(a)
+            last_use[root] = max(last_use.get(root, -1), order[n])
+    live: dict[fx.Node, int] = {}
+    total = peak = 0
+    peak_node = ""
+    for n in nodes:
+        if n.op == "output":
+            break
+        root = storage_root(n)
+        if root is n and not (n.op == "placeholder" and inputs_resident):
+            size = size_of(n)
+            if size:
+                live[n] = size
+                total += size
+        if total > peak:
+            peak, peak_node = total, n.name
+        for a in {storage_root(x) for x in n.all_input_nodes}:
+            if a in live and last_use.get(a) == order[n] and a not in outputs:
+                total -= live.pop(a)
+        if root is n and n in live and n not in last_use and n not in outputs:
+            total -= live.pop(n)  # produced but never used
+    return Liveness(peak, peak_node, total)
+
+
+def tensor_bytes(val) -> int:
+    """Dense bytes of a fake tensor (or a tuple of them) with concrete sizes."""
+    if isinstance(val, torch.Tensor):
+        return int(val.numel()) * val.element_size()
+    if isinstance(val, (list, tuple)):
+        return sum(tensor_bytes(v) for v in val)
+    return 0

@@ -1,0 +1,289 @@
+"""Predict saved-activation and peak training memory before anything runs.
+
+:func:`plan` compiles the model with the ``bittrain`` pipeline (the same
+decompositions, partitioner and analysis as the backend) and stops right
+after partitioning: Dynamo traces with fake tensors and the compiled code is
+never run, so no real computation happens (``calibrate=True`` excepted, which
+runs one real forward to measure densities).
+
+It partitions twice, with ``enabled=False`` and ``enabled=True``, and prices
+both pairs of graphs with :func:`bitfx.liveness.simulate`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+from .backend import compile_graph
+from .liveness import simulate, tensor_bytes
+from .options import Options
+from .passes.analysis import DEFAULT_DENSITY, Decision
+
+OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
+
+
+class _Stop(Exception):
+    """Raised once the partition is captured, so the compiled code never runs."""
+
+
+@dataclass
+class TensorRow:
+    name: str
+    op: str
+    shape: tuple
+    dtype: str
+    dense_bytes: int
+    density: float | None
+    stored_bytes: int
+    decision: str
+    reason: str
+
+
+@dataclass
+class MemoryPlan:
+    tensors: list[TensorRow]
+    saved_bytes: dict[str, int]
+    peak_bytes: dict[str, int]
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    optimizer: str
+    calibrated: bool
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tensors"] = [asdict(t) for t in self.tensors]
+        return d
+
+    def __str__(self) -> str:
+        rows = [
+            [t.name, t.op, "x".join(map(str, t.shape)), t.dtype.replace("torch.", ""), _human(t.dense_bytes),
+             "" if t.density is None else f"{t.density:.2f}", _human(t.stored_bytes), t.decision, t.reason]
+            for t in self.tensors
+        ]
+        per_tensor = tabulate(
+            rows, headers=["saved tensor", "op", "shape", "dtype", "dense", "density", "stored", "decision", "why"],
+            disable_numparse=True,
+        )
+        base, bit = self.saved_bytes["baseline"], self.saved_bytes["bittrain"]
+        pbase, pbit = self.peak_bytes["baseline"], self.peak_bytes["bittrain"]
+        totals = tabulate(
+            [
+                ["parameters", _human(self.parameter_bytes), _human(self.parameter_bytes), ""],
+                ["gradients", _human(self.gradient_bytes), _human(self.gradient_bytes), ""],
+                [f"optimizer state ({self.optimizer})", _human(self.optimizer_bytes), _human(self.optimizer_bytes), ""],
+                ["saved activations", _human(base), _human(bit), _saving(base, bit)],
+                ["peak training memory", _human(pbase), _human(pbit), _saving(pbase, pbit)],
+            ],
+            headers=["", "baseline", "bittrain", "saving"],
+            disable_numparse=True,
+        )
+        how = "measured densities (calibrate=True)" if self.calibrated else "assumed densities (ReLU family 0.5)"
+        return f"{per_tensor}\n\n{totals}\n({how})"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _saving(base: int, new: int) -> str:
+    return f"{100 * (1 - new / base):.1f}%" if base else ""
+
+
+def _capture(model, inputs, options: Options):
+    """Partition ``model`` as the backend would; return (dynamo graph inputs, partition)."""
+    got = {}
+
+    def on_partition(result):
+        got["partition"] = result
+        raise _Stop
+
+    def backend(gm, example_inputs):
+        got["example_inputs"] = list(example_inputs)
+        return compile_graph(gm, example_inputs, options, on_partition)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    except Exception as e:  # Dynamo wraps what the backend raises
+        cause = e
+        while cause is not None and not isinstance(cause, _Stop):
+            cause = getattr(cause, "inner_exception", None) or cause.__cause__
+        if not isinstance(cause, _Stop):
+            raise
+    finally:
+        torch._dynamo.reset()
+    if "partition" not in got:
+        raise RuntimeError("bitfx.plan: the model ran without a backward graph (do its outputs require grad?)")
+    return got["example_inputs"], got["partition"]
+
+
+def _resident_placeholders(fw, example_inputs, model) -> set[str]:
+    """Forward placeholders holding parameters or buffers (not user inputs)."""
+    owned = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    owned_ids = {id(t) for t in (*model.parameters(), *model.buffers())}
+    names = set()
+    for ph in fw.graph.find_nodes(op="placeholder"):
+        idx = getattr(ph.meta.get("desc"), "idx", None)
+        if idx is None or idx >= len(example_inputs):
+            continue
+        t = example_inputs[idx]
+        if isinstance(t, torch.Tensor) and (id(t) in owned_ids or t.data_ptr() in owned):
+            names.add(ph.name)
+    return names
+
+
+def _measure_densities(model, inputs, options: Options) -> list[float]:
+    """One real forward through the baseline pipeline; density of each saved tensor, in order."""
+    from .format import int_view_dtype
+
+    densities: list[float] = []
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.numel():
+            with torch.no_grad():
+                nz = t.view(int_view_dtype(t.dtype)) if t.dtype != torch.bool else t
+                densities.append(nz.ne(0).sum().item() / t.numel())
+        else:
+            densities.append(0.0)
+        return t
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, ex: compile_graph(gm, ex, options), fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compiled(*inputs)
+    torch._dynamo.reset()
+    return densities
+
+
+def plan(
+    model: nn.Module,
+    *example_inputs,
+    calibrate: bool = False,
+    density: dict[str, float] | float | None = None,
+    optimizer: str = "none",
+    **backend_options,
+) -> MemoryPlan:
+    """Predict what ``torch.compile(model, backend="bittrain")`` saves and peaks at.
+
+    ``density``: a float for every sparse tensor, or a dict by kind
+    (``{"relu": 0.3, "max_pool": 0.9}``); defaults to
+    :data:`bitfx.passes.analysis.DEFAULT_DENSITY`.  ``calibrate=True``
+    measures each tensor's density with one real forward instead.
+    ``optimizer``: ``none``, ``sgd``, ``momentum`` or ``adam``.
+    ``backend_options``: as for :func:`bitfx.backend` (``inner``, ``min_bytes``, ...).
+    """
+    if optimizer not in OPTIMIZER_STATE:
+        raise ValueError(f"optimizer={optimizer!r} is not valid; choose one of {list(OPTIMIZER_STATE)}")
+    backend_options.pop("enabled", None)
+    on = Options.from_dict({**backend_options, "enabled": True})
+    off = Options.from_dict({**backend_options, "enabled": False})
+    densities_by_kind = dict(DEFAULT_DENSITY)
+    if isinstance(density, (int, float)):
+        densities_by_kind = {k: float(density) for k in densities_by_kind}
+    elif density:
+        densities_by_kind.update(density)
+
+    example, base = _capture(model, example_inputs, off)
+    _, comp = _capture(model, example_inputs, on)
+    measured = _measure_densities(model, example_inputs, off) if calibrate else None
+
+    resident = _resident_placeholders(base.fw, example, model)
+    saved_base = [n for n in base.saved if isinstance(n.meta.get("val"), torch.Tensor)]
+    if measured is not None and len(measured) != len(saved_base):
+        raise RuntimeError(f"bitfx.plan: {len(measured)} tensors saved at run time, {len(saved_base)} in the graph")
+    measured_by_name = dict(zip([n.name for n in saved_base], measured or []))
+
+    rows: list[TensorRow] = []
+    stored_by_name: dict[str, int] = {}
+    for info in comp.infos:
+        name = info.node.name
+        if name in resident:
+            continue
+        d = None
+        if info.decision is Decision.COMPRESS:
+            d = measured_by_name.get(name, densities_by_kind.get(info.kind or "relu", 0.5))
+        stored = info.stored_bytes(d)
+        stored_by_name[name] = stored
+        label = info.module_path or name
+        rows.append(TensorRow(label, _op_name(info.node), tuple(int(s) for s in info.val.shape), str(info.val.dtype),
+                              info.dense_bytes(), d, stored, info.decision.value, info.reason))
+    saved_bytes = {
+        "baseline": sum(r.dense_bytes for r in rows),
+        "bittrain": sum(r.stored_bytes for r in rows),
+    }
+
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
+    inputs_bytes = sum(t.numel() * t.element_size() for t in example_inputs if isinstance(t, torch.Tensor))
+
+    payload_bytes = _payload_sizes(comp, stored_by_name)
+    peak = {
+        "baseline": _peak(base, lambda n: _dense_size(n)),
+        "bittrain": _peak(comp, lambda n: payload_bytes.get(n, _dense_size(n))),
+    }
+    fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
+    peak_bytes = {k: fixed + v for k, v in peak.items()}
+    return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
+                      optimizer, calibrate, options=asdict(on))
+
+
+def _single(node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) or s.node.hint is not None for s in val.shape)
+
+
+def _op_name(node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        target = node.args[0].target
+    return getattr(target, "__name__", str(target)).split(".")[0]
+
+
+def _payload_sizes(comp, stored_by_name) -> dict:
+    """Predicted bytes of each compress node's payload output (its size is unbacked)."""
+    sizes = {}
+    for info in comp.infos:
+        if info.decision is Decision.COMPRESS and info.parts:
+            offsets, payload = info.parts
+            sizes[payload] = stored_by_name.get(info.node.name, 0) - tensor_bytes(offsets.meta["val"])
+    # backward placeholders carrying a payload are named after the saved tensor
+    bw_names = {f"{i.node.name}_payload": sizes[i.parts[1]] for i in comp.infos
+                if i.decision is Decision.COMPRESS and i.parts and i.parts[1] in sizes}
+    for ph in comp.bw.graph.find_nodes(op="placeholder"):
+        if ph.name in bw_names:
+            sizes[ph] = bw_names[ph.name]
+    return sizes
+
+
+def _dense_size(node) -> int:
+    return tensor_bytes(node.meta.get("val")) if _single(node) else 0
+
+
+def _peak(part, size_of) -> int:
+    """Peak activation + gradient bytes over forward then backward.
+
+    Backward placeholders named like forward inputs are the parameters and
+    inputs themselves (already counted as resident), not new storage.
+    """
+    fw_inputs = {p.name for p in part.fw.graph.find_nodes(op="placeholder")}
+
+    def bw_size(n):
+        return 0 if n.op == "placeholder" and n.name in fw_inputs else size_of(n)
+
+    fw = simulate(part.fw.graph, size_of, inputs_resident=True)
+    bw = simulate(part.bw.graph, bw_size, inputs_resident=False)
+    return max(fw.peak, bw.peak)

@@ -1,0 +1,137 @@
+"""The planner: liveness on hand-built graphs, predictions against measurements, the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import bitfx
+import models
+from bitfx.liveness import simulate
+from bitfx.measure import model_saved_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+aten = torch.ops.aten
+
+
+def hand_graph():
+    """x -> a = relu(x) -> b = view(a) -> c = mul(b, 2) -> out(c); sizes given by name."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(aten.relu.default, (x,), name="relu")
+    b = g.call_function(aten.view.default, (a, [-1]), name="view")
+    c = g.call_function(aten.mul.Tensor, (b, 2), name="mul")
+    d = g.call_function(aten.add.Tensor, (c, 1), name="add")
+    g.output((d,))
+    return g
+
+
+def sizes(table):
+    return lambda n: table.get(n.name, 0)
+
+
+def test_liveness_frees_after_last_use_and_views_share_storage():
+    g = hand_graph()
+    # x 10 (resident), relu 100, view shares relu, mul 40, add 7
+    live = simulate(g, sizes({"x": 10, "relu": 100, "view": 999, "mul": 40, "add": 7}), inputs_resident=True)
+    # relu (100) is alive until mul, which allocates 40 -> peak 140; then relu dies,
+    # mul lives until add (7): 47; at the end only the output: 7.
+    assert live.peak == 140 and live.peak_node == "mul"
+    assert live.end == 7
+
+
+def test_liveness_inputs_not_resident_are_freed():
+    g = hand_graph()
+    live = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=False)
+    assert live.peak == 110 + 40 - 10  # x dies after relu: 10+100 -> 100+40
+    assert live.end == 7
+
+
+def test_liveness_outputs_never_die():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(aten.relu.default, (x,), name="relu")
+    b = g.call_function(aten.mul.Tensor, (a, 2), name="mul")
+    c = g.call_function(aten.mul.Tensor, (b, 3), name="mul_1")
+    g.output((c, a))  # relu is "saved": alive to the end
+    live = simulate(g, sizes({"relu": 50, "mul": 20, "mul_1": 30}), inputs_resident=True)
+    # relu 50 + mul 20 + mul_1 30 = 100 at mul_1; mul dies there; end = relu + mul_1
+    assert live.peak == 100 and live.end == 80
+
+
+def _measured(model, x, enabled):
+    torch._dynamo.reset()
+    return model_saved_bytes(torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled)), x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mlp"])
+def test_plan_predicts_saved_bytes(name):
+    torch.manual_seed(0)
+    if name == "mlp":
+        model, x = models.relu_mlp(dim=128, hidden=256, depth=3, num_classes=10), torch.randn(32, 128)
+    else:
+        model, x = getattr(models, name)(num_classes=10), torch.randn(4, 3, 64, 64)
+    before = [p.detach().clone() for p in model.parameters()]
+    p = bitfx.plan(model, x, inner="eager")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    base, bit = _measured(model, x, False), _measured(model, x, True)
+    assert p.saved_bytes["baseline"] == pytest.approx(base, rel=0.02)
+    assert p.saved_bytes["bittrain"] == pytest.approx(bit, rel=0.10)
+    cal = bitfx.plan(model, x, inner="eager", calibrate=True)
+    assert cal.saved_bytes["bittrain"] == pytest.approx(bit, rel=0.03)
+    assert cal.calibrated and any(t.density is not None for t in cal.tensors)
+
+
+def test_plan_report_and_json():
+    torch.manual_seed(0)
+    p = bitfx.plan(models.BasicBlock(8, 8), torch.randn(2, 8, 8, 8), inner="eager", optimizer="adam")
+    text = str(p)
+    assert "saved activations" in text and "peak training memory" in text and "relu" in text
+    d = p.to_dict()
+    json.dumps(d)
+    assert d["optimizer_bytes"] == 2 * d["gradient_bytes"]
+    decisions = {t["decision"] for t in d["tensors"]}
+    assert {"compressed", "kept dense"} <= decisions
+    assert p.peak_bytes["bittrain"] <= p.peak_bytes["baseline"]
+    with pytest.raises(ValueError, match="optimizer"):
+        bitfx.plan(models.BasicBlock(8, 8), torch.randn(2, 8, 8, 8), optimizer="lamb")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bitfx", "plan", *args], capture_output=True, text=True,
+                          cwd=ROOT / "benchmarks", timeout=600)
+
+
+def test_cli_json():
+    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["saved_bytes"]["bittrain"] < d["saved_bytes"]["baseline"]
+    assert set(d["peak_bytes"]) == {"baseline", "bittrain"} and d["tensors"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nomodule:thing", "--input-shape", "2,3"], "cannot load"),
+        (["models:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
+        (["models", "--input-shape", "2"], "MODULE:CALLABLE"),
+        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "float77"], "bad --dtype"),
+        (["models:resnet18", "--input-shape", "2,5"], "does not trace"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(args, message):
+    r = run_cli(*args, "--inner", "eager")
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "MODULE:CALLABLE" in r.stdout and "--calibrate" in r.stdout
