@@ -1,0 +1,196 @@
+"""Memory and speed of one training step: eager, Inductor, Inductor with PyTorch's
+memory-budget partitioner, and bitfx, side by side.
+
+    python benchmarks/run.py [--quick] [--out results.json] [--models resnet18,relu_mlp]
+
+Per model and configuration: saved-activation bytes (what saved_tensors_hooks
+sees, parameters and buffers excluded), peak memory of one full training step
+(CUDA: torch.cuda.max_memory_allocated; CPU: allocator-level peak from
+torch.profiler memory events, above the level before the step), median step
+time over several steps after warm-up, and compile time (the first step).
+Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import models  # noqa: E402
+
+import bitfx  # noqa: E402
+from bitfx.measure import model_saved_bytes, peak_cpu_bytes  # noqa: E402
+
+CONFIGS = ["eager", "inductor", "inductor-budget", "bittrain-eager", "bittrain", "bittrain-budget"]
+BUDGET = 0.5
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    make: object
+    shape: tuple
+    label: str = ""
+    tokens: int = 0  # >0: integer token inputs of this vocabulary
+
+    def inputs(self, device):
+        g = torch.Generator().manual_seed(0)
+        if self.tokens:
+            x = torch.randint(0, self.tokens, self.shape, generator=g)
+            return x.to(device), torch.randint(0, self.tokens, self.shape, generator=g).to(device)
+        x = torch.randn(*self.shape, generator=g)
+        return x.to(device), torch.randint(0, 10, (self.shape[0],), generator=g).to(device)
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    img, batch = (32, 8) if quick else (224, 16)
+    seq = (4, 128) if quick else (8, 512)
+    dim = 256 if quick else 768
+    gpt = lambda bias: (lambda: models.GPT(vocab=1024, dim=dim, depth=2, heads=4, ffn_bias_init=bias))  # noqa: E731
+    return {
+        w.name: w for w in [
+            Workload("resnet18", lambda: models.resnet18(10), (batch, 3, img, img)),
+            Workload("resnet50", lambda: models.resnet50(10), (batch, 3, img, img)),
+            Workload("vgg16_bn", lambda: models.vgg16_bn(10), (batch, 3, img, img)),
+            Workload("mobilenet_v2", lambda: models.mobilenet_v2(10), (batch, 3, img, img)),
+            Workload("relu_mlp", lambda: models.relu_mlp(dim=1024, hidden=4096 if not quick else 2048, depth=4, num_classes=10),
+                     (256 if quick else 1024, 1024)),
+            Workload("gpt_sqrelu", gpt(0.0), seq, "squared-ReLU FFN, at init", tokens=1024),
+            Workload("gpt_sqrelu_sparse", gpt(-1.5), seq,
+                     "squared-ReLU FFN, FFN bias -1.5: ~88% FFN zeros by construction", tokens=1024),
+        ]
+    }
+
+
+QUICK_MODELS = ["resnet18", "mobilenet_v2", "relu_mlp", "gpt_sqrelu", "gpt_sqrelu_sparse"]
+
+
+def loss_of(out, target):
+    if out.dim() == 3:
+        return F.cross_entropy(out.flatten(0, 1).float(), target.flatten())
+    return F.cross_entropy(out.float(), target)
+
+
+def build(config: str, model: nn.Module):
+    if config == "eager":
+        return model
+    if config.startswith("inductor"):
+        return torch.compile(model)
+    inner = "eager" if config == "bittrain-eager" else "inductor"
+    return torch.compile(model, backend=bitfx.backend(inner=inner))
+
+
+def budget_ctx(config: str):
+    if config.endswith("budget"):
+        return torch._functorch.config.patch(activation_memory_budget=BUDGET)
+    return contextlib.nullcontext()
+
+
+def run_one(w: Workload, config: str, device: torch.device, steps: int) -> dict:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = w.make().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = w.inputs(device)
+    fn = build(config, model)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_of(fn(x), y).backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with budget_ctx(config):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        compile_s = time.perf_counter() - t0
+        step()
+        times = []
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = peak_cpu_bytes(step)
+        saved = model_saved_bytes(fn, x, loss_fn=lambda out: loss_of(out, y))
+    return {
+        "model": w.name, "label": w.label, "config": config,
+        "saved_activation_bytes": saved, "peak_bytes": peak,
+        "step_ms": 1e3 * statistics.median(times), "compile_s": compile_s,
+    }
+
+
+def table(rows):
+    ref = {r["model"]: r for r in rows if r["config"] == "inductor"}
+    out = []
+    for r in rows:
+        b = ref.get(r["model"])
+        ratio = lambda k: f"{r[k] / b[k]:.2f}" if b and b[k] else ""  # noqa: E731
+        out.append([r["model"], r["config"], f"{r['saved_activation_bytes'] / 2**20:.1f}", ratio("saved_activation_bytes"),
+                    f"{r['peak_bytes'] / 2**20:.1f}", ratio("peak_bytes"), f"{r['step_ms']:.1f}", ratio("step_ms"),
+                    f"{r['compile_s']:.1f}"])
+    return tabulate(out, headers=["model", "config", "saved MiB", "x inductor", "peak MiB", "x inductor",
+                                  "step ms", "x inductor", "compile s"], disable_numparse=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"small inputs, models {','.join(QUICK_MODELS)}")
+    p.add_argument("--models", default=None, help="comma-separated subset")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="write JSON rows here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    # Every configuration compiles from scratch, so compile times compare.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    all_w = workloads(args.quick)
+    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else list(all_w))
+    unknown = [n for n in names if n not in all_w]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(all_w)}")
+    configs = args.configs.split(",")
+    rows = []
+    total = len(names) * len(configs)
+    for i, name in enumerate(names):
+        for j, config in enumerate(configs):
+            print(f"[{i * len(configs) + j + 1}/{total}] {name} {config} ...", file=sys.stderr, flush=True)
+            row = run_one(all_w[name], config, device, args.steps)
+            print(f"    saved {row['saved_activation_bytes'] / 2**20:.1f} MiB, peak {row['peak_bytes'] / 2**20:.1f} MiB, "
+                  f"{row['step_ms']:.1f} ms/step, compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
+            rows.append(row)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; command: python {' '.join(sys.argv)}")
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": {"torch": torch.__version__, "device": where, "argv": sys.argv}, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
