@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"small inputs, models {','.join(QUICK_MODELS)}")
     p.add_argument("--models", default=None, help="comma-separated subset")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write JSON rows here")
     args = p.parse_args(argv)

@@ -28,8 +28,10 @@ class Options:
         tiny tensors the offsets table and the kernel launch cost more than the
         bytes saved.
     report
-        Log (at INFO, logger ``bitfx``) each compiled graph's decisions, and
-        the density measured for every compressed tensor on its first run.
+        Log (at INFO, logger ``bitfx``) a table of each compiled graph's
+        saved tensors: decision, reason, dense and predicted bytes.  To
+        compare with reality, use :func:`bitfx.plan` with ``calibrate=True``
+        or :func:`bitfx.measure.model_saved_bytes`.
     """
 
     inner: str = "inductor"

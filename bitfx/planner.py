@@ -260,12 +260,9 @@ def _payload_sizes(comp, stored_by_name) -> dict:
         if info.decision is Decision.COMPRESS and info.parts:
             offsets, payload = info.parts
             sizes[payload] = stored_by_name.get(info.node.name, 0) - tensor_bytes(offsets.meta["val"])
-    # backward placeholders carrying a payload are named after the saved tensor
-    bw_names = {f"{i.node.name}_payload": sizes[i.parts[1]] for i in comp.infos
-                if i.decision is Decision.COMPRESS and i.parts and i.parts[1] in sizes}
-    for ph in comp.bw.graph.find_nodes(op="placeholder"):
-        if ph.name in bw_names:
-            sizes[ph] = bw_names[ph.name]
+    for info in comp.infos:
+        if info.decision is Decision.COMPRESS and info.bw_parts:
+            sizes[info.bw_parts[1]] = sizes[info.parts[1]]
     return sizes
 
 

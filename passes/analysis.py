@@ -159,6 +159,8 @@ class SavedTensor:
     derived_from_info: SavedTensor | None = None  # for DERIVE: the compressed source
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
     layout_key: str | None = None  # links its compress and decompress nodes
+    placeholder: fx.Node | None = None  # its input in the backward graph
+    bw_parts: list[fx.Node] = field(default_factory=list)  # backward inputs replacing it
 
     @property
     def val(self) -> torch.Tensor:

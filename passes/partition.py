@@ -23,7 +23,8 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from bitfx.options import Options
 
 from .analysis import SavedTensor, analyze, summarize
-from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward
+from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
+from .swap import save_activations_not_inputs
 
 log = logging.getLogger("bitfx")
 
@@ -48,7 +49,13 @@ def partition(
     )
     infos: list[SavedTensor] = []
     if options.enabled:
+        swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
+        if swapped:
+            log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
         infos = analyze(fw, num_fwd_outputs, options)
+        placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
+        for info in infos:
+            info.placeholder = placeholders[info.node]
         demote_inexpressible(bw, infos)
         rewrite_forward(fw, num_fwd_outputs, infos)
         rewrite_backward(bw, infos)

@@ -155,7 +155,7 @@ def _insert_compress(value: fx.Node, emitter: SymIntEmitter) -> list[fx.Node]:
     return parts
 
 
-def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
+def fresh_placeholder(graph: fx.Graph, name: str) -> fx.Node:
     # A placeholder's target becomes the argument name in generated code.  If
     # FX had to rename the node, the code would read ``name_1 = name``, and a
     # later node called ``name`` would shadow the argument: pick a fresh name.
@@ -176,14 +176,29 @@ def _first_user(node: fx.Node) -> fx.Node:
     return min(node.users, key=order.__getitem__)
 
 
+def saved_placeholders(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict[fx.Node, fx.Node]:
+    """The backward placeholder of each saved forward tensor.
+
+    AOTAutograd passes saved values by position: forward returns
+    ``(*outputs, *saved_tensors, *saved_symints)`` and backward takes
+    ``(*saved_symints, *saved_tensors, *tangents)``.
+    """
+    saved = list(fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:])
+    tensors = [n for n in saved if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+    nsym = len(saved) - len(tensors)
+    phs = list(bw.graph.find_nodes(op="placeholder"))[nsym : nsym + len(tensors)]
+    for t, p in zip(tensors, phs, strict=True):
+        pv = p.meta.get("val")
+        if not isinstance(pv, torch.Tensor) or pv.dtype != t.meta["val"].dtype or pv.dim() != t.meta["val"].dim():
+            raise AssertionError(f"bitfx: saved {t.name} does not line up with backward input {p.name}")
+    return dict(zip(tensors, phs))
+
+
 def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
     """Turn each changed saved-tensor placeholder into compressed parts + decode."""
     graph = bw.graph
-    phs = {p.name: p for p in graph.find_nodes(op="placeholder")}
+    phs = {i.node.name: i.placeholder for i in fw_infos}
     changed = [i for i in fw_infos if i.decision is not Decision.KEEP]
-    for info in changed:
-        if info.node.name not in phs:
-            raise AssertionError(f"bitfx: backward graph has no placeholder for saved {info.node.name}")
     emitter = SymIntEmitter(graph, exclude={phs[i.node.name] for i in changed})
 
     for info in changed:
@@ -203,9 +218,10 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
         fw_parts = info.parts
         suffixes = ("offsets", "payload") if info.decision is Decision.COMPRESS else ("packed",)
         with graph.inserting_before(ph):
-            new_phs = [_placeholder(graph, f"{info.node.name}_{sfx}") for sfx in suffixes]
+            new_phs = [fresh_placeholder(graph, f"{info.node.name}_{sfx}") for sfx in suffixes]
         for new_ph, part in zip(new_phs, fw_parts):
             new_ph.meta["val"] = part.meta["val"]
+        info.bw_parts = new_phs
         val = ph.meta["val"]
         size = [emitter.arg(s) for s in val.shape]
         stride = [emitter.arg(s) for s in val.stride()]
@@ -233,10 +249,7 @@ def demote_inexpressible(bw: fx.GraphModule, infos: list[SavedTensor]) -> None:
     says so in the log when it fires.
     """
     changed = [i for i in infos if i.decision in (Decision.COMPRESS, Decision.PACK)]
-    names = {i.node.name for i in changed}
-    sources = symbol_sources(
-        bw.graph, exclude={p for p in bw.graph.find_nodes(op="placeholder") if p.name in names}
-    )
+    sources = symbol_sources(bw.graph, exclude={i.placeholder for i in changed})
     for info in changed:
         val = info.node.meta["val"]
         missing = missing_symbols((*val.shape, *val.stride()), sources)

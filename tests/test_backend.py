@@ -72,3 +72,14 @@ def test_mode_is_rejected_clearly():
 def test_options_defaults():
     o = Options()
     assert (o.inner, o.enabled, o.pack_masks, o.min_bytes, o.report) == ("inductor", True, True, 0, False)
+
+
+def test_report_option_logs_decisions(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with caplog.at_level(logging.INFO, logger="bitfx"):
+        torch.compile(m, backend=bitfx.backend(inner="eager", report=True))(torch.randn(4, 8)).sum().backward()
+    text = caplog.text
+    assert "compressed" in text and "relu" in text and "predicted" in text

@@ -137,3 +137,24 @@ def test_inductor_layout_reaches_backward(monkeypatch):
     for d in restrided:
         assert list(d.args[3]) == list(d.meta["val"].stride())
         assert inductor_layouts._LAYOUTS[d.meta["bitfx_layout_key"]] == list(d.args[3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_cnn_bit_identical_inductor(autocast):
+    """End to end on the GPU: Triton kernels, Inductor, ResNet-18."""
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+
+    def run(enabled):
+        torch.manual_seed(0)
+        model = models.resnet18(num_classes=10).cuda()
+        compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", enabled=enabled))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = compiled(x)
+        out.float().sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    on = run(True)
+    torch._dynamo.reset()
+    off = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))

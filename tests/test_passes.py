@@ -175,16 +175,28 @@ def test_transformer_block_with_dropout():
 def test_squared_relu_ffn():
     cap, _ = compile_and_capture(squared_relu_ffn(), torch.randn(4, 16))
     check_invariants(cap)
-    (src,) = compressed_sources(cap)
-    assert src.target is torch.ops.aten.pow.Tensor_Scalar
-    assert src.args[0].target is torch.ops.aten.relu.default
+    relu, sq = compressed_sources(cap)
+    assert relu.target is torch.ops.aten.relu.default
+    assert sq.target is torch.ops.aten.pow.Tensor_Scalar and sq.args[0] is relu
+    # min-cut saved the dense pre-activation only to recompute relu from it in
+    # backward; bitfx saves (and compresses) the relu output instead
+    assert relu.args[0].target is torch.ops.aten.addmm.default
+    assert relu.args[0] not in saved_outputs(cap.fw)
+    assert not call_nodes(cap.bw, torch.ops.aten.relu.default)
+
+
+def test_swap_keeps_pre_activation_when_backward_needs_it():
+    """A BatchNorm input is needed dense in backward: no swap."""
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10))
+    conv = call_nodes(cap.fw, torch.ops.aten.convolution.default)[0]
+    assert conv in saved_outputs(cap.fw)
 
 
 def test_mask_of_compressed_tensor_is_derived_not_saved():
     """A saved le(r, 0) of a compressed r is recomputed from r in backward."""
     from bitfx.options import Options
     from bitfx.passes.analysis import analyze
-    from bitfx.passes.rewrite import rewrite_backward, rewrite_forward
+    from bitfx.passes.rewrite import rewrite_backward, rewrite_forward, saved_placeholders
 
     cap, _ = compile_and_capture(mlp(), torch.randn(8, 16), backward=False, enabled=False)
     fw, bw = cap.fw, cap.bw
@@ -201,7 +213,7 @@ def test_mask_of_compressed_tensor_is_derived_not_saved():
         out.meta["desc"] = list(out.meta["desc"]) + [out.meta["desc"][-1]]
     ph_relu = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name == relu.name)
     tangent = next(p for p in bw.graph.find_nodes(op="placeholder") if p.name.startswith("tangents"))
-    with bw.graph.inserting_before(tangent):
+    with bw.graph.inserting_before(tangent):  # saved tensors come before the tangents
         ph_le = bw.graph.placeholder(le.name)
     ph_le.meta["val"] = le.meta["val"]
     user = next(iter(ph_relu.users))
@@ -209,6 +221,9 @@ def test_mask_of_compressed_tensor_is_derived_not_saved():
         use = bw.graph.call_function(torch.ops.aten.logical_not.default, (ph_le,))
     use.meta["val"] = le.meta["val"]
     infos = analyze(fw, 1, Options())
+    placeholders = saved_placeholders(fw, bw, 1)
+    for info in infos:
+        info.placeholder = placeholders[info.node]
     (derived,) = [i for i in infos if i.decision is Decision.DERIVE]
     assert derived.node is le and derived.derived_from_info.node is relu
     rewrite_forward(fw, 1, infos)

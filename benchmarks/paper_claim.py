@@ -1,0 +1,106 @@
+"""BitTrain's claim, measured: training-memory footprint with and without bitfx.
+
+footprint = parameters + gradients + optimizer state (SGD with momentum: one
+copy of the parameters) + activations, where activations are the tensors
+saved for backward at the end of forward (their peak), measured with
+saved_tensors_hooks.  Both at init and after ``--steps`` SGD steps on a fixed
+synthetic batch (sparsity moves as a network trains).
+
+    python benchmarks/paper_claim.py [--models resnet18,vgg16_bn,mobilenet_v2] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+
+import bitfx  # noqa: E402
+from bitfx.measure import model_saved_bytes  # noqa: E402
+
+SIZES = {"cifar": (16, 32), "imagenet": (8, 224)}  # (batch, resolution), as in the paper's batch 8-16
+
+
+def activations(model, x, enabled):
+    torch._dynamo.reset()
+    c = torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled))
+    return model_saved_bytes(c, x)
+
+
+def relu_density(model, x):
+    """Fraction of nonzeros over all ReLU-family outputs in one forward."""
+    nz = tot = 0
+
+    def hook(_m, _i, out):
+        nonlocal nz, tot
+        nz += int(out.ne(0).sum())
+        tot += out.numel()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return nz / max(tot, 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,vgg16_bn,mobilenet_v2")
+    p.add_argument("--sizes", default="cifar,imagenet")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        for size in args.sizes.split(","):
+            batch, res = SIZES[size]
+            torch.manual_seed(0)
+            model = getattr(models, name)(num_classes=10)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, 3, res, res, generator=g)
+            y = torch.randint(0, 10, (batch,), generator=g)
+            params = sum(t.numel() * t.element_size() for t in model.parameters())
+            state = params  # gradients; momentum adds one more copy
+            for when in ("init", f"after {args.steps} steps"):
+                if when != "init":
+                    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                    for _ in range(args.steps):
+                        opt.zero_grad()
+                        F.cross_entropy(model(x), y).backward()
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                print(f"{name} {size} {when} ...", file=sys.stderr, flush=True)
+                off, on = activations(model, x, False), activations(model, x, True)
+                fixed = params + state + params
+                rows.append({
+                    "model": name, "input": f"{size} {batch}x3x{res}x{res}", "when": when,
+                    "relu_density": relu_density(model, x),
+                    "activations_baseline": off, "activations_bittrain": on,
+                    "footprint_baseline": fixed + off, "footprint_bittrain": fixed + on,
+                })
+    print(f"torch {torch.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+          f"command: python {' '.join(sys.argv)}")
+    print(tabulate(
+        [[r["model"], r["input"], r["when"], f"{r['relu_density']:.2f}",
+          f"{r['activations_baseline'] / 2**20:.1f}", f"{r['activations_bittrain'] / 2**20:.1f}",
+          f"{100 * (1 - r['activations_bittrain'] / r['activations_baseline']):.1f}%",
+          f"{r['footprint_baseline'] / 2**20:.1f}", f"{r['footprint_bittrain'] / 2**20:.1f}",
+          f"{100 * (1 - r['footprint_bittrain'] / r['footprint_baseline']):.1f}%"] for r in rows],
+        headers=["model", "input", "when", "ReLU density", "act. MiB", "act. bitfx", "act. saving",
+                 "footprint MiB", "footprint bitfx", "footprint saving"], disable_numparse=True))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
