@@ -97,14 +97,14 @@ def resnet50(num_classes=1000):
 
 
 # -------------------------------------------------------------------- VGG
-def vgg16_bn(num_classes=1000):
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+def _vgg(cfg, batch_norm, num_classes):
     layers, cin = [], 3
     for v in cfg:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            bn = [nn.BatchNorm2d(v)] if batch_norm else []
+            layers += [nn.Conv2d(cin, v, 3, padding=1), *bn, nn.ReLU(inplace=True)]
             cin = v
     return nn.Sequential(
         nn.Sequential(*layers),
@@ -114,6 +114,16 @@ def vgg16_bn(num_classes=1000):
         nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
         nn.Linear(4096, num_classes),
     )
+
+
+def vgg16_bn(num_classes=1000):
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    return _vgg(cfg, True, num_classes)
+
+
+def vgg11(num_classes=1000):
+    """VGG-11 (configuration A), no BatchNorm."""
+    return _vgg([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], False, num_classes)
 
 
 # ------------------------------------------------------------ MobileNetV2

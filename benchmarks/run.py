@@ -66,6 +66,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
             Workload("resnet18", lambda: models.resnet18(10), (batch, 3, img, img)),
             Workload("resnet50", lambda: models.resnet50(10), (batch, 3, img, img)),
             Workload("vgg16_bn", lambda: models.vgg16_bn(10), (batch, 3, img, img)),
+            Workload("vgg11", lambda: models.vgg11(10), (batch, 3, img, img), "VGG-11, no BatchNorm"),
             Workload("mobilenet_v2", lambda: models.mobilenet_v2(10), (batch, 3, img, img)),
             Workload("relu_mlp", lambda: models.relu_mlp(dim=1024, hidden=4096 if not quick else 2048, depth=4, num_classes=10),
                      (256 if quick else 1024, 1024)),
@@ -76,7 +77,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
     }
 
 
-QUICK_MODELS = ["resnet18", "mobilenet_v2", "relu_mlp", "gpt_sqrelu", "gpt_sqrelu_sparse"]
+QUICK_MODELS = ["resnet18", "mobilenet_v2", "vgg11", "relu_mlp", "gpt_sqrelu", "gpt_sqrelu_sparse"]
 
 
 def loss_of(out, target):
