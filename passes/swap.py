@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from .analysis import _relu_source
 from .rewrite import fresh_placeholder, saved_placeholders
+
+aten = torch.ops.aten
+
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 def _same_call(a: fx.Node, b: fx.Node, arg0_a, arg0_b) -> bool:
@@ -38,23 +44,42 @@ def _same_call(a: fx.Node, b: fx.Node, arg0_a, arg0_b) -> bool:
     )
 
 
+def _recompute_chain(ph: fx.Node) -> list[fx.Node] | None:
+    """``[views..., relu]`` if backward uses ``ph`` only to recompute a ReLU-family op."""
+    if len(ph.users) != 1:
+        return None
+    chain, prev = [], ph
+    cur = next(iter(ph.users))
+    while cur.op == "call_function" and cur.target in _VIEWS and cur.args[0] is prev and len(cur.users) == 1:
+        chain.append(cur)
+        prev, cur = cur, next(iter(cur.users))
+    if cur.op == "call_function" and _relu_source(cur) and cur.args[0] is prev:
+        return [*chain, cur]
+    return None
+
+
+def _forward_twin(x: fx.Node, chain: list[fx.Node], ph: fx.Node) -> fx.Node | None:
+    """The forward node computing the same chain on ``x``."""
+    prev_fw, prev_bw = x, ph
+    for step in chain:
+        twin = next((f for f in prev_fw.users if f.op == "call_function" and _same_call(f, step, prev_fw, prev_bw)), None)
+        if twin is None:
+            return None
+        prev_fw, prev_bw = twin, step
+    return prev_fw
+
+
 def save_activations_not_inputs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Apply the swap wherever it is exact; returns how many inputs it replaced."""
     output = fw.graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
-    placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
-    saved_ph = {n: p for n, p in placeholders.items()}
+    saved_ph = dict(saved_placeholders(fw, bw, num_fwd_outputs))
     swapped = 0
-    for x, ph in list(placeholders.items()):
-        if x.op == "placeholder" or not ph.users:
+    for x, ph in list(saved_ph.items()):
+        if x.op == "placeholder":
             continue
-        users = list(ph.users)
-        if not all(u.op == "call_function" and _relu_source(u) and u.args[0] is ph for u in users):
-            continue
-        first = users[0]
-        if not all(_same_call(u, first, ph, ph) for u in users):
-            continue
-        act = next((f for f in x.users if f.op == "call_function" and _same_call(f, first, x, ph)), None)
+        chain = _recompute_chain(ph)
+        act = _forward_twin(x, chain, ph) if chain else None
         if act is None:
             continue
         idx = num_fwd_outputs + outs[num_fwd_outputs:].index(x)
@@ -66,12 +91,12 @@ def save_activations_not_inputs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_
             outs[idx] = act
             with bw.graph.inserting_before(ph):
                 new_ph = fresh_placeholder(bw.graph, act.name)
-            new_ph.meta.update(first.meta)
+            new_ph.meta.update(chain[-1].meta)
             new_ph.meta["val"] = act.meta["val"]
             saved_ph[act] = new_ph
-        for u in users:
-            u.replace_all_uses_with(new_ph)
-            bw.graph.erase_node(u)
+        chain[-1].replace_all_uses_with(new_ph)
+        for node in reversed(chain):
+            bw.graph.erase_node(node)
         bw.graph.erase_node(ph)
         del saved_ph[x]
         swapped += 1

@@ -185,6 +185,16 @@ def test_squared_relu_ffn():
     assert not call_nodes(cap.bw, torch.ops.aten.relu.default)
 
 
+def test_swap_looks_through_views():
+    """Linear on a 3-D input: backward recomputes relu(view(addmm)); save the relu instead."""
+    m = nn.Sequential(nn.Linear(16, 64), models.SquaredReLU(), nn.Linear(64, 16))
+    cap, _ = compile_and_capture(m, torch.randn(2, 5, 16))
+    check_invariants(cap)
+    srcs = compressed_sources(cap)
+    assert torch.ops.aten.relu.default in [s.target for s in srcs]
+    assert not any(s.target is torch.ops.aten.addmm.default for s in saved_outputs(cap.fw))
+
+
 def test_swap_keeps_pre_activation_when_backward_needs_it():
     """A BatchNorm input is needed dense in backward: no swap."""
     cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10))
