@@ -127,13 +127,13 @@ def _check_dtype(x: torch.Tensor) -> None:
 def _compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(x)
     flat = to_flat(x, stride)
-    return kernels.select(flat.device).compress(flat)
+    return kernels.compress(kernels.select(flat.device), flat)
 
 
 @_impl_for_devices("decompress")
 def _decompress(offsets, payload, size, stride, dtype):
     target = _Target(size, stride, dtype, payload.device)
-    kernels.select(payload.device).decompress(offsets, payload, target.flat)
+    kernels.decompress(kernels.select(payload.device), offsets, payload, target.flat)
     return target.finish()
 
 

@@ -1,12 +1,16 @@
 """Kernels for the bitmap format (see :mod:`bitfx.format`).
 
-Every backend implements the same four functions on flat, contiguous,
-memory-ordered tensors and produces the same bytes:
+Every backend implements the same functions on flat, contiguous,
+memory-ordered tensors (data as same-width integers) and produces the same
+bytes:
 
-* ``compress(flat) -> (offsets, payload)``
-* ``decompress(offsets, payload, out)``: fills the flat tensor ``out``
-* ``pack_bool(flat) -> packed``
-* ``unpack_bool(packed, out)``: fills the flat bool tensor ``out``
+* ``count(ints) -> offsets``: nonzeros before each block, and the total
+* ``encode(ints, offsets, bitmap, values)``: fills the sparse payload's parts
+* ``decode(offsets, bitmap, values, out)``: fills ``out``
+* ``pack_bool(flat) -> packed`` and ``unpack_bool(packed, out)``
+
+:func:`compress` and :func:`decompress` hold what is common: the dense
+fallback, the payload layout and the one host synchronization.
 
 Which backend runs is chosen per device by :func:`select`, from the
 ``BITFX_KERNELS`` environment variable: ``auto`` (default), ``triton``,
@@ -20,6 +24,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from ..format import BITMAP_BYTES_PER_BLOCK, int_view_dtype, num_blocks, use_sparse
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,28 @@ def select(device: torch.device) -> ModuleType:
     from . import torch_ref
 
     return torch_ref
+
+
+def compress(k: ModuleType, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, payload)`` of a flat tensor, with backend ``k``."""
+    ints = flat.view(int_view_dtype(flat.dtype))
+    n, itemsize = ints.numel(), ints.element_size()
+    offsets = k.count(ints)
+    nnz = int(offsets[-1])  # the one device->host sync per tensor: sizes the payload
+    if not use_sparse(n, nnz, itemsize):
+        return offsets, ints.clone().view(torch.uint8)
+    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8, device=flat.device)
+    k.encode(ints, offsets, payload[:bitmap_bytes], payload[bitmap_bytes:].view(ints.dtype))
+    return offsets, payload
+
+
+def decompress(k: ModuleType, offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill the flat tensor ``out`` from ``(offsets, payload)``, with backend ``k``."""
+    ints = out.view(int_view_dtype(out.dtype))
+    n = ints.numel()
+    if payload.numel() == n * ints.element_size():  # dense fallback
+        ints.copy_(payload.view(ints.dtype))
+        return
+    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+    k.decode(offsets, payload[:bitmap_bytes], payload[bitmap_bytes:].view(ints.dtype), ints)

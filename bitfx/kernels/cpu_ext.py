@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import BITMAP_BYTES_PER_BLOCK, num_blocks, use_sparse
+from ..format import num_blocks
 
 log = logging.getLogger(__name__)
 
@@ -99,29 +99,21 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def compress(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, itemsize = flat.numel(), flat.element_size()
-    nblocks = num_blocks(n)
-    offsets = torch.empty(nblocks + 1, dtype=torch.int64)
-    nnz = _lib().bitfx_count(_ptr(flat), n, itemsize, _ptr(offsets), _threads())
-    if not use_sparse(n, nnz, itemsize):
-        return offsets, flat.view(torch.uint8).clone()
-    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
-    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8)
+def count(ints: torch.Tensor) -> torch.Tensor:
+    offsets = torch.empty(num_blocks(ints.numel()) + 1, dtype=torch.int64)
+    _lib().bitfx_count(_ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _threads())
+    return offsets
+
+
+def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
     _lib().bitfx_compress(
-        _ptr(flat), n, itemsize, _ptr(offsets), _ptr(payload), _ptr(payload) + bitmap_bytes, _threads()
+        _ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _ptr(bitmap), _ptr(values), _threads()
     )
-    return offsets, payload
 
 
-def decompress(offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
-    n, itemsize = out.numel(), out.element_size()
-    if payload.numel() == n * itemsize:
-        out.view(torch.uint8).copy_(payload)
-        return
-    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     _lib().bitfx_decompress(
-        _ptr(offsets), _ptr(payload), _ptr(payload) + bitmap_bytes, n, itemsize, _ptr(out), _threads()
+        _ptr(offsets), _ptr(bitmap), _ptr(values), out.numel(), out.element_size(), _ptr(out), _threads()
     )
 
 

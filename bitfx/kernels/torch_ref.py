@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BITMAP_BYTES_PER_BLOCK, BLOCK, int_view_dtype, num_blocks, use_sparse
+from ..format import BLOCK, num_blocks
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
@@ -32,35 +32,26 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(-1)[:n]
 
 
-def compress(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, itemsize = flat.numel(), flat.element_size()
-    ints = flat.view(int_view_dtype(flat.dtype))
-    nonzero = ints.ne(0)
+def count(ints: torch.Tensor) -> torch.Tensor:
+    n = ints.numel()
     nblocks = num_blocks(n)
-    counts = torch.zeros(nblocks * BLOCK, dtype=torch.int64, device=flat.device)
-    counts[:n] = nonzero
-    offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts.view(nblocks, BLOCK).sum(1), 0, out=offsets[1:])
-    nnz = int(offsets[-1])  # the one device->host sync: sizes the payload
-    if not use_sparse(n, nnz, itemsize):
-        return offsets, ints.clone().view(torch.uint8)
-    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
-    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8, device=flat.device)
-    payload[:bitmap_bytes] = pack_bits(nonzero, bitmap_bytes)
-    payload[bitmap_bytes:].view(ints.dtype).copy_(ints[nonzero])
-    return offsets, payload
+    nonzero = torch.zeros(nblocks * BLOCK, dtype=torch.int64, device=ints.device)
+    nonzero[:n] = ints.ne(0)
+    offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
+    torch.cumsum(nonzero.view(nblocks, BLOCK).sum(1), 0, out=offsets[1:])
+    return offsets
 
 
-def decompress(offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
-    n = out.numel()
-    ints = out.view(int_view_dtype(out.dtype))
-    if payload.numel() == n * out.element_size():
-        ints.copy_(payload.view(ints.dtype))
-        return
-    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
-    nonzero = unpack_bits(payload[:bitmap_bytes], n)
-    ints.zero_()
-    ints.masked_scatter_(nonzero, payload[bitmap_bytes:].view(ints.dtype))
+def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
+    nonzero = ints.ne(0)
+    bitmap.copy_(pack_bits(nonzero, bitmap.numel()))
+    values.copy_(ints[nonzero])
+
+
+def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    nonzero = unpack_bits(bitmap, out.numel())
+    out.zero_()
+    out.masked_scatter_(nonzero, values)
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,11 @@
 One program per block of ``BLOCK`` (1024) elements:
 
 1. ``_count_kernel``: nonzeros per block.
-2. host: ``offsets = cumsum(counts)``, then ``offsets[-1].item()`` -- the one
-   device-to-host synchronization per compressed tensor.  It sizes the payload
-   (and picks sparse or dense encoding); it waits for the count kernel, so its
-   cost is the launch latency plus that kernel, not a data transfer.
+2. host (:func:`bitfx.kernels.compress`): ``offsets = cumsum(counts)``, then
+   ``offsets[-1]`` is read -- the one device-to-host synchronization per
+   compressed tensor.  It sizes the payload (and picks sparse or dense
+   encoding); it waits for the count kernel, so its cost is the launch
+   latency plus that kernel, not a data transfer.
 3. ``_compress_kernel``: each block writes its 128 bitmap bytes and compacts
    its nonzeros to ``values[offsets[b]:]`` with a prefix sum inside the block.
 
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from ..format import BITMAP_BYTES_PER_BLOCK, BLOCK, int_view_dtype, num_blocks, use_sparse
+from ..format import BLOCK, num_blocks
 
 try:
     import triton
@@ -114,36 +115,25 @@ if triton is not None:
         tl.store(out_ptr + offs, bits.to(tl.uint8), mask=offs < n)
 
 
-def compress(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, itemsize = flat.numel(), flat.element_size()
-    ints = flat.view(int_view_dtype(flat.dtype))
-    nblocks = num_blocks(n)
-    offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=flat.device)
+def count(ints: torch.Tensor) -> torch.Tensor:
+    nblocks = num_blocks(ints.numel())
+    offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     if nblocks:
-        _count_kernel[(nblocks,)](ints, offsets[1:], n, BLOCK=BLOCK)
+        _count_kernel[(nblocks,)](ints, offsets[1:], ints.numel(), BLOCK=BLOCK)
         torch.cumsum(offsets[1:], 0, out=offsets[1:])
-    nnz = int(offsets[-1])  # the one device->host sync: sizes the payload
-    if not use_sparse(n, nnz, itemsize):
-        return offsets, ints.clone().view(torch.uint8)
-    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
-    payload = torch.empty(bitmap_bytes + nnz * itemsize, dtype=torch.uint8, device=flat.device)
-    values = payload[bitmap_bytes:].view(ints.dtype)
-    _compress_kernel[(nblocks,)](ints, offsets, payload, values, n, BLOCK=BLOCK)
-    return offsets, payload
+    return offsets
 
 
-def decompress(offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
-    n = out.numel()
-    ints = out.view(int_view_dtype(out.dtype))
-    if payload.numel() == n * out.element_size():
-        ints.copy_(payload.view(ints.dtype))
-        return
-    nblocks = num_blocks(n)
-    if nblocks == 0:
-        return
-    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
-    values = payload[bitmap_bytes:].view(ints.dtype)
-    _decompress_kernel[(nblocks,)](offsets, payload, values, ints, n, BLOCK=BLOCK)
+def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
+    nblocks = num_blocks(ints.numel())
+    if nblocks:
+        _compress_kernel[(nblocks,)](ints, offsets, bitmap, values, ints.numel(), BLOCK=BLOCK)
+
+
+def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    nblocks = num_blocks(out.numel())
+    if nblocks:
+        _decompress_kernel[(nblocks,)](offsets, bitmap, values, out, out.numel(), BLOCK=BLOCK)
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
