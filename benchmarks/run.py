@@ -7,7 +7,8 @@ Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
 (CUDA: torch.cuda.max_memory_allocated; CPU: allocator-level peak from
 torch.profiler memory events, above the level before the step), median step
-time over several steps after warm-up, and compile time (the first step).
+time over several steps after warm-up (the configurations of a model are timed
+in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
 """
 
@@ -101,46 +102,80 @@ def budget_ctx(config: str):
     return contextlib.nullcontext()
 
 
-def run_one(w: Workload, config: str, device: torch.device, steps: int) -> dict:
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = w.make().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = w.inputs(device)
-    fn = build(config, model)
+class Run:
+    """One model under one configuration: compiled once, then measured."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_of(fn(x), y).backward()
-        opt.step()
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with budget_ctx(config):
+    def __init__(self, w: Workload, config: str, device: torch.device):
+        torch.manual_seed(0)
+        self.w, self.config, self.device = w, config, device
+        self.model = w.make().to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.x, self.y = w.inputs(device)
+        self.fn = build(config, self.model)
         t0 = time.perf_counter()
-        step()
-        sync()
-        compile_s = time.perf_counter() - t0
-        step()
-        times = []
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
+        with budget_ctx(config):  # the budget matters when the graphs are partitioned
+            self.step()
+        self.sync()
+        self.compile_s = time.perf_counter() - t0
+        self.step()
+        self.times: list[float] = []
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss_of(self.fn(self.x), self.y).backward()
+        self.opt.step()
+
+    def timed_step(self):
+        self.sync()
+        t0 = time.perf_counter()
+        self.step()
+        self.sync()
+        self.times.append(time.perf_counter() - t0)
+
+    def memory(self) -> tuple[int, int]:
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step()
+            self.step()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = peak_cpu_bytes(step)
-        saved = model_saved_bytes(fn, x, loss_fn=lambda out: loss_of(out, y))
-    return {
-        "model": w.name, "label": w.label, "config": config,
-        "saved_activation_bytes": saved, "peak_bytes": peak,
-        "step_ms": 1e3 * statistics.median(times), "compile_s": compile_s,
-    }
+            peak = peak_cpu_bytes(self.step)
+        saved = model_saved_bytes(self.fn, self.x, loss_fn=lambda out: loss_of(out, self.y))
+        return saved, peak
+
+    def row(self, saved: int, peak: int) -> dict:
+        return {
+            "model": self.w.name, "label": self.w.label, "config": self.config,
+            "saved_activation_bytes": saved, "peak_bytes": peak,
+            "step_ms": 1e3 * statistics.median(self.times), "compile_s": self.compile_s,
+        }
+
+
+def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress) -> list[dict]:
+    """Compile every configuration, measure memory, then time them in interleaved rounds.
+
+    Interleaving puts every configuration through the same drifts of a shared
+    machine, so the step-time ratios hold even when absolute times wander.
+    """
+    torch._dynamo.reset()
+    runs, mem = [], []
+    for config in configs:
+        progress(f"{w.name} {config}: compile + memory")
+        run = Run(w, config, device)
+        mem.append(run.memory())
+        runs.append(run)
+    progress(f"{w.name}: {steps} interleaved timing rounds")
+    for _ in range(steps):
+        for run in runs:
+            run.timed_step()
+    rows = [run.row(*m) for run, m in zip(runs, mem)]
+    del runs
+    torch._dynamo.reset()
+    return rows
 
 
 def table(rows):
@@ -175,15 +210,21 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(all_w)}")
     configs = args.configs.split(",")
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        p.error(f"unknown config(s) {bad}; choose from {CONFIGS}")
+    # Dynamo keeps one cache entry per compiled model instance; all of one
+    # model's configurations stay compiled at once for interleaved timing.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(configs))
     rows = []
-    total = len(names) * len(configs)
     for i, name in enumerate(names):
-        for j, config in enumerate(configs):
-            print(f"[{i * len(configs) + j + 1}/{total}] {name} {config} ...", file=sys.stderr, flush=True)
-            row = run_one(all_w[name], config, device, args.steps)
-            print(f"    saved {row['saved_activation_bytes'] / 2**20:.1f} MiB, peak {row['peak_bytes'] / 2**20:.1f} MiB, "
-                  f"{row['step_ms']:.1f} ms/step, compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
-            rows.append(row)
+        def progress(msg, i=i):
+            print(f"[{i + 1}/{len(names)}] {msg}", file=sys.stderr, flush=True)
+
+        rows += run_model(all_w[name], configs, device, args.steps, progress)
+        for r in rows[-len(configs):]:
+            progress(f"  {r['config']}: saved {r['saved_activation_bytes'] / 2**20:.1f} MiB, peak {r['peak_bytes'] / 2**20:.1f} MiB, "
+                     f"{r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; command: python {' '.join(sys.argv)}")
     print(table(rows))

@@ -1,0 +1,34 @@
+"""Smoke tests of the benchmark scripts (tiny models, seconds)."""
+
+import json
+
+import pytest
+import torch.nn as nn
+
+import run
+
+
+def tiny():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_run_model_rows_and_table():
+    w = run.Workload("tiny", tiny, (16, 32))
+    rows = run.run_model(w, ["eager", "inductor", "bittrain-eager", "bittrain-budget"], run.torch.device("cpu"), 2, lambda m: None)
+    assert [r["config"] for r in rows] == ["eager", "inductor", "bittrain-eager", "bittrain-budget"]
+    for r in rows:
+        assert {"model", "config", "saved_activation_bytes", "peak_bytes", "step_ms", "compile_s"} <= set(r)
+        assert r["step_ms"] > 0 and r["peak_bytes"] > 0
+    saved = {r["config"]: r["saved_activation_bytes"] for r in rows}
+    assert saved["bittrain-eager"] < saved["inductor"]
+    text = run.table(rows)
+    assert "x inductor" in text and "bittrain-eager" in text
+    json.dumps(rows)
+
+
+def test_run_rejects_unknown_model_and_config(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--models", "nope"])
+    with pytest.raises(SystemExit):
+        run.main(["--models", "relu_mlp", "--configs", "turbo"])
+    assert "unknown" in capsys.readouterr().err
