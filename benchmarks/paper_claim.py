@@ -57,7 +57,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,vgg16_bn,mobilenet_v2")
     p.add_argument("--sizes", default="cifar,imagenet")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="training steps before the second measurement")
+    p.add_argument("--imagenet-steps", type=int, default=3, help="the same at ImageNet size (slow on a CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -71,10 +72,11 @@ def main(argv=None):
             y = torch.randint(0, 10, (batch,), generator=g)
             params = sum(t.numel() * t.element_size() for t in model.parameters())
             state = params  # gradients; momentum adds one more copy
-            for when in ("init", f"after {args.steps} steps"):
+            steps = args.imagenet_steps if size == "imagenet" else args.steps
+            for when in ("init", f"after {steps} steps") if steps else ("init",):
                 if when != "init":
                     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-                    for _ in range(args.steps):
+                    for _ in range(steps):
                         opt.zero_grad()
                         F.cross_entropy(model(x), y).backward()
                         opt.step()

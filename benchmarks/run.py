@@ -7,8 +7,7 @@ Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
 (CUDA: torch.cuda.max_memory_allocated; CPU: allocator-level peak from
 torch.profiler memory events, above the level before the step), median step
-time over several steps after warm-up (the configurations of a model are timed
-in interleaved rounds), and compile time (the first step).
+time over several steps after warm-up, and compile time (the first step).
 Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
 """
 
@@ -156,24 +155,20 @@ class Run:
 
 
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress) -> list[dict]:
-    """Compile every configuration, measure memory, then time them in interleaved rounds.
+    """Each configuration in turn: compile (first step), warm up, time, then measure memory.
 
-    Interleaving puts every configuration through the same drifts of a shared
-    machine, so the step-time ratios hold even when absolute times wander.
+    Configurations run one after another with Dynamo reset in between, so no
+    compiled code is shared between them.
     """
-    torch._dynamo.reset()
-    runs, mem = [], []
+    rows = []
     for config in configs:
-        progress(f"{w.name} {config}: compile + memory")
+        progress(f"{w.name} {config}")
+        torch._dynamo.reset()
         run = Run(w, config, device)
-        mem.append(run.memory())
-        runs.append(run)
-    progress(f"{w.name}: {steps} interleaved timing rounds")
-    for _ in range(steps):
-        for run in runs:
+        for _ in range(steps):
             run.timed_step()
-    rows = [run.row(*m) for run, m in zip(runs, mem)]
-    del runs
+        rows.append(run.row(*run.memory()))
+        del run
     torch._dynamo.reset()
     return rows
 
@@ -213,9 +208,6 @@ def main(argv=None) -> int:
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         p.error(f"unknown config(s) {bad}; choose from {CONFIGS}")
-    # Dynamo keeps one cache entry per compiled model instance; all of one
-    # model's configurations stay compiled at once for interleaved timing.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(configs))
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):
