@@ -45,7 +45,6 @@ bytes in memory order, LSB first, no offsets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -80,15 +79,6 @@ def use_sparse(n: int, nnz: int, itemsize: int) -> bool:
 def memory_order(size: Sequence[int], stride: Sequence[int]) -> list[int]:
     """Dimensions sorted from outermost to innermost in memory."""
     return sorted(range(len(size)), key=lambda d: (-stride[d], -size[d], d))
-
-
-def broadcast_dims(size: Sequence[int], stride: Sequence[int]) -> list[int]:
-    return [d for d in range(len(size)) if stride[d] == 0 and size[d] > 1]
-
-
-def stored_numel(size: Sequence[int], stride: Sequence[int]) -> int:
-    bdims = set(broadcast_dims(size, stride))
-    return math.prod(1 if d in bdims else s for d, s in enumerate(size))
 
 
 def predicted_bytes(numel: int, itemsize: int, density: float) -> int:
