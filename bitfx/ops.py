@@ -24,6 +24,8 @@ SymInt, made by :func:`fresh_size`; the graph rewrite binds it on the node
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,21 +69,48 @@ def stored_numel(size: Sequence, stride: Sequence):
     return n
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the kernels need to know of a concrete (size, stride)."""
+
+    bdims: frozenset[int]  # broadcast dimensions: stored once
+    stored: tuple[int, ...]  # size with broadcast dimensions at 1
+    order: tuple[int, ...]  # dimensions, outermost in memory first
+    dense: bool  # the stored elements fill exactly numel consecutive slots
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(size: tuple[int, ...], stride: tuple[int, ...]) -> _Layout:
+    # Cached: a compiled graph calls the ops with the same few layouts every
+    # step, and on small tensors this bookkeeping costs as much as the kernel.
+    bdims = frozenset(_broadcast_dims(size, stride))
+    stored = tuple(1 if d in bdims else s for d, s in enumerate(size))
+    order = tuple(memory_order(stored, stride))
+    expected, dense = 1, True
+    for d in reversed(order):
+        if stored[d] != 1 and stride[d] != expected:
+            dense = False
+        expected *= stored[d]
+    return _Layout(bdims, stored, order, dense)
+
+
 def to_flat(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
     """``x``'s elements in the memory order of ``stride``, flat and contiguous.
 
     ``stride`` is the layout the decompressed tensor will have; when ``x``
     has other strides the elements are gathered into that order.
     """
-    bdims = _broadcast_dims(x.shape, stride)
-    for d in sorted(bdims):
+    layout = _layout(tuple(x.shape), tuple(stride))
+    if layout.dense and x.stride() == tuple(stride):
+        return x.as_strided((x.numel(),), (1,))  # already in that order: a view
+    for d in sorted(layout.bdims):
         if x.stride(d) != 0:
             raise ValueError(
                 f"bitfx: layout {list(stride)} broadcasts dim {d}, but the tensor does not "
                 f"(strides {list(x.stride())})"
             )
         x = x.narrow(d, 0, 1)
-    return x.permute(memory_order(_stored_size(x.shape, stride), stride)).reshape(-1)
+    return x.permute(layout.order).reshape(-1)
 
 
 class _Target:
@@ -89,19 +118,19 @@ class _Target:
 
     def __init__(self, size, stride, dtype, device):
         self.size = list(size)
-        self.bdims = _broadcast_dims(size, stride)
-        stored = _stored_size(size, stride)
-        self.base = torch.empty_strided(stored, list(stride), dtype=dtype, device=device)
-        self.permuted = self.base.permute(memory_order(stored, stride))
-        self.direct = self.permuted.is_contiguous()
-        self.flat = self.permuted.view(-1) if self.direct else torch.empty(
-            self.base.numel(), dtype=dtype, device=device
-        )
+        layout = self.layout = _layout(tuple(size), tuple(stride))
+        if layout.dense:
+            self.flat = torch.empty(math.prod(layout.stored), dtype=dtype, device=device)
+            self.base = self.flat.as_strided(layout.stored, stride)
+            return
+        self.base = torch.empty_strided(layout.stored, list(stride), dtype=dtype, device=device)
+        self.permuted = self.base.permute(layout.order)
+        self.flat = torch.empty(self.base.numel(), dtype=dtype, device=device)
 
     def finish(self) -> torch.Tensor:
-        if not self.direct:
+        if not self.layout.dense:
             self.permuted.copy_(self.flat.view(self.permuted.shape))
-        return self.base.expand(self.size) if self.bdims else self.base
+        return self.base.expand(self.size) if self.layout.bdims else self.base
 
 
 def _impl_for_devices(name: str):

@@ -15,9 +15,15 @@ from bitfx.kernels import cpu_ext, torch_ref
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 3 * 1024 * 1024 + 5]
 # (BITFX_KERNELS, device): every backend runs the same tests.
+_AVX512 = cpu_ext.available() and cpu_ext.set_isa("avx512") == [1, 2, 4, 8]
 KERNELS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cpu", "cpu", "scalar"), id="cpu-scalar"),
+    pytest.param(
+        ("cpu", "cpu", "avx512"),
+        id="cpu-avx512",
+        marks=pytest.mark.skipif(not _AVX512, reason="CPU without AVX-512 (F, BW, VBMI2)"),
+    ),
     pytest.param(
         ("triton", DEVICE),
         id=f"triton-{DEVICE}",
@@ -61,9 +67,13 @@ def roundtrip(x):
 @pytest.fixture
 def device(kernels, request):
     """The kernel under test (BITFX_KERNELS set) and the device its tensors live on."""
-    choice, dev = request.param
+    choice, dev, *isa = request.param
     kernels(choice)
-    return torch.device(dev)
+    if isa:
+        cpu_ext.set_isa(isa[0])
+    yield torch.device(dev)
+    if isa:
+        cpu_ext.set_isa("avx512")  # what the library picks when it loads
 
 
 @pytest.mark.parametrize("device", KERNELS, indirect=True)
@@ -84,6 +94,20 @@ def test_roundtrip_random_bits(device, dtype, n):
 def test_special_values_roundtrip(device, dtype):
     x = special_values(dtype).repeat(300).to(device)
     _, y = roundtrip(x)
+    assert bit_equal(x, y)
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1023, 1025, 100_003])
+def test_roundtrip_one_byte_dtypes(device, dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    raw = torch.randint(1, 256, (n,), dtype=torch.int64, generator=gen)
+    raw = torch.where(torch.rand(n, generator=gen) < 0.5, raw, 0)
+    x = raw.to(torch.uint8).view(dtype).to(device)
+    ref = kernels_mod.compress(torch_ref, x.cpu().view(torch.uint8))
+    packed, y = roundtrip(x)
+    assert torch.equal(packed.payload.cpu(), ref[1])
     assert bit_equal(x, y)
 
 
@@ -179,6 +203,23 @@ def test_pack_bool_roundtrip(device, n):
     assert bit_equal(back, cl)
 
 
+def test_cpu_pack_bool_reads_any_nonzero_byte_as_true():
+    """The C kernel packs 8 bools per 64-bit word; bytes other than 0/1 must still count as True."""
+    raw = torch.randint(0, 256, (10_007,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    raw[:64] = torch.tensor([0, 1, 0x80, 0x7F, 0xFF, 0x01, 0x00, 0x10] * 8, dtype=torch.uint8)
+    assert torch.equal(cpu_ext.pack_bool(raw.view(torch.bool)), torch_ref.pack_bool(raw != 0))
+
+
+def test_cpu_isa_choice():
+    assert cpu_ext.set_isa("scalar") == []
+    try:
+        assert set(cpu_ext.set_isa("avx512")) <= {1, 2, 4, 8}
+        with pytest.raises(ValueError, match="unknown ISA"):
+            cpu_ext.set_isa("avx2")
+    finally:
+        cpu_ext.set_isa("avx512")
+
+
 def test_opcheck_all_ops():
     x = torch.relu(torch.randn(4, 8, 5, 5)).to(memory_format=torch.channels_last)
     opcheck(torch.ops.bitfx.compress.default, (x, list(x.stride())))
@@ -209,6 +250,7 @@ def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-compiler")
     cpu_ext._lib.cache_clear()
     cpu_ext._load_error.cache_clear()
+    k._select.cache_clear()
     try:
         monkeypatch.setenv("BITFX_KERNELS", "auto")
         assert k.select(torch.device("cpu")) is torch_ref
@@ -218,3 +260,4 @@ def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
     finally:
         cpu_ext._lib.cache_clear()
         cpu_ext._load_error.cache_clear()
+        k._select.cache_clear()

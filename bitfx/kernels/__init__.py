@@ -4,7 +4,8 @@ Every backend implements the same functions on flat, contiguous,
 memory-ordered tensors (data as same-width integers) and produces the same
 bytes:
 
-* ``count(ints) -> offsets``: nonzeros before each block, and the total
+* ``count(ints) -> (offsets, nnz)``: nonzeros before each block, and the
+  total as a Python int (on a GPU, the one device-to-host synchronization)
 * ``encode(ints, offsets, bitmap, values)``: fills the sparse payload's parts
 * ``decode(offsets, bitmap, values, out)``: fills ``out``
 * ``pack_bool(flat) -> packed`` and ``unpack_bool(packed, out)``
@@ -19,6 +20,7 @@ Which backend runs is chosen per device by :func:`select`, from the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from types import ModuleType
@@ -46,7 +48,12 @@ def select(device: torch.device) -> ModuleType:
 
     An explicit choice that cannot run raises instead of silently falling back.
     """
-    choice = requested()
+    return _select(requested(), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _select(choice: str, device: torch.device) -> ModuleType:
+    # Cached: it runs on every op call.  Failures raise and are not cached.
     if choice == "torch":
         from . import torch_ref
 
@@ -84,8 +91,7 @@ def compress(k: ModuleType, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """``(offsets, payload)`` of a flat tensor, with backend ``k``."""
     ints = flat.view(int_view_dtype(flat.dtype))
     n, itemsize = ints.numel(), ints.element_size()
-    offsets = k.count(ints)
-    nnz = int(offsets[-1])  # the one device->host sync per tensor: sizes the payload
+    offsets, nnz = k.count(ints)  # nnz sizes the payload
     if not use_sparse(n, nnz, itemsize):
         return offsets, ints.clone().view(torch.uint8)
     bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK

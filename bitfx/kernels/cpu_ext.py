@@ -3,7 +3,8 @@
 The C source is compiled with the system C compiler (``$CC``, else ``cc``)
 and OpenMP into a cache directory (``$BITFX_CACHE``, else
 ``~/.cache/bitfx``), keyed by the source's hash, then loaded with ctypes.
-Threads follow ``torch.get_num_threads()``.  Where no compiler works,
+Threads follow ``torch.get_num_threads()``, one per ``GRAIN_SIZE`` elements at
+most, as in ATen.  Where no compiler works,
 :func:`available` is False and ``BITFX_KERNELS=auto`` uses the torch kernels.
 """
 
@@ -66,7 +67,24 @@ def _lib():
     lib.bitfx_decompress.restype = i32
     lib.bitfx_pack_bool.argtypes = [p, i64, p, i32]
     lib.bitfx_unpack_bool.argtypes = [p, i64, p, i32]
+    lib.bitfx_set_isa.argtypes = [i32]
+    lib.bitfx_set_isa.restype = i32
     return lib
+
+
+ISAS = {"scalar": 0, "avx512": 1}
+
+
+def set_isa(name: str) -> list[int]:
+    """Use the ``"scalar"`` kernels, or the ``"avx512"`` ones where the CPU has them.
+
+    The library picks ``"avx512"`` when it loads; both write the same bytes.
+    Returns the item sizes that now run AVX-512 kernels.
+    """
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; choose one of {', '.join(ISAS)}")
+    widths = _lib().bitfx_set_isa(ISAS[name])
+    return [1 << w for w in range(4) if widths & (1 << w)]
 
 
 @functools.cache
@@ -95,33 +113,39 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+# ATen's at::internal::GRAIN_SIZE: below this many elements per thread, waking
+# another OpenMP thread costs more than it saves.
+GRAIN_SIZE = 32768
 
 
-def count(ints: torch.Tensor) -> torch.Tensor:
-    offsets = torch.empty(num_blocks(ints.numel()) + 1, dtype=torch.int64)
-    _lib().bitfx_count(_ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _threads())
-    return offsets
+def _threads(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // GRAIN_SIZE))
+
+
+def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+    n = ints.numel()
+    offsets = torch.empty(num_blocks(n) + 1, dtype=torch.int64)
+    nnz = _lib().bitfx_count(_ptr(ints), n, ints.element_size(), _ptr(offsets), _threads(n))
+    return offsets, nnz
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
     _lib().bitfx_compress(
-        _ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _ptr(bitmap), _ptr(values), _threads()
+        _ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _ptr(bitmap), _ptr(values), _threads(ints.numel())
     )
 
 
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     _lib().bitfx_decompress(
-        _ptr(offsets), _ptr(bitmap), _ptr(values), out.numel(), out.element_size(), _ptr(out), _threads()
+        _ptr(offsets), _ptr(bitmap), _ptr(values), out.numel(), out.element_size(), _ptr(out), _threads(out.numel())
     )
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
     out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
-    _lib().bitfx_pack_bool(_ptr(flat), flat.numel(), _ptr(out), _threads())
+    _lib().bitfx_pack_bool(_ptr(flat), flat.numel(), _ptr(out), _threads(flat.numel()))
     return out
 
 
 def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
-    _lib().bitfx_unpack_bool(_ptr(packed), out.numel(), _ptr(out), _threads())
+    _lib().bitfx_unpack_bool(_ptr(packed), out.numel(), _ptr(out), _threads(out.numel()))

@@ -32,14 +32,14 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(-1)[:n]
 
 
-def count(ints: torch.Tensor) -> torch.Tensor:
+def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
     n = ints.numel()
     nblocks = num_blocks(n)
     nonzero = torch.zeros(nblocks * BLOCK, dtype=torch.int64, device=ints.device)
     nonzero[:n] = ints.ne(0)
     offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     torch.cumsum(nonzero.view(nblocks, BLOCK).sum(1), 0, out=offsets[1:])
-    return offsets
+    return offsets, int(offsets[-1])
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:

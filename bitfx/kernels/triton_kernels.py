@@ -3,7 +3,7 @@
 One program per block of ``BLOCK`` (1024) elements:
 
 1. ``_count_kernel``: nonzeros per block.
-2. host (:func:`bitfx.kernels.compress`): ``offsets = cumsum(counts)``, then
+2. host (:func:`count`): ``offsets = cumsum(counts)``, then
    ``offsets[-1]`` is read -- the one device-to-host synchronization per
    compressed tensor.  It sizes the payload (and picks sparse or dense
    encoding); it waits for the count kernel, so its cost is the launch
@@ -115,13 +115,13 @@ if triton is not None:
         tl.store(out_ptr + offs, bits.to(tl.uint8), mask=offs < n)
 
 
-def count(ints: torch.Tensor) -> torch.Tensor:
+def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
     nblocks = num_blocks(ints.numel())
     offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     if nblocks:
         _count_kernel[(nblocks,)](ints, offsets[1:], ints.numel(), BLOCK=BLOCK)
         torch.cumsum(offsets[1:], 0, out=offsets[1:])
-    return offsets
+    return offsets, int(offsets[-1])  # the one device-to-host synchronization
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
