@@ -7,7 +7,8 @@ Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
 (CUDA: torch.cuda.max_memory_allocated; CPU: allocator-level peak from
 torch.profiler memory events, above the level before the step), median step
-time over several steps after warm-up, and compile time (the first step).
+time over several steps after warm-up (the configurations of a model are timed
+in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
 import bitfx  # noqa: E402
-from bitfx.measure import model_saved_bytes, peak_cpu_bytes  # noqa: E402
+from bitfx.measure import peak_cpu_bytes, saved_activation_bytes  # noqa: E402
 
 CONFIGS = ["eager", "inductor", "inductor-budget", "bittrain-eager", "bittrain", "bittrain-budget"]
 BUDGET = 0.5
@@ -86,13 +87,27 @@ def loss_of(out, target):
     return F.cross_entropy(out.float(), target)
 
 
+def _entry(model: nn.Module, config: str):
+    """``model`` behind a function whose code object belongs to this config alone.
+
+    Dynamo keeps compiled code per code object, guarded on shapes and types,
+    not on ``activation_memory_budget``: two configurations compiling the same
+    ``forward`` would share one compiled graph.  Each entry is compiled from
+    source, so each has its own code object and cache; ``forward`` is inlined.
+    """
+    scope = {"model": model}
+    exec(compile("def entry(x):\n    return model(x)\n", f"<run.py {config}>", "exec"), scope)
+    return scope["entry"]
+
+
 def build(config: str, model: nn.Module):
     if config == "eager":
         return model
+    entry = _entry(model, config)
     if config.startswith("inductor"):
-        return torch.compile(model)
+        return torch.compile(entry)
     inner = "eager" if config == "bittrain-eager" else "inductor"
-    return torch.compile(model, backend=bitfx.backend(inner=inner))
+    return torch.compile(entry, backend=bitfx.backend(inner=inner))
 
 
 def budget_ctx(config: str):
@@ -143,7 +158,8 @@ class Run:
             peak = torch.cuda.max_memory_allocated() - base
         else:
             peak = peak_cpu_bytes(self.step)
-        saved = model_saved_bytes(self.fn, self.x, loss_fn=lambda out: loss_of(out, self.y))
+        exclude = [*self.model.parameters(), *self.model.buffers()]
+        saved = saved_activation_bytes(lambda: loss_of(self.fn(self.x), self.y), exclude)
         return saved, peak
 
     def row(self, saved: int, peak: int) -> dict:
@@ -155,20 +171,27 @@ class Run:
 
 
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress) -> list[dict]:
-    """Each configuration in turn: compile (first step), warm up, time, then measure memory.
+    """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
 
-    Configurations run one after another with Dynamo reset in between, so no
-    compiled code is shared between them.
+    Interleaving puts every configuration through the same drifts of a shared
+    machine, so step-time ratios hold even when absolute times wander (on the
+    development machine, timings of one configuration measured minutes apart
+    differed by up to 2x).  No compiled code is shared: see :func:`_entry`.
     """
-    rows = []
+    torch._dynamo.reset()
+    runs = []
     for config in configs:
-        progress(f"{w.name} {config}")
-        torch._dynamo.reset()
-        run = Run(w, config, device)
-        for _ in range(steps):
+        progress(f"{w.name} {config}: compile")
+        runs.append(Run(w, config, device))
+    progress(f"{w.name}: {steps} interleaved timing rounds")
+    for _ in range(steps):
+        for run in runs:
             run.timed_step()
+    rows = []
+    for run in runs:
+        progress(f"{w.name} {run.config}: memory")
         rows.append(run.row(*run.memory()))
-        del run
+    del runs
     torch._dynamo.reset()
     return rows
 

@@ -26,6 +26,23 @@ def test_run_model_rows_and_table():
     json.dumps(rows)
 
 
+def tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    )
+
+
+def test_same_backend_configs_do_not_share_compiled_code():
+    """inductor and inductor-budget compile the same forward in one process; the
+    budget must still take effect (Dynamo does not guard on it)."""
+    w = run.Workload("tiny_cnn", tiny_cnn, (4, 3, 8, 8))
+    rows = run.run_model(w, ["inductor", "inductor-budget"], run.torch.device("cpu"), 1, lambda m: None)
+    saved = {r["config"]: r["saved_activation_bytes"] for r in rows}
+    assert saved["inductor-budget"] < saved["inductor"]
+
+
 def test_run_rejects_unknown_model_and_config(capsys):
     with pytest.raises(SystemExit):
         run.main(["--models", "nope"])

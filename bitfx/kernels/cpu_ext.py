@@ -109,10 +109,6 @@ def check_usable() -> None:
         raise RuntimeError(f"BITFX_KERNELS=cpu but the CPU kernels cannot be built: {err}")
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 # ATen's at::internal::GRAIN_SIZE: below this many elements per thread, waking
 # another OpenMP thread costs more than it saves.
 GRAIN_SIZE = 32768
@@ -125,27 +121,27 @@ def _threads(n: int) -> int:
 def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
     n = ints.numel()
     offsets = torch.empty(num_blocks(n) + 1, dtype=torch.int64)
-    nnz = _lib().bitfx_count(_ptr(ints), n, ints.element_size(), _ptr(offsets), _threads(n))
+    nnz = _lib().bitfx_count(ints.data_ptr(), n, ints.element_size(), offsets.data_ptr(), _threads(n))
     return offsets, nnz
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
     _lib().bitfx_compress(
-        _ptr(ints), ints.numel(), ints.element_size(), _ptr(offsets), _ptr(bitmap), _ptr(values), _threads(ints.numel())
+        ints.data_ptr(), ints.numel(), ints.element_size(), offsets.data_ptr(), bitmap.data_ptr(), values.data_ptr(), _threads(ints.numel())
     )
 
 
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     _lib().bitfx_decompress(
-        _ptr(offsets), _ptr(bitmap), _ptr(values), out.numel(), out.element_size(), _ptr(out), _threads(out.numel())
+        offsets.data_ptr(), bitmap.data_ptr(), values.data_ptr(), out.numel(), out.element_size(), out.data_ptr(), _threads(out.numel())
     )
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
     out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
-    _lib().bitfx_pack_bool(_ptr(flat), flat.numel(), _ptr(out), _threads(flat.numel()))
+    _lib().bitfx_pack_bool(flat.data_ptr(), flat.numel(), out.data_ptr(), _threads(flat.numel()))
     return out
 
 
 def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
-    _lib().bitfx_unpack_bool(_ptr(packed), out.numel(), _ptr(out), _threads(out.numel()))
+    _lib().bitfx_unpack_bool(packed.data_ptr(), out.numel(), out.data_ptr(), _threads(out.numel()))
