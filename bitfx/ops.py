@@ -25,6 +25,7 @@ SymInt, made by :func:`fresh_size`; the graph rewrite binds it on the node
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,18 +36,27 @@ from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, gua
 from . import kernels
 from .format import int_view_dtype, memory_order, num_blocks
 
+log = logging.getLogger(__name__)
+
 _LIB = torch.library.Library("bitfx", "DEF")
 # compress takes the layout whose memory order defines the element order, so
 # it accepts inputs of any strides; Inductor may keep the layout it prefers
 # (see bitfx.inductor_lowering).
 _FLEX = (torch.Tag.flexible_layout,)
-_LIB.define("compress(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", tags=_FLEX)
-_LIB.define(
-    "decompress(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, "
-    "ScalarType dtype) -> Tensor"
-)
-_LIB.define("pack_bool(Tensor x, SymInt[] stride) -> Tensor", tags=_FLEX)
-_LIB.define("unpack_bool(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor")
+_SCHEMAS = {
+    "compress": ("(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", _FLEX),
+    "decompress": (
+        "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
+        (),
+    ),
+    "pack_bool": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
+    "unpack_bool": ("(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor", ()),
+}
+for _name, (_schema, _tags) in _SCHEMAS.items():
+    _LIB.define(_name + _schema, tags=_tags)
+    # The Python implementation under its own name: the C++ CPU kernels
+    # redispatch here when BITFX_KERNELS asks for another backend.
+    _LIB.define(f"_{_name}_py" + _schema)
 
 
 def _broadcast_dims(size: Sequence, stride: Sequence) -> set[int]:
@@ -133,19 +143,21 @@ class _Target:
         return self.base.expand(self.size) if self.layout.bdims else self.base
 
 
+_PYTHON_IMPLS = {}
+
+
 def _impl_for_devices(name: str):
-    """Register one implementation as the CPU and the CUDA kernel of ``bitfx::name``.
+    """Record the Python implementation of ``bitfx::name`` (see :func:`_register`).
 
     It picks the kernel backend per call (:func:`bitfx.kernels.select`): Triton
     on CUDA, the C kernels on CPU, the torch kernels as the portable reference.
     """
 
-    def register(fn):
-        for key in ("CPU", "CUDA"):
-            torch.library.impl(_LIB, name, key)(fn)
+    def record(fn):
+        _PYTHON_IMPLS[name] = fn
         return fn
 
-    return register
+    return record
 
 
 def _check_dtype(x: torch.Tensor) -> None:
@@ -264,3 +276,27 @@ def decompress(packed: Packed) -> torch.Tensor:
     return torch.ops.bitfx.decompress(
         packed.offsets, packed.payload, list(packed.size), list(packed.stride), packed.dtype
     )
+
+
+def _register() -> str | None:
+    """Register the kernels; returns why the C++ CPU kernels are not used, or None.
+
+    CUDA runs the Python implementations (Triton kernels).  CPU runs the C++
+    kernels of ``bitfx/kernels/ops_cpu.cpp`` when they build (once per source,
+    compiler and torch version, cached like the C kernels), else the Python
+    implementations, which then call the C kernels through ctypes.
+    """
+    from .kernels import cpu_ext
+
+    for name, fn in _PYTHON_IMPLS.items():
+        torch.library.impl(_LIB, name, "CUDA")(fn)
+        torch.library.impl(_LIB, f"_{name}_py", "CPU")(fn)
+    error = cpu_ext.load_ops()
+    if error is not None:
+        log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python: %s", error)
+        for name, fn in _PYTHON_IMPLS.items():
+            torch.library.impl(_LIB, name, "CPU")(fn)
+    return error
+
+
+CPU_OPS_ERROR = _register()

@@ -211,6 +211,36 @@ def test_cpu_pack_bool_reads_any_nonzero_byte_as_true():
     assert torch.equal(cpu_ext.pack_bool(raw.view(torch.bool)), torch_ref.pack_bool(raw != 0))
 
 
+def test_cpu_ops_are_the_cpp_kernels_when_a_compiler_exists():
+    """Without this, a broken C++ build would pass every other test through the Python fallback."""
+    import shutil
+
+    import bitfx.ops
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    assert bitfx.ops.CPU_OPS_ERROR is None
+    dump = torch._C._dispatch_dump("bitfx::compress")
+    cpu_line = next(line for line in dump.splitlines() if line.startswith("CPU"))
+    assert "ops_cpu.cpp" in cpu_line
+
+
+def test_cpp_kernels_honour_bitfx_kernels_per_call(kernels, monkeypatch):
+    """BITFX_KERNELS=torch on CPU must reach the torch kernels through the C++ op."""
+
+    def boom(_ints):
+        raise RuntimeError("torch kernels reached")
+
+    monkeypatch.setattr(torch_ref, "count", boom)
+    x = torch.relu(torch.randn(100))
+    kernels("torch")
+    with pytest.raises(RuntimeError, match="torch kernels reached"):
+        torch.ops.bitfx.compress(x, [1])
+    kernels("cpu")
+    offsets, payload = torch.ops.bitfx.compress(x, [1])
+    assert bit_equal(torch.ops.bitfx.decompress(offsets, payload, [100], [1], x.dtype), x)
+
+
 def test_cpu_isa_choice():
     assert cpu_ext.set_isa("scalar") == []
     try:

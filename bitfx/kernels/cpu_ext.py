@@ -3,6 +3,9 @@
 The C source is compiled with the system C compiler (``$CC``, else ``cc``)
 and OpenMP into a cache directory (``$BITFX_CACHE``, else
 ``~/.cache/bitfx``), keyed by the source's hash, then loaded with ctypes.
+``ops_cpu.cpp``, the C++ CPU kernels of the ``bitfx::`` ops, is built the same
+way with ``$CXX`` (else ``c++``) against the installed torch; see
+:func:`load_ops`.
 Threads follow ``torch.get_num_threads()``, one per ``GRAIN_SIZE`` elements at
 most, as in ATen.  Where no compiler works,
 :func:`available` is False and ``BITFX_KERNELS=auto`` uses the torch kernels.
@@ -27,6 +30,7 @@ from ..format import num_blocks
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("bitmap_cpu.c")
+_OPS_SOURCE = Path(__file__).with_name("ops_cpu.cpp")
 
 
 def _cache_dir() -> Path:
@@ -34,25 +38,69 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build() -> Path:
-    src = _SOURCE.read_bytes()
-    cc = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"bitmap_cpu-{digest}.so"
+def _cached_build(stem: str, key: bytes, command) -> Path:
+    """Build ``<cache>/<stem>-<hash of key>.so`` with ``command(out_path)`` unless it exists."""
+    target = _cache_dir().resolve() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists():
         return target
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler found (tried {cc!r}; set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", str(out)]
+        cmd = command(out)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {_SOURCE.name} failed: {' '.join(cmd)}\n{proc.stderr}")
+            raise RuntimeError(f"building {stem} failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
         os.replace(out, target)  # atomic: concurrent builders race safely
     log.info("bitfx: built %s", target)
     return target
+
+
+def _compiler(var: str, default: str, what: str) -> str:
+    exe = os.environ.get(var, default)
+    if shutil.which(exe) is None:
+        raise RuntimeError(f"no {what} compiler found (tried {exe!r}; set {var})")
+    return exe
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC", "cc")
+
+    def command(out):
+        return [_compiler("CC", "cc", "C"), "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", str(out)]
+
+    return _cached_build("bitmap_cpu", _SOURCE.read_bytes() + cc.encode(), command)
+
+
+def _build_ops() -> Path:
+    """``ops_cpu.cpp`` against this torch, linked to the C library by absolute path.
+
+    Linking by path makes the ops and :func:`_lib` share one loaded copy of
+    the C library, so :func:`set_isa` reaches both.
+    """
+    clib = _build()
+    cxx = os.environ.get("CXX", "c++")
+    torch_dir = Path(torch.__file__).resolve().parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    key = _OPS_SOURCE.read_bytes() + str(clib).encode() + cxx.encode() + torch.__version__.encode() + str(torch_dir).encode()
+
+    def command(out):
+        return [
+            _compiler("CXX", "c++", "C++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}",
+            str(_OPS_SOURCE), str(clib), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out),
+        ]
+
+    return _cached_build("ops_cpu", key, command)
+
+
+def load_ops() -> str | None:
+    """Build and load the C++ CPU kernels of the ``bitfx::`` ops; the error, or None."""
+    try:
+        torch.ops.load_library(str(_build_ops()))
+    except (OSError, RuntimeError) as e:
+        return str(e)
+    return None
 
 
 @functools.cache
