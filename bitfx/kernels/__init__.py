@@ -16,6 +16,11 @@ fallback, the payload layout and the one host synchronization.
 Which backend runs is chosen per device by :func:`select`, from the
 ``BITFX_KERNELS`` environment variable: ``auto`` (default), ``triton``,
 ``cpu`` or ``torch``.
+
+This module serves the Python implementations of the ops (CUDA, and CPU
+when ``BITFX_KERNELS`` is ``torch`` or ``triton``).  On CPU under ``auto`` or
+``cpu`` the C++ kernels of ``ops_cpu.cpp`` call the C kernels directly and
+mirror :func:`compress` and :func:`decompress`.
 """
 
 from __future__ import annotations
