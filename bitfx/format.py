@@ -41,6 +41,15 @@ Blocks
 
 Bool masks are stored separately by ``bitfx::pack_bool``: ``ceil(n / 8)``
 bytes in memory order, LSB first, no offsets.
+
+Validation
+    A decoder checks what it is given before it reads the data
+    (:func:`check_encoded`, and its C++ twin in ``kernels/ops_cpu.cpp``):
+    dtypes, contiguity and lengths of ``offsets`` and ``payload``;
+    ``offsets[0] == 0``, each step between 0 and the block's length, and
+    ``offsets[-1]`` consistent with the payload's length and encoding.  That
+    costs O(blocks).  A bitmap whose set bits disagree with the offsets is
+    caught by the kernels, block by block, before the block's values are read.
 """
 
 from __future__ import annotations
@@ -74,6 +83,70 @@ def sparse_payload_bytes(n: int, nnz: int, itemsize: int) -> int:
 
 def use_sparse(n: int, nnz: int, itemsize: int) -> bool:
     return sparse_payload_bytes(n, nnz, itemsize) < n * itemsize
+
+
+class CorruptData(ValueError):
+    """Compressed data that does not match what it claims to encode."""
+
+
+def check_encoded(offsets: torch.Tensor, payload: torch.Tensor, n: int, itemsize: int) -> bool:
+    """Check ``(offsets, payload)`` against ``n`` elements of ``itemsize`` bytes.
+
+    Returns True for the dense fallback, False for the sparse encoding;
+    raises :class:`CorruptData` (a ``ValueError``) naming the mismatch.  The
+    values in ``offsets`` are checked only where they are on the CPU: on a
+    GPU that would cost a host synchronization, and the GPU kernels bound
+    every read instead.
+    """
+    _check_part("offsets", offsets, torch.int64, payload.device)
+    _check_part("payload", payload, torch.uint8, offsets.device)
+    nblocks = num_blocks(n)
+    if offsets.numel() != nblocks + 1:
+        raise CorruptData(f"bitfx: offsets has {offsets.numel()} entries; {n} elements need {nblocks + 1}")
+    dense_bytes = n * itemsize
+    length = payload.numel()
+    bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
+    dense = length == dense_bytes
+    if not dense and (length < bitmap_bytes or (length - bitmap_bytes) % itemsize or length > dense_bytes):
+        raise CorruptData(
+            f"bitfx: payload of {length} bytes fits neither encoding of {n} elements of {itemsize} bytes "
+            f"(dense: {dense_bytes}; sparse: {bitmap_bytes} bitmap bytes plus a multiple of {itemsize})"
+        )
+    if offsets.device.type != "cpu" or nblocks == 0:
+        return dense
+    steps = offsets.diff()
+    lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)
+    lengths[-1] = n - (nblocks - 1) * BLOCK
+    if int(offsets[0]) != 0 or bool((steps < 0).any()) or bool((steps > lengths).any()):
+        raise CorruptData("bitfx: offsets must start at 0 and grow by at most a block's length per block")
+    nnz = int(offsets[-1])
+    if dense:
+        if use_sparse(n, nnz, itemsize):
+            raise CorruptData(f"bitfx: payload has the dense length, but offsets count {nnz} nonzeros of {n}")
+    elif length != sparse_payload_bytes(n, nnz, itemsize):
+        raise CorruptData(
+            f"bitfx: sparse payload of {length} bytes; offsets count {nnz} nonzeros, "
+            f"which need {sparse_payload_bytes(n, nnz, itemsize)}"
+        )
+    return dense
+
+
+def check_packed_bool(packed: torch.Tensor, n: int) -> None:
+    """Check a ``pack_bool`` result against ``n`` elements; raises :class:`CorruptData`."""
+    _check_part("packed", packed, torch.uint8, packed.device)
+    if packed.numel() != packed_bool_bytes(n):
+        raise CorruptData(f"bitfx: packed mask has {packed.numel()} bytes; {n} elements need {packed_bool_bytes(n)}")
+
+
+def _check_part(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CorruptData(f"bitfx: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous():
+        raise CorruptData(
+            f"bitfx: {name} must be a contiguous 1-D {dtype} tensor, got {t.dtype} of shape {list(t.shape)}"
+        )
+    if t.device != device:
+        raise CorruptData(f"bitfx: offsets and payload are on different devices ({t.device}, {device})")
 
 
 def memory_order(size: Sequence[int], stride: Sequence[int]) -> list[int]:

@@ -34,7 +34,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, guard_or_false
 
 from . import kernels
-from .format import int_view_dtype, memory_order, num_blocks
+from .format import check_encoded, check_packed_bool, int_view_dtype, memory_order, num_blocks
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,15 @@ class _Layout:
     stored: tuple[int, ...]  # size with broadcast dimensions at 1
     order: tuple[int, ...]  # dimensions, outermost in memory first
     dense: bool  # the stored elements fill exactly numel consecutive slots
+    overlapping: bool  # distinct stored elements share memory (e.g. as_strided with small strides)
 
 
 @functools.lru_cache(maxsize=4096)
 def _layout(size: tuple[int, ...], stride: tuple[int, ...]) -> _Layout:
     # Cached: a compiled graph calls the ops with the same few layouts every
     # step, and on small tensors this bookkeeping costs as much as the kernel.
+    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise ValueError(f"bitfx: size {list(size)} and stride {list(stride)} do not describe a layout")
     bdims = frozenset(_broadcast_dims(size, stride))
     stored = tuple(1 if d in bdims else s for d, s in enumerate(size))
     order = tuple(memory_order(stored, stride))
@@ -101,7 +104,15 @@ def _layout(size: tuple[int, ...], stride: tuple[int, ...]) -> _Layout:
         if stored[d] != 1 and stride[d] != expected:
             dense = False
         expected *= stored[d]
-    return _Layout(bdims, stored, order, dense)
+    # Innermost first: a dimension overlaps unless its stride steps past
+    # everything the dimensions inside it reach.
+    reach, overlapping = 0, False
+    for d in reversed(order):
+        if stored[d] == 1:
+            continue
+        overlapping = overlapping or stride[d] <= reach
+        reach += stride[d] * (stored[d] - 1)
+    return _Layout(bdims, stored, order, dense, overlapping)
 
 
 def to_flat(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
@@ -112,7 +123,9 @@ def to_flat(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
     """
     layout = _layout(tuple(x.shape), tuple(stride))
     if layout.dense and x.stride() == tuple(stride):
-        return x.as_strided((x.numel(),), (1,))  # already in that order: a view
+        # Already in that order: a view of the stored elements (broadcast
+        # dimensions count once, so not x.numel()).
+        return x.as_strided((math.prod(layout.stored),), (1,))
     for d in sorted(layout.bdims):
         if x.stride(d) != 0:
             raise ValueError(
@@ -120,7 +133,9 @@ def to_flat(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
                 f"(strides {list(x.stride())})"
             )
         x = x.narrow(d, 0, 1)
-    return x.permute(layout.order).reshape(-1)
+    # reshape may return a strided view (dimensions that merge); kernels read
+    # flat memory.
+    return x.permute(layout.order).reshape(-1).contiguous()
 
 
 class _Target:
@@ -138,9 +153,21 @@ class _Target:
         self.flat = torch.empty(self.base.numel(), dtype=dtype, device=device)
 
     def finish(self) -> torch.Tensor:
-        if not self.layout.dense:
+        layout = self.layout
+        if layout.overlapping:
+            # copy_ refuses a destination that overlaps itself.  Elements that
+            # share memory held equal values when compressed, so writing each
+            # one by its memory offset, in any order, restores them.
+            offset = torch.zeros(layout.stored, dtype=torch.int64, device=self.flat.device)
+            for d, (n, st) in enumerate(zip(layout.stored, self.base.stride())):
+                shape = [1] * len(layout.stored)
+                shape[d] = n
+                offset = offset + (torch.arange(n, device=offset.device) * st).view(shape)
+            storage = self.base.as_strided((self.base.untyped_storage().nbytes() // self.base.element_size(),), (1,))
+            storage.index_copy_(0, offset.permute(layout.order).reshape(-1), self.flat)
+        elif not layout.dense:
             self.permuted.copy_(self.flat.view(self.permuted.shape))
-        return self.base.expand(self.size) if self.layout.bdims else self.base
+        return self.base.expand(self.size) if layout.bdims else self.base
 
 
 _PYTHON_IMPLS = {}
@@ -173,6 +200,9 @@ def _compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
 
 @_impl_for_devices("decompress")
 def _decompress(offsets, payload, size, stride, dtype):
+    layout = _layout(tuple(size), tuple(stride))
+    int_view_dtype(dtype)  # raises for unsupported dtypes
+    check_encoded(offsets, payload, math.prod(layout.stored), dtype.itemsize)
     target = _Target(size, stride, dtype, payload.device)
     kernels.decompress(kernels.select(payload.device), offsets, payload, target.flat)
     return target.finish()
@@ -188,6 +218,7 @@ def _pack_bool(x: torch.Tensor, stride) -> torch.Tensor:
 
 @_impl_for_devices("unpack_bool")
 def _unpack_bool(packed, size, stride):
+    check_packed_bool(packed, math.prod(_layout(tuple(size), tuple(stride)).stored))
     target = _Target(size, stride, torch.bool, packed.device)
     kernels.select(packed.device).unpack_bool(packed, target.flat)
     return target.finish()
@@ -268,11 +299,20 @@ class Packed:
 
 def compress(x: torch.Tensor) -> Packed:
     """Compress ``x`` losslessly; :func:`decompress` restores it bit for bit."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"bitfx.compress expects a torch.Tensor, got {type(x).__name__}")
     offsets, payload = torch.ops.bitfx.compress(x, list(x.stride()))
     return Packed(offsets, payload, tuple(x.shape), tuple(x.stride()), x.dtype)
 
 
 def decompress(packed: Packed) -> torch.Tensor:
+    """The tensor :func:`compress` was given, bit for bit.
+
+    Raises ``ValueError`` (:class:`bitfx.format.CorruptData`) when the parts
+    do not match each other or the size, stride and dtype they claim.
+    """
+    if not isinstance(packed, Packed):
+        raise TypeError(f"bitfx.decompress expects a bitfx.Packed, got {type(packed).__name__}")
     return torch.ops.bitfx.decompress(
         packed.offsets, packed.payload, list(packed.size), list(packed.stride), packed.dtype
     )
@@ -283,8 +323,8 @@ def _register() -> str | None:
 
     CUDA runs the Python implementations (Triton kernels).  CPU runs the C++
     kernels of ``bitfx/kernels/ops_cpu.cpp`` when they build (once per source,
-    compiler and torch version, cached like the C kernels), else the Python
-    implementations, which then call the C kernels through ctypes.
+    compiler and torch version; see :mod:`bitfx.kernels.cpu_ext`), else the
+    Python implementations with the torch kernels.
     """
     from .kernels import cpu_ext
 
@@ -293,9 +333,12 @@ def _register() -> str | None:
         torch.library.impl(_LIB, f"_{name}_py", "CPU")(fn)
     error = cpu_ext.load_ops()
     if error is not None:
-        log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python: %s", error)
+        # One line; the compiler's output is in the log file it names.
+        log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python with torch kernels: %s", error)
         for name, fn in _PYTHON_IMPLS.items():
             torch.library.impl(_LIB, name, "CPU")(fn)
+    else:
+        kernels.tell_cpp_ops()
     return error
 
 

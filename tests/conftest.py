@@ -24,13 +24,13 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
-def kernels(monkeypatch, request):
-    """Run a test under a given BITFX_KERNELS choice."""
+def kernels():
+    """Run a test under a given kernel choice (``bitfx.kernels.use``)."""
+    import bitfx.kernels
 
-    def use(choice: str):
-        monkeypatch.setenv("BITFX_KERNELS", choice)
-
-    return use
+    before = bitfx.kernels.requested()
+    yield bitfx.kernels.use
+    bitfx.kernels.use(before)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from bitfx import format as fmt
 from bitfx import kernels as kernels_mod
 from bitfx.kernels import cpu_ext, torch_ref
 
+import corrupt_cases
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 3 * 1024 * 1024 + 5]
 # (BITFX_KERNELS, device): every backend runs the same tests.
@@ -81,7 +83,7 @@ def device(kernels, request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_roundtrip_random_bits(device, dtype, n):
-    if os.environ["BITFX_KERNELS"] == "triton" and device.type == "cpu":
+    if kernels_mod.requested() == "triton" and device.type == "cpu":
         n = min(n, 100_003)  # the interpreter runs ~5 us per element
     x = random_bits(n, dtype, gen=torch.Generator().manual_seed(n)).to(device)
     packed, y = roundtrip(x)
@@ -119,6 +121,13 @@ LAYOUTS = {
     "offset_view": lambda t: t[1:, :, 2:],
     "strided_gaps": lambda t: t[:, ::2, :, 1::3],
     "expanded": lambda t: t[:, :1].expand(-1, 5, -1, -1),
+    # Stride 0 outermost: the stored elements are one dense row.
+    "expanded_outer": lambda t: t[:1].expand(4, -1, -1, -1),
+    "expanded_owning": lambda t: t[:1].clone().expand(4, -1, -1, -1),
+    "broadcast_scalar": lambda t: t[:1, :1, :1, :1].expand(3, 5, 7, 9),
+    "broadcast_inner": lambda t: t[..., :1].expand(-1, -1, -1, 4),
+    "overlapping": lambda t: t.reshape(-1)[:200].as_strided((3, 5, 7, 9), (8, 4, 2, 1)),
+    "overlapping_with_broadcast": lambda t: t.reshape(-1)[:50].as_strided((3, 5, 7, 9), (6, 0, 2, 1)),
 }
 
 
@@ -129,6 +138,79 @@ def test_layouts_roundtrip(device, layout):
     x = LAYOUTS[layout](base)
     _, y = roundtrip(x)
     assert bit_equal(x, y)  # same strides too
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_to_flat_twins_agree(layout):
+    """bitfx.ops.to_flat and its C++ twin in ops_cpu.cpp give the same elements in the same order."""
+    if bitfx.ops.CPU_OPS_ERROR is not None:
+        pytest.skip("C++ CPU kernels unavailable")
+    x = LAYOUTS[layout](torch.randn(3, 5, 7, 9))
+    for stride in (x.stride(), x.contiguous().stride()):
+        if 0 in stride and 0 not in x.stride():
+            continue
+        py = bitfx.ops.to_flat(x, stride)
+        cpp = torch.ops.bitfx._to_flat_cpp(x, list(stride))
+        assert bit_equal(py.contiguous(), cpp)
+
+
+def test_compress_expanded_regression():
+    """Issue 9: the expand of one row compressed the expanded element count."""
+    base = torch.randn(4, 64)
+    x = base[:1].expand(32, 64)
+    assert bit_equal(bitfx.decompress(bitfx.compress(x)), x)
+    owner = torch.randn(1, 64)
+    assert bit_equal(bitfx.decompress(bitfx.compress(owner.expand(32, 64))), owner.expand(32, 64))
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", list(corrupt_cases.SPARSE_CASES))
+def test_corrupt_sparse_data_raises(device, case):
+    args = corrupt_cases.SPARSE_CASES[case](*corrupt_cases.sparse_example(device))
+    if device.type == "cuda" and case.startswith(("bitmap", "negative_offset", "offsets_past", "offsets_not")):
+        # Values in offsets and bitmap are not checked on a GPU (a host sync);
+        # the kernel bounds every read instead.
+        torch.ops.bitfx.decompress(*args)
+        torch.cuda.synchronize()
+        return
+    if bitfx.kernels.requested() == "triton" and case.startswith("bitmap"):
+        # The Triton kernel never reads outside the block's values, whatever
+        # the bitmap says; it does not report the mismatch.
+        torch.ops.bitfx.decompress(*args)
+        return
+    with pytest.raises(ValueError):
+        torch.ops.bitfx.decompress(*args)
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", list(corrupt_cases.DENSE_CASES))
+def test_corrupt_dense_fallback_raises(device, case):
+    args = corrupt_cases.DENSE_CASES[case](*corrupt_cases.dense_example(device))
+    if device.type == "cuda" and case == "dense_payload_with_sparse_offsets":
+        return  # offsets' values are not read on a GPU
+    with pytest.raises(ValueError):
+        torch.ops.bitfx.decompress(*args)
+
+
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", list(corrupt_cases.BOOL_CASES))
+def test_corrupt_packed_mask_raises(device, case):
+    with pytest.raises(ValueError):
+        torch.ops.bitfx.unpack_bool(*corrupt_cases.BOOL_CASES[case](*corrupt_cases.bool_example(device)))
+
+
+def test_public_api_rejects_non_tensors():
+    with pytest.raises(TypeError, match="expects a torch.Tensor, got list"):
+        bitfx.compress([1, 2])
+    with pytest.raises(TypeError, match="expects a bitfx.Packed"):
+        bitfx.decompress(torch.zeros(3))
+
+
+def test_public_decompress_rejects_tampered_packed():
+    packed = bitfx.compress(torch.relu(torch.randn(5000)))
+    bad = bitfx.Packed(packed.offsets, packed.payload[:-1], packed.size, packed.stride, packed.dtype)
+    with pytest.raises(ValueError, match="payload"):
+        bitfx.decompress(bad)
 
 
 def test_format_bytes_are_as_documented():
@@ -268,9 +350,8 @@ def test_unsupported_dtype_and_bad_kernel_choice(kernels):
         bitfx.compress(torch.zeros(3, dtype=torch.complex128))
     with pytest.raises(TypeError, match="bool"):
         torch.ops.bitfx.pack_bool(torch.zeros(3), [1])
-    kernels("fastest")
-    with pytest.raises(ValueError, match="BITFX_KERNELS"):
-        bitfx.compress(torch.zeros(3))
+    with pytest.raises(ValueError, match="not valid"):
+        kernels("fastest")
 
 
 def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
@@ -278,17 +359,54 @@ def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
     from bitfx import kernels as k
 
     monkeypatch.setattr(cpu_ext, "_cache_dir", lambda: tmp_path)
-    monkeypatch.setenv("CC", "no-such-compiler")
-    cpu_ext._lib.cache_clear()
-    cpu_ext._load_error.cache_clear()
-    k._select.cache_clear()
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    caches = (cpu_ext.library, cpu_ext._lib, cpu_ext._load_error, k._select)
+    for c in caches:
+        c.cache_clear()
     try:
-        monkeypatch.setenv("BITFX_KERNELS", "auto")
-        assert k.select(torch.device("cpu")) is torch_ref
-        monkeypatch.setenv("BITFX_KERNELS", "cpu")
-        with pytest.raises(RuntimeError, match="no C compiler"):
-            k.select(torch.device("cpu"))
+        assert k._select("auto", torch.device("cpu")) is torch_ref
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            k._select("cpu", torch.device("cpu"))
     finally:
-        cpu_ext._lib.cache_clear()
-        cpu_ext._load_error.cache_clear()
-        k._select.cache_clear()
+        for c in caches:
+            c.cache_clear()
+
+
+def test_failed_build_is_tried_once_and_reported_in_one_line(tmp_path):
+    """A compiler that fails: one warning line naming the log, and no second build attempt."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BITFX_CACHE": str(tmp_path), "CXX": "false"}
+    code = "import bitfx, sys; sys.exit(0 if bitfx.ops.CPU_OPS_ERROR else 1)"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.strip().splitlines()
+    assert len(lines) == 1 and "build.log" in lines[0] and "C++ CPU kernels unavailable" in lines[0]
+    (build_dir,) = tmp_path.iterdir()
+    assert (build_dir / "FAILED").exists() and (build_dir / "build.log").read_text()
+    stamp = (build_dir / "FAILED").stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "earlier build" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert (build_dir / "FAILED").stat().st_mtime_ns == stamp
+
+
+def test_import_with_an_empty_cache_is_silent(tmp_path):
+    """The first import builds the C++ kernels and prints nothing on stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BITFX_CACHE": str(tmp_path)}
+    code = "import bitfx, sys; sys.exit(0 if bitfx.ops.CPU_OPS_ERROR is None else 1)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_bitfx_kernels_env_is_read_once(monkeypatch):
+    """Changing the environment after import does not change the kernels; bitfx.kernels.use does."""
+    before = kernels_mod.requested()
+    monkeypatch.setenv("BITFX_KERNELS", "no-such-kernels")
+    assert kernels_mod.requested() == before
+    bitfx.compress(torch.relu(torch.randn(10)))  # no ValueError: the variable is not re-read

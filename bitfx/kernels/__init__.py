@@ -13,8 +13,9 @@ bytes:
 :func:`compress` and :func:`decompress` hold what is common: the dense
 fallback, the payload layout and the one host synchronization.
 
-Which backend runs is chosen per device by :func:`select`, from the
-``BITFX_KERNELS`` environment variable: ``auto`` (default), ``triton``,
+Which backend runs is chosen per device by :func:`select`, from the choice
+made with :func:`use`, which defaults to the ``BITFX_KERNELS`` environment
+variable as it was when bitfx was imported: ``auto`` (default), ``triton``,
 ``cpu`` or ``torch``.
 
 This module serves the Python implementations of the ops (CUDA, and CPU
@@ -39,13 +40,39 @@ log = logging.getLogger(__name__)
 CHOICES = ("auto", "triton", "cpu", "torch")
 
 
+# Read once: the ops run on every step, and an environment lookup per call
+# showed up in their overhead.  An invalid value raises at the first op call.
+_choice = os.environ.get("BITFX_KERNELS", "auto").strip().lower() or "auto"
+
+
 def requested() -> str:
-    choice = os.environ.get("BITFX_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
+    if _choice not in CHOICES:
         raise ValueError(
-            f"BITFX_KERNELS={choice!r} is not valid; choose one of {', '.join(CHOICES)}"
+            f"BITFX_KERNELS={_choice!r} is not valid; choose one of {', '.join(CHOICES)}"
         )
-    return choice
+    return _choice
+
+
+def use(choice: str) -> str:
+    """Choose the kernels for every later op call (as ``BITFX_KERNELS`` does); the previous choice.
+
+    ``choice`` is one of ``auto``, ``triton``, ``cpu``, ``torch``.
+    """
+    global _choice
+    choice = choice.strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"kernel choice {choice!r} is not valid; choose one of {', '.join(CHOICES)}")
+    previous, _choice = _choice, choice
+    tell_cpp_ops()
+    return previous
+
+
+def tell_cpp_ops() -> None:
+    """Tell the C++ CPU ops whether to hand calls to the Python implementations."""
+    from . import cpu_ext
+
+    if cpu_ext.available():
+        cpu_ext.use_python_ops(_choice not in ("auto", "cpu"))
 
 
 def select(device: torch.device) -> ModuleType:

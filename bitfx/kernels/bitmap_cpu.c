@@ -1,7 +1,9 @@
 /* CPU kernels for the bitfx bitmap format (see bitfx/format.py).
  *
- * Plain C, no torch headers: it builds in about a second with the system C
- * compiler and is loaded through ctypes, which releases the GIL during calls.
+ * Plain C that is also valid C++, no torch headers.  torch.utils.cpp_extension
+ * builds it with ops_cpu.cpp into one library (bitfx/kernels/cpu_ext.py): the
+ * ops call these functions directly, Python through ctypes, which releases
+ * the GIL during calls.
  * Blocks of BLOCK elements are independent, so every pass is an OpenMP loop
  * over blocks; element data is moved as same-width unsigned integers.
  *
@@ -13,6 +15,12 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+/* Built as C++ by torch.utils.cpp_extension (see cpu_ext.py), together with
+ * ops_cpu.cpp: the entry points keep C names so ctypes finds them. */
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 #define BLOCK 1024
 #define BM_BYTES (BLOCK / 8)
@@ -280,18 +288,42 @@ int bitfx_compress(const void *src, int64_t n, int itemsize, const int64_t *offs
     return 0;
 }
 
+/* Set bits among the first len bits of a block's bitmap. */
+static int64_t bitmap_count(const uint8_t *bm, int64_t len) {
+    int64_t c = 0, full = len / 64;
+    for (int64_t j = 0; j < full; j++) {
+        uint64_t word;
+        memcpy(&word, bm + 8 * j, 8);
+        c += __builtin_popcountll(word);
+    }
+    for (int64_t i = full * 64; i < len; i++) c += (bm[i >> 3] >> (i & 7)) & 1;
+    return c;
+}
+
+/* The caller has checked the offsets (0, non-decreasing, each step at most the
+ * block's length, the total matching the values it passes).  What is left to
+ * check is the bitmap: a block whose bitmap holds another number of set bits
+ * than its offsets say would read another block's values, or past the end.
+ * Each block is checked before it is decoded, at 1/64 of the decode's work;
+ * such a block is not decoded and the call returns -2 (-1: bad itemsize). */
 int bitfx_decompress(const int64_t *offsets, const uint8_t *bitmap, const void *values,
                      int64_t n, int itemsize, void *out, int nthreads) {
     int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     int w = width_index(itemsize);
     if (w < 0) return -1;
     decompress_block_fn fn = DECOMPRESS[w];
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    int corrupt = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|| : corrupt)
     for (int64_t b = 0; b < nblocks; b++) {
-        fn(bitmap + b * BM_BYTES, (const char *)values + offsets[b] * itemsize, block_len(b, n),
-           (char *)out + b * BLOCK * itemsize);
+        int64_t len = block_len(b, n);
+        const uint8_t *bm = bitmap + b * BM_BYTES;
+        if (bitmap_count(bm, len) != offsets[b + 1] - offsets[b]) {
+            corrupt = 1;
+            continue;
+        }
+        fn(bm, (const char *)values + offsets[b] * itemsize, len, (char *)out + b * BLOCK * itemsize);
     }
-    return 0;
+    return corrupt ? -2 : 0;
 }
 
 /* Bool masks: 1 bit per element, LSB first, no blocks.  Eight bools are
@@ -321,3 +353,7 @@ void bitfx_unpack_bool(const uint8_t *packed, int64_t n, uint8_t *out, int nthre
     for (int64_t j = 0; j < full; j++) memcpy(out + 8 * j, &SPREAD[packed[j]], 8);
     for (int64_t i = full * 8; i < n; i++) out[i] = (packed[i >> 3] >> (i & 7)) & 1;
 }
+
+#ifdef __cplusplus
+}
+#endif

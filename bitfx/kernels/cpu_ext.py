@@ -1,36 +1,47 @@
-"""Multi-threaded CPU kernels: ``bitmap_cpu.c``, built on first use.
+"""Multi-threaded CPU kernels: ``bitmap_cpu.c`` and ``ops_cpu.cpp``, built on first use.
 
-The C source is compiled with the system C compiler (``$CC``, else ``cc``)
-and OpenMP into a cache directory (``$BITFX_CACHE``, else
-``~/.cache/bitfx``), keyed by the source's hash, then loaded with ctypes.
-``ops_cpu.cpp``, the C++ CPU kernels of the ``bitfx::`` ops, is built the same
-way with ``$CXX`` (else ``c++``) against the installed torch; see
-:func:`load_ops`.
+Both sources are built into one library by ``torch.utils.cpp_extension.load``,
+so the flags, C++ standard, ABI, include paths and the build lock come from
+the installed torch.  The library registers the CPU kernels of the
+``bitfx::`` ops, and Python reaches the C entry points through ctypes (the
+same loaded copy, so :func:`set_isa` reaches the ops too).
+
+The build goes to ``$BITFX_CACHE`` (else ``~/.cache/bitfx``), one directory
+per hash of (sources, torch version and location, compiler).  A failed build
+is tried once per hash: its log stays in that directory, a ``FAILED`` file
+remembers it, and later imports report it in one warning line without
+building again.  Then :func:`available` is False and ``BITFX_KERNELS=auto``
+uses the torch kernels.
+
 Threads follow ``torch.get_num_threads()``, one per ``GRAIN_SIZE`` elements at
-most, as in ATen.  Where no compiler works,
-:func:`available` is False and ``BITFX_KERNELS=auto`` uses the torch kernels.
+most, as in ATen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..format import num_blocks
+from ..format import CorruptData, num_blocks
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("bitmap_cpu.c")
-_OPS_SOURCE = Path(__file__).with_name("ops_cpu.cpp")
+_SOURCES = (Path(__file__).with_name("ops_cpu.cpp"), Path(__file__).with_name("bitmap_cpu.c"))
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+class BuildError(RuntimeError):
+    """The CPU kernels could not be built; the message is one line and names the log."""
 
 
 def _cache_dir() -> Path:
@@ -38,74 +49,123 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _cached_build(stem: str, key: bytes, command) -> Path:
-    """Build ``<cache>/<stem>-<hash of key>.so`` with ``command(out_path)`` unless it exists."""
-    target = _cache_dir().resolve() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = command(out)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building {stem} failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-        os.replace(out, target)  # atomic: concurrent builders race safely
-    log.info("bitfx: built %s", target)
-    return target
+def _compiler() -> str:
+    # cpp_extension.get_cxx_compiler's rule off Windows; importing that module
+    # just to ask costs time and, on CUDA builds of torch, a log line.
+    return os.environ.get("CXX") or "c++"
 
 
-def _compiler(var: str, default: str, what: str) -> str:
-    exe = os.environ.get(var, default)
-    if shutil.which(exe) is None:
-        raise RuntimeError(f"no {what} compiler found (tried {exe!r}; set {var})")
-    return exe
-
-
-def _build() -> Path:
-    cc = os.environ.get("CC", "cc")
-
-    def command(out):
-        return [_compiler("CC", "cc", "C"), "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", str(out)]
-
-    return _cached_build("bitmap_cpu", _SOURCE.read_bytes() + cc.encode(), command)
-
-
-def _build_ops() -> Path:
-    """``ops_cpu.cpp`` against this torch, linked to the C library by absolute path.
-
-    Linking by path makes the ops and :func:`_lib` share one loaded copy of
-    the C library, so :func:`set_isa` reaches both.
-    """
-    clib = _build()
-    cxx = os.environ.get("CXX", "c++")
+def _build_key(cxx: str) -> str:
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
     torch_dir = Path(torch.__file__).resolve().parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    key = _OPS_SOURCE.read_bytes() + str(clib).encode() + cxx.encode() + torch.__version__.encode() + str(torch_dir).encode()
+    for part in (torch.__version__, str(torch_dir), cxx, shutil.which(cxx) or "", *_CFLAGS, *_LDFLAGS):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
 
-    def command(out):
-        return [
-            _compiler("CXX", "c++", "C++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}",
-            str(_OPS_SOURCE), str(clib), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out),
-        ]
 
-    return _cached_build("ops_cpu", key, command)
+@contextlib.contextmanager
+def _ninja_on_path():
+    # The ``ninja`` package (a dependency) puts its binary in the venv's bin
+    # directory, which is not on PATH when Python runs without activating it.
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line that says what went wrong: a compiler error, else the message's first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:
+            return line[:300]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+@functools.cache
+def library() -> Path:
+    """Build (once per hash) and load the kernel library; its path.
+
+    Raises :class:`BuildError` when it cannot be built, now or at an earlier
+    attempt with the same sources, torch and compiler.
+    """
+    cxx = _compiler()
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler: {cxx!r} not found (set CXX)")
+    name = f"bitfx_cpu_{_build_key(cxx)}"
+    build_dir = _cache_dir().resolve() / name
+    built = build_dir / f"{name}.so"
+    done, failed, log_path = build_dir / "OK", build_dir / "FAILED", build_dir / "build.log"
+    if done.exists():
+        # Built before: load it without cpp_extension's checks (and its import
+        # cost, and what it logs at import on some torch builds).
+        torch.ops.load_library(str(built))
+        return built
+    if failed.exists():
+        raise BuildError(f"{failed.read_text().strip()} (earlier build; log: {log_path})")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        path = _cpp_extension_load(name, build_dir)
+    except Exception as e:  # noqa: BLE001 - compiler, ninja, linker or loader
+        cause = f"building the CPU kernels with {cxx} failed: {_one_line(e)}"
+        log_path.write_text(f"{cause}\n\n{e}\n")
+        failed.write_text(cause + "\n")
+        log.debug("bitfx: CPU kernel build log:\n%s", e)
+        raise BuildError(f"{cause} (log: {log_path})") from e
+    done.write_text(path + "\n")
+    log.info("bitfx: built %s", path)
+    return Path(path)
+
+
+def _cpp_extension_load(name: str, build_dir: Path) -> str:
+    # cpp_extension warns about compiler versions, and on CUDA builds of
+    # torch logs where it looked for CUDA when it is imported; that belongs in
+    # the debug log, not on every user's terminal.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with _ninja_on_path(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from torch.utils.cpp_extension import load
+
+            path = load(
+                name,
+                [str(s) for s in _SOURCES],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    for w in caught:
+        log.debug("bitfx: while building the CPU kernels: %s", w.message)
+    return path
 
 
 def load_ops() -> str | None:
     """Build and load the C++ CPU kernels of the ``bitfx::`` ops; the error, or None."""
     try:
-        torch.ops.load_library(str(_build_ops()))
-    except (OSError, RuntimeError) as e:
+        library()
+    except BuildError as e:
         return str(e)
     return None
 
 
 @functools.cache
 def _lib():
-    lib = ctypes.CDLL(str(_build()))
+    lib = ctypes.CDLL(str(library()))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bitfx_count.argtypes = [p, i64, i32, p, i32]
     lib.bitfx_count.restype = i64
@@ -117,7 +177,13 @@ def _lib():
     lib.bitfx_unpack_bool.argtypes = [p, i64, p, i32]
     lib.bitfx_set_isa.argtypes = [i32]
     lib.bitfx_set_isa.restype = i32
+    lib.bitfx_ops_use_python.argtypes = [i32]
     return lib
+
+
+def use_python_ops(on: bool) -> None:
+    """Make the C++ CPU ops redispatch to ``bitfx::_<op>_py`` (see bitfx.kernels.use)."""
+    _lib().bitfx_ops_use_python(int(on))
 
 
 ISAS = {"scalar": 0, "avx512": 1}
@@ -139,16 +205,14 @@ def set_isa(name: str) -> list[int]:
 def _load_error() -> str | None:
     try:
         _lib()
-    except (OSError, RuntimeError) as e:
+    except (OSError, BuildError) as e:
         return str(e)
     return None
 
 
 def available() -> bool:
-    err = _load_error()
-    if err:
-        log.warning("bitfx: CPU kernels unavailable, using torch kernels: %s", err)
-    return err is None
+    # No warning here: bitfx.ops reports a failed build once, at import.
+    return _load_error() is None
 
 
 def check_usable() -> None:
@@ -180,9 +244,11 @@ def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, valu
 
 
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
-    _lib().bitfx_decompress(
+    status = _lib().bitfx_decompress(
         offsets.data_ptr(), bitmap.data_ptr(), values.data_ptr(), out.numel(), out.element_size(), out.data_ptr(), _threads(out.numel())
     )
+    if status == -2:
+        raise CorruptData("bitfx: the bitmap's set bits do not match the offsets")
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:

@@ -6,20 +6,26 @@
 // cores).  These kernels do the same work: the layout bookkeeping of
 // bitfx/ops.py and the C kernels of bitmap_cpu.c, which this library links.
 //
-// BITFX_KERNELS other than auto/cpu (torch, triton, or an invalid value) is
-// honoured per call by redispatching to bitfx::_<op>_py, the Python
-// implementation, which also raises for invalid values.
+// A kernel choice other than auto/cpu (bitfx.kernels.use, or BITFX_KERNELS
+// read once at import) is honoured by redispatching to bitfx::_<op>_py, the
+// Python implementation; Python tells this library through
+// bitfx_ops_use_python().
+//
+// Built with bitmap_cpu.c into one library by torch.utils.cpp_extension
+// (bitfx/kernels/cpu_ext.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -32,6 +38,7 @@ int bitfx_compress(const void *src, int64_t n, int itemsize, const int64_t *offs
                    void *values, int nthreads);
 int bitfx_decompress(const int64_t *offsets, const uint8_t *bitmap, const void *values, int64_t n,
                      int itemsize, void *out, int nthreads);
+void bitfx_ops_use_python(int on);
 void bitfx_pack_bool(const uint8_t *src, int64_t n, uint8_t *out, int nthreads);
 void bitfx_unpack_bool(const uint8_t *packed, int64_t n, uint8_t *out, int nthreads);
 }
@@ -46,14 +53,9 @@ int threads_for(int64_t n) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrainSize)));
 }
 
-bool python_requested() {
-    const char *env = std::getenv("BITFX_KERNELS");
-    if (env == nullptr) return false;
-    std::string s;
-    for (const char *c = env; *c; ++c)
-        if (!std::isspace(static_cast<unsigned char>(*c))) s += static_cast<char>(std::tolower(*c));
-    return !(s.empty() || s == "auto" || s == "cpu");
-}
+std::atomic<bool> g_use_python{false};
+
+bool python_requested() { return g_use_python.load(std::memory_order_relaxed); }
 
 int64_t itemsize_of(at::ScalarType dtype) {
     int64_t size = static_cast<int64_t>(c10::elementSize(dtype));
@@ -65,12 +67,13 @@ int64_t itemsize_of(at::ScalarType dtype) {
 struct Layout {
     std::vector<int64_t> stored, order;
     std::vector<bool> broadcast;
-    bool any_broadcast = false, dense = true;
+    bool any_broadcast = false, dense = true, overlapping = false;
 
     Layout(at::IntArrayRef size, at::IntArrayRef stride) {
         const int64_t dims = static_cast<int64_t>(size.size());
-        TORCH_CHECK_VALUE(static_cast<int64_t>(stride.size()) == dims, "bitfx: size ", size, " and stride ",
-                          stride, " differ in length");
+        bool valid = static_cast<int64_t>(stride.size()) == dims;
+        for (int64_t d = 0; valid && d < dims; d++) valid = size[d] >= 0 && stride[d] >= 0;
+        TORCH_CHECK_VALUE(valid, "bitfx: size ", size, " and stride ", stride, " do not describe a layout");
         stored.resize(dims);
         broadcast.resize(dims);
         for (int64_t d = 0; d < dims; d++) {
@@ -85,25 +88,38 @@ struct Layout {
             if (stored[a] != stored[b]) return stored[a] > stored[b];
             return a < b;
         });
-        int64_t expected = 1;
+        int64_t expected = 1, reach = 0;
         for (auto it = order.rbegin(); it != order.rend(); ++it) {
             if (stored[*it] != 1 && stride[*it] != expected) dense = false;
             expected *= stored[*it];
+            if (stored[*it] == 1) continue;
+            overlapping = overlapping || stride[*it] <= reach;
+            reach += stride[*it] * (stored[*it] - 1);
         }
     }
 };
 
-// Mirrors bitfx.ops.to_flat.
+int64_t stored_numel(const Layout &layout) {
+    int64_t n = 1;
+    for (int64_t s : layout.stored) n *= s;
+    return n;
+}
+
+// Mirrors bitfx.ops.to_flat; tests compare the two on every layout through
+// bitfx::_to_flat_cpp.
 at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride) {
     Layout layout(x.sizes(), stride);
-    if (layout.dense && x.strides() == stride) return x.as_strided({x.numel()}, {1});
+    // Broadcast dimensions count once: the view holds the stored elements.
+    if (layout.dense && x.strides() == stride) return x.as_strided({stored_numel(layout)}, {1});
     for (int64_t d = 0; d < static_cast<int64_t>(layout.broadcast.size()); d++) {
         if (!layout.broadcast[d]) continue;
         TORCH_CHECK_VALUE(x.stride(d) == 0, "bitfx: layout ", stride, " broadcasts dim ", d,
                           ", but the tensor does not (strides ", x.strides(), ")");
         x = x.narrow(d, 0, 1);
     }
-    return x.permute(layout.order).reshape(-1);
+    // reshape may return a strided view (dimensions that merge); the kernels
+    // read flat memory.
+    return x.permute(layout.order).reshape(-1).contiguous();
 }
 
 // Mirrors bitfx.ops._Target.
@@ -116,9 +132,7 @@ struct Target {
         : layout(size_, stride), size(size_.vec()) {
         auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
         if (layout.dense) {
-            int64_t numel = 1;
-            for (int64_t s : layout.stored) numel *= s;
-            flat = at::empty({numel}, options);
+            flat = at::empty({stored_numel(layout)}, options);
             base = flat.as_strided(layout.stored, stride);
             return;
         }
@@ -128,10 +142,66 @@ struct Target {
     }
 
     at::Tensor finish() {
-        if (!layout.dense) permuted.copy_(flat.view(permuted.sizes()));
+        if (layout.overlapping) {
+            // As in bitfx.ops._Target.finish: copy_ refuses a self-overlapping
+            // destination; shared elements held equal values, so write each by
+            // its memory offset.
+            const int64_t dims = static_cast<int64_t>(layout.stored.size());
+            at::Tensor offset = at::zeros(layout.stored, at::kLong);
+            for (int64_t d = 0; d < dims; d++) {
+                std::vector<int64_t> shape(dims, 1);
+                shape[d] = layout.stored[d];
+                offset.add_(at::arange(layout.stored[d], at::kLong).mul(base.stride(d)).view(shape));
+            }
+            at::Tensor storage = base.as_strided(
+                {static_cast<int64_t>(base.storage().nbytes()) / base.element_size()}, {1});
+            storage.index_copy_(0, offset.permute(layout.order).reshape(-1), flat);
+        } else if (!layout.dense) {
+            permuted.copy_(flat.view(permuted.sizes()));
+        }
         return layout.any_broadcast ? base.expand(size) : base;
     }
 };
+
+// Mirrors bitfx.format.check_encoded (tests give both the same corrupt
+// inputs).  Returns true for the dense fallback.
+void check_part(const char *name, const at::Tensor &t, at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), "bitfx: ", name,
+                      " must be a contiguous 1-D ", dtype, " tensor, got ", t.scalar_type(), " of shape ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "bitfx: ", name, " must be on the CPU, got ", t.device());
+}
+
+bool check_encoded(const at::Tensor &offsets, const at::Tensor &payload, int64_t n, int64_t isz) {
+    check_part("offsets", offsets, at::kLong);
+    check_part("payload", payload, at::kByte);
+    const int64_t nblocks = (n + kBlock - 1) / kBlock;
+    TORCH_CHECK_VALUE(offsets.numel() == nblocks + 1, "bitfx: offsets has ", offsets.numel(), " entries; ", n,
+                      " elements need ", nblocks + 1);
+    const int64_t length = payload.numel(), dense_bytes = n * isz, bitmap_bytes = nblocks * kBitmapBytesPerBlock;
+    const bool dense = length == dense_bytes;
+    TORCH_CHECK_VALUE(dense || (length >= bitmap_bytes && (length - bitmap_bytes) % isz == 0 && length <= dense_bytes),
+                      "bitfx: payload of ", length, " bytes fits neither encoding of ", n, " elements of ", isz,
+                      " bytes (dense: ", dense_bytes, "; sparse: ", bitmap_bytes, " bitmap bytes plus a multiple of ",
+                      isz, ")");
+    if (nblocks == 0) return dense;
+    const int64_t *o = offsets.data_ptr<int64_t>();
+    bool steps_ok = o[0] == 0;
+    for (int64_t b = 0; steps_ok && b < nblocks; b++) {
+        const int64_t step = o[b + 1] - o[b], len = std::min(kBlock, n - b * kBlock);
+        steps_ok = step >= 0 && step <= len;
+    }
+    TORCH_CHECK_VALUE(steps_ok, "bitfx: offsets must start at 0 and grow by at most a block's length per block");
+    const int64_t nnz = o[nblocks], sparse_bytes = bitmap_bytes + nnz * isz;
+    if (dense) {
+        TORCH_CHECK_VALUE(!(sparse_bytes < dense_bytes), "bitfx: payload has the dense length, but offsets count ",
+                          nnz, " nonzeros of ", n);
+    } else {
+        TORCH_CHECK_VALUE(length == sparse_bytes, "bitfx: sparse payload of ", length, " bytes; offsets count ", nnz,
+                          " nonzeros, which need ", sparse_bytes);
+    }
+    return dense;
+}
 
 c10::OperatorHandle python_op(const char *name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
@@ -172,16 +242,18 @@ at::Tensor decompress(const at::Tensor &offsets_, const at::Tensor &payload_, c1
         return op.call(offsets_, payload_, size, stride, dtype);
     }
     const int64_t isz = itemsize_of(dtype);
+    Layout layout(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride));
+    const int64_t n = stored_numel(layout);
+    const bool dense = check_encoded(offsets_, payload_, n, isz);
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
-    at::Tensor payload = payload_.contiguous(), offsets = offsets_.contiguous();
-    const int64_t n = target.flat.numel();
-    if (payload.numel() == n * isz) {  // dense fallback
-        if (n) std::memcpy(target.flat.data_ptr(), payload.data_ptr(), n * isz);
+    if (dense) {
+        if (n) std::memcpy(target.flat.data_ptr(), payload_.data_ptr(), n * isz);
     } else {
         const int64_t bitmap_bytes = (n + kBlock - 1) / kBlock * kBitmapBytesPerBlock;
-        const uint8_t *p = payload.data_ptr<uint8_t>();
-        bitfx_decompress(offsets.data_ptr<int64_t>(), p, p + bitmap_bytes, n, static_cast<int>(isz),
-                         target.flat.data_ptr(), threads_for(n));
+        const uint8_t *p = payload_.data_ptr<uint8_t>();
+        const int status = bitfx_decompress(offsets_.data_ptr<int64_t>(), p, p + bitmap_bytes, n,
+                                            static_cast<int>(isz), target.flat.data_ptr(), threads_for(n));
+        TORCH_CHECK_VALUE(status == 0, "bitfx: the bitmap's set bits do not match the offsets");
     }
     return target.finish();
 }
@@ -205,16 +277,29 @@ at::Tensor unpack_bool(const at::Tensor &packed_, c10::SymIntArrayRef size, c10:
                              .typed<at::Tensor(const at::Tensor &, c10::SymIntArrayRef, c10::SymIntArrayRef)>();
         return op.call(packed_, size, stride);
     }
+    Layout layout(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride));
+    const int64_t n = stored_numel(layout);
+    check_part("packed", packed_, at::kByte);
+    TORCH_CHECK_VALUE(packed_.numel() == (n + 7) / 8, "bitfx: packed mask has ", packed_.numel(), " bytes; ", n,
+                      " elements need ", (n + 7) / 8);
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), at::kBool);
-    at::Tensor packed = packed_.contiguous();
-    const int64_t n = target.flat.numel();
-    bitfx_unpack_bool(packed.data_ptr<uint8_t>(), n, static_cast<uint8_t *>(target.flat.data_ptr()), threads_for(n));
+    bitfx_unpack_bool(packed_.data_ptr<uint8_t>(), n, static_cast<uint8_t *>(target.flat.data_ptr()), threads_for(n));
     return target.finish();
 }
 
+at::Tensor to_flat_op(const at::Tensor &x, at::IntArrayRef stride) { return to_flat(x, stride).clone(); }
+
 }  // namespace
 
+extern "C" void bitfx_ops_use_python(int on) { g_use_python.store(on != 0, std::memory_order_relaxed); }
+
+TORCH_LIBRARY_FRAGMENT(bitfx, m) {
+    // Test hook: the C++ twin of bitfx.ops.to_flat.
+    m.def("_to_flat_cpp(Tensor x, int[] stride) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(bitfx, CPU, m) {
+    m.impl("_to_flat_cpp", &to_flat_op);
     m.impl("compress", &compress);
     m.impl("decompress", &decompress);
     m.impl("pack_bool", &pack_bool);

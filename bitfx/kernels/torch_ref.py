@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BLOCK, num_blocks
+from ..format import BLOCK, CorruptData, num_blocks
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
@@ -49,7 +49,15 @@ def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, valu
 
 
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
-    nonzero = unpack_bits(bitmap, out.numel())
+    n = out.numel()
+    nonzero = unpack_bits(bitmap, n)
+    # Each block's bitmap must hold as many set bits as its offsets say, or
+    # it would take another block's values.  On a GPU this check synchronizes:
+    # these kernels are the reference there, not the fast path.
+    per_block = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.int64, device=out.device)
+    per_block[:n] = nonzero
+    if not torch.equal(per_block.view(-1, BLOCK).sum(1), offsets.diff()):
+        raise CorruptData("bitfx: the bitmap's set bits do not match the offsets")
     out.zero_()
     out.masked_scatter_(nonzero, values)
 

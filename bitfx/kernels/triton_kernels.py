@@ -86,15 +86,21 @@ if triton is not None:
         tl.store(bitmap_ptr + byte_offs, _bits_to_bytes(nz, BLOCK // 8))
 
     @triton.jit
-    def _decompress_kernel(offsets_ptr, bitmap_ptr, values_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _decompress_kernel(offsets_ptr, bitmap_ptr, values_ptr, out_ptr, n, nvalues, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         byte_offs = b.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         bits = _bytes_to_bits(tl.load(bitmap_ptr + byte_offs), BLOCK // 8)
         offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         pos = tl.cumsum(bits, axis=0) - 1
         base = tl.load(offsets_ptr + b)
-        keep = (bits != 0) & (offs < n)
-        v = tl.load(values_ptr + base + pos, mask=keep, other=0)
+        end = tl.load(offsets_ptr + b + 1)
+        # Checking offsets and bitmap against each other on the host would
+        # cost a synchronization; instead no read leaves this block's values
+        # or the payload, whatever they hold (corrupt data decodes wrong but
+        # never faults).
+        src = base + pos
+        keep = (bits != 0) & (offs < n) & (src >= 0) & (src < end) & (src < nvalues)
+        v = tl.load(values_ptr + src, mask=keep, other=0)
         tl.store(out_ptr + offs, v, mask=offs < n)
 
     @triton.jit
@@ -133,7 +139,7 @@ def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, valu
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     nblocks = num_blocks(out.numel())
     if nblocks:
-        _decompress_kernel[(nblocks,)](offsets, bitmap, values, out, out.numel(), BLOCK=BLOCK)
+        _decompress_kernel[(nblocks,)](offsets, bitmap, values, out, out.numel(), values.numel(), BLOCK=BLOCK)
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
