@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
+import re
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -14,11 +18,27 @@ without bitfx, before training it.
 
 MODULE:CALLABLE is imported and called with no arguments to build the model,
 e.g. torchvision.models:resnet18 or mypackage.models:make_net.  The model is
-traced with fake tensors and partitioned exactly as backend="bittrain" would;
-nothing is computed unless --calibrate is given, which runs one real forward
-on random inputs to measure the density of every compressed tensor.
+traced with fake tensors and partitioned exactly as backend="bittrain" would.
+No input is allocated and nothing is computed unless --calibrate is given,
+which runs one real forward on random inputs to measure the density of every
+compressed tensor.
 
-Exit codes: 0 success, 2 bad arguments or a model that does not trace."""
+Inputs: --input-shape 8,3,224,224 gives one positional input (dtype --dtype).
+--input describes one input each, positional or by keyword, for models that
+take several (transformers models take input_ids=..., labels=...):
+
+  --input [NAME:]SHAPE[:DTYPE[:LOW-HIGH]]
+  --input input_ids:2x64:int64:0-50000 --input labels:2x64:int64:0-50000
+
+SHAPE is sizes joined by x or commas; integer inputs are drawn from
+[LOW, HIGH) when calibrating (default 0-100).
+
+Exit codes: 0 success, 2 bad arguments or a model that cannot be planned."""
+
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64")
+}
 
 
 class _Fail(Exception):
@@ -29,16 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bitfx plan", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="factory that returns the nn.Module")
-    p.add_argument("--input-shape", required=True, help="comma-separated input shape, e.g. 8,3,224,224")
-    p.add_argument("--dtype", default="float32", help="input dtype (default float32); integer dtypes give token ids in [0, 100)")
+    p.add_argument("--input-shape", help="comma-separated shape of the one positional input, e.g. 8,3,224,224")
+    p.add_argument("--input", action="append", default=[], metavar="[NAME:]SHAPE[:DTYPE[:LOW-HIGH]]",
+                   help="one input (repeat for several); with NAME it is passed by keyword")
+    p.add_argument("--dtype", default="float32",
+                   help=f"dtype of --input-shape (default float32; one of {', '.join(_DTYPES)}); "
+                        "integer dtypes give token ids in [0, 100)")
     p.add_argument("--calibrate", action="store_true", help="measure densities with one real forward")
     p.add_argument("--optimizer", default="none", choices=["none", "sgd", "momentum", "adam"],
                    help="optimizer state to count (default none)")
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"],
                    help="the backend's inner compiler whose partition to plan (default inductor)")
-    p.add_argument("--density", type=float, default=None, help="assumed density of every sparse tensor (default by kind)")
+    p.add_argument("--density", default=None,
+                   help="assumed density in [0, 1] of every sparse tensor (default by kind)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and torch's own log output")
     return p
 
 
@@ -52,25 +77,135 @@ def _load(spec: str):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
         raise _Fail(f"cannot load {spec}: {e}") from e
-    model = obj()
+    if not callable(obj):
+        raise _Fail(f"{spec} is a {type(obj).__name__}, not a callable that returns a model")
+    try:
+        model = obj()
+    except Exception as e:  # noqa: BLE001 - the user's factory: report whatever it raised
+        raise _Fail(f"{spec}() raised {type(e).__name__}: {_first_line(e)} (it is called with no arguments)") from e
     if not isinstance(model, torch.nn.Module):
         raise _Fail(f"{spec}() returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def _inputs(shape: str, dtype: str):
+@dataclass
+class InputSpec:
+    name: str | None
+    shape: list[int]
+    dtype: torch.dtype
+    low: int = 0
+    high: int = 100
+
+    def make(self, real: bool) -> torch.Tensor:
+        if not real:
+            return torch.empty(self.shape, dtype=self.dtype)  # called under a FakeTensorMode
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, dtype=self.dtype)
+        return torch.randint(self.low, self.high, self.shape, dtype=self.dtype)
+
+
+def _shape(text: str, flag: str) -> list[int]:
     try:
-        dims = [int(s) for s in shape.split(",")]
+        dims = [int(s) for s in text.replace("x", ",").split(",")]
         if not dims or any(d <= 0 for d in dims):
             raise ValueError
     except ValueError:
-        raise _Fail(f"bad --input-shape {shape!r}: expected positive integers separated by commas") from None
-    dt = getattr(torch, dtype, None)
-    if not isinstance(dt, torch.dtype):
-        raise _Fail(f"bad --dtype {dtype!r}")
-    if dt.is_floating_point:
-        return torch.randn(dims, dtype=dt)
-    return torch.randint(0, 100, dims, dtype=dt)
+        raise _Fail(f"bad {flag} {text!r}: expected positive integers separated by commas or x") from None
+    return dims
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise _Fail(f"bad --dtype {name!r}: choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _parse_input(text: str) -> InputSpec:
+    parts = text.split(":")
+    name = None
+    if parts and parts[0] and not parts[0][0].isdigit():
+        name = parts.pop(0)
+        if not name.isidentifier():
+            raise _Fail(f"bad --input {text!r}: {name!r} is not a keyword name")
+    if not parts or len(parts) > 3:
+        raise _Fail(f"bad --input {text!r}: expected [NAME:]SHAPE[:DTYPE[:LOW-HIGH]]")
+    spec = InputSpec(name, _shape(parts[0], "--input shape"), _dtype(parts[1]) if len(parts) > 1 else torch.float32)
+    if len(parts) == 3:
+        try:
+            low, high = (int(v) for v in parts[2].split("-"))
+            if low >= high:
+                raise ValueError
+        except ValueError:
+            raise _Fail(f"bad --input {text!r}: range {parts[2]!r} must be LOW-HIGH with LOW < HIGH") from None
+        if spec.dtype.is_floating_point:
+            raise _Fail(f"bad --input {text!r}: a range is for integer inputs")
+        spec.low, spec.high = low, high
+    return spec
+
+
+def _specs(args) -> list[InputSpec]:
+    specs = []
+    if args.input_shape is not None:
+        specs.append(InputSpec(None, _shape(args.input_shape, "--input-shape"), _dtype(args.dtype)))
+    specs += [_parse_input(t) for t in args.input]
+    if not specs:
+        raise _Fail("give the model's input: --input-shape or --input")
+    positional = [s for s in specs if s.name is None]
+    if any(s.name is None for s in specs[len(positional):]):
+        raise _Fail("positional inputs must come before keyword inputs")
+    return specs
+
+
+def _density(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        d = float(text)
+    except ValueError:
+        raise _Fail(f"bad --density {text!r}: expected a number in [0, 1]") from None
+    if not 0.0 <= d <= 1.0:
+        raise _Fail(f"bad --density {text!r}: a density is in [0, 1]")
+    return d
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _describe(e: BaseException) -> str:
+    """What the model raised while traced, in one line.
+
+    Dynamo wraps it: in the cause chain, or (fake-tensor errors) only as text,
+    "... got RuntimeError('Expected 3D ...')".
+    """
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if inner is None:
+            break
+        e = inner
+    wrapped = re.search(r"got (\w+)\((['\"])(.+?)\2\)", str(e))
+    if wrapped:
+        return f"{wrapped.group(1)}: {wrapped.group(3)}"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+@contextlib.contextmanager
+def _quiet_torch(debug: bool):
+    """Keep torch's own log output (fake-tensor and Dynamo tracebacks) off the terminal."""
+    if debug:
+        yield
+        return
+    logger = logging.getLogger("torch")
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def main(argv=None) -> int:
@@ -78,15 +213,25 @@ def main(argv=None) -> int:
     from .planner import plan
 
     try:
+        specs = _specs(args)
+        density = _density(args.density)
         model = _load(args.spec)
-        x = _inputs(args.input_shape, args.dtype)
-        try:
-            result = plan(model, x, calibrate=args.calibrate, optimizer=args.optimizer, inner=args.inner,
-                          density=args.density)
-        except _Fail:
-            raise
-        except Exception as e:
-            raise _Fail(f"{args.spec} does not trace: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        with _quiet_torch(args.debug):
+            if args.calibrate:
+                made = [s.make(real=True) for s in specs]
+            else:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+                from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+                with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
+                    made = [s.make(real=False) for s in specs]
+            positional = [t for s, t in zip(specs, made) if s.name is None]
+            keywords = {s.name: t for s, t in zip(specs, made) if s.name is not None}
+            try:
+                result = plan(model, *positional, inputs_kwargs=keywords, calibrate=args.calibrate,
+                              optimizer=args.optimizer, inner=args.inner, density=density)
+            except Exception as e:  # noqa: BLE001 - anything the model does while traced
+                raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e
     except _Fail as e:
         if args.debug:
             raise

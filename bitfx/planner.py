@@ -8,6 +8,12 @@ runs one real forward to measure densities).
 
 It partitions twice, with ``enabled=False`` and ``enabled=True``, and prices
 both pairs of graphs with :func:`bitfx.liveness.simulate`.
+
+Example inputs may be real tensors or fake ones (made under a
+``FakeTensorMode``, as ``python -m bitfx plan`` does): nothing reads their
+data unless ``calibrate=True``.  Planning leaves Dynamo's caches alone: the
+model is traced through an entry function of its own, so the user's compiled
+models stay compiled.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class MemoryPlan:
     optimizer: str
     calibrated: bool
     options: dict = field(default_factory=dict)
+    densities: dict[str, float] = field(default_factory=dict)  # assumed, by kind (unused when calibrated)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,7 +92,10 @@ class MemoryPlan:
             headers=["", "baseline", "bittrain", "saving"],
             disable_numparse=True,
         )
-        how = "measured densities (calibrate=True)" if self.calibrated else "assumed densities (ReLU family 0.5)"
+        if self.calibrated:
+            how = "measured densities (calibrate=True)"
+        else:
+            how = "assumed densities: " + ", ".join(f"{k} {v:.2f}" for k, v in self.densities.items())
         return f"{per_tensor}\n\n{totals}\n({how})"
 
 
@@ -101,7 +111,20 @@ def _saving(base: int, new: int) -> str:
     return f"{100 * (1 - new / base):.1f}%" if base else ""
 
 
-def _capture(model, inputs, options: Options):
+def fresh_entry(model, tag: str = "bitfx"):
+    """``model(*args, **kwargs)`` behind a function whose code object is new.
+
+    Dynamo keeps compiled code per code object.  Tracing through a new one
+    (``forward`` is inlined) neither reuses nor evicts what the user compiled,
+    and never counts against ``forward``'s recompile limit, so no
+    ``torch._dynamo.reset()`` is needed.
+    """
+    scope = {"model": model}
+    exec(compile("def entry(*args, **kwargs):\n    return model(*args, **kwargs)\n", f"<{tag}>", "exec"), scope)
+    return scope["entry"]
+
+
+def _capture(model, inputs, kwargs, options: Options):
     """Partition ``model`` as the backend would; return (dynamo graph inputs, partition)."""
     got = {}
 
@@ -113,17 +136,16 @@ def _capture(model, inputs, options: Options):
         got["example_inputs"] = list(example_inputs)
         return compile_graph(gm, example_inputs, options, on_partition)
 
-    torch._dynamo.reset()
     try:
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+        torch.compile(fresh_entry(model, "bitfx.plan"), backend=backend, fullgraph=True, dynamic=False)(
+            *inputs, **kwargs
+        )
     except Exception as e:  # Dynamo wraps what the backend raises
         cause = e
         while cause is not None and not isinstance(cause, _Stop):
             cause = getattr(cause, "inner_exception", None) or cause.__cause__
         if not isinstance(cause, _Stop):
             raise
-    finally:
-        torch._dynamo.reset()
     if "partition" not in got:
         raise RuntimeError("bitfx.plan: the model ran without a backward graph (do its outputs require grad?)")
     return got["example_inputs"], got["partition"]
@@ -131,7 +153,7 @@ def _capture(model, inputs, options: Options):
 
 def _resident_placeholders(fw, example_inputs, model) -> set[str]:
     """Forward placeholders holding parameters or buffers (not user inputs)."""
-    owned = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    owned = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if _has_data(t)}
     owned_ids = {id(t) for t in (*model.parameters(), *model.buffers())}
     names = set()
     for ph in fw.graph.find_nodes(op="placeholder"):
@@ -139,12 +161,18 @@ def _resident_placeholders(fw, example_inputs, model) -> set[str]:
         if idx is None or idx >= len(example_inputs):
             continue
         t = example_inputs[idx]
-        if isinstance(t, torch.Tensor) and (id(t) in owned_ids or t.data_ptr() in owned):
+        if isinstance(t, torch.Tensor) and (id(t) in owned_ids or (_has_data(t) and t.data_ptr() in owned)):
             names.add(ph.name)
     return names
 
 
-def _measure_densities(model, inputs, options: Options) -> list[float]:
+def _has_data(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+
+
+def _measure_densities(model, inputs, kwargs, options: Options) -> list[float]:
     """One real forward through the baseline pipeline; density of each saved tensor, in order."""
     from .format import int_view_dtype
 
@@ -159,17 +187,18 @@ def _measure_densities(model, inputs, options: Options) -> list[float]:
             densities.append(0.0)
         return t
 
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=lambda gm, ex: compile_graph(gm, ex, options), fullgraph=True)
+    compiled = torch.compile(
+        fresh_entry(model, "bitfx.plan calibrate"), backend=lambda gm, ex: compile_graph(gm, ex, options), fullgraph=True
+    )
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compiled(*inputs)
-    torch._dynamo.reset()
+        compiled(*inputs, **kwargs)
     return densities
 
 
 def plan(
     model: nn.Module,
     *example_inputs,
+    inputs_kwargs: dict[str, Any] | None = None,
     calibrate: bool = False,
     density: dict[str, float] | float | None = None,
     optimizer: str = "none",
@@ -177,7 +206,10 @@ def plan(
 ) -> MemoryPlan:
     """Predict what ``torch.compile(model, backend="bittrain")`` saves and peaks at.
 
-    ``density``: a float for every sparse tensor, or a dict by kind
+    ``example_inputs`` and ``inputs_kwargs`` are what the model is called
+    with (``model(*example_inputs, **inputs_kwargs)``; ``transformers``
+    models take ``input_ids=..., labels=...``).
+    ``density``: a float in [0, 1] for every sparse tensor, or a dict by kind
     (``{"relu": 0.3, "max_pool": 0.9}``); defaults to
     :data:`bitfx.passes.analysis.DEFAULT_DENSITY`.  ``calibrate=True``
     measures each tensor's density with one real forward instead.
@@ -186,18 +218,24 @@ def plan(
     """
     if optimizer not in OPTIMIZER_STATE:
         raise ValueError(f"optimizer={optimizer!r} is not valid; choose one of {list(OPTIMIZER_STATE)}")
+    kwargs = dict(inputs_kwargs or {})
     backend_options.pop("enabled", None)
     on = Options.from_dict({**backend_options, "enabled": True})
     off = Options.from_dict({**backend_options, "enabled": False})
     densities_by_kind = dict(DEFAULT_DENSITY)
-    if isinstance(density, (int, float)):
+    if isinstance(density, (int, float)) and not isinstance(density, bool):
         densities_by_kind = {k: float(density) for k in densities_by_kind}
     elif density:
         densities_by_kind.update(density)
+    for kind, d in densities_by_kind.items():
+        if not (isinstance(d, (int, float)) and 0.0 <= d <= 1.0):
+            raise ValueError(f"density for {kind!r} must be in [0, 1], got {d!r}")
+    if calibrate and not all(_has_data(t) for t in _tensors(example_inputs, kwargs)):
+        raise ValueError("calibrate=True runs the model: give real example inputs, not fake or meta ones")
 
-    example, base = _capture(model, example_inputs, off)
-    _, comp = _capture(model, example_inputs, on)
-    measured = _measure_densities(model, example_inputs, off) if calibrate else None
+    example, base = _capture(model, example_inputs, kwargs, off)
+    _, comp = _capture(model, example_inputs, kwargs, on)
+    measured = _measure_densities(model, example_inputs, kwargs, off) if calibrate else None
 
     resident = _resident_placeholders(base.fw, example, model)
     saved_base = [n for n in base.saved if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -228,7 +266,7 @@ def plan(
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
-    inputs_bytes = sum(t.numel() * t.element_size() for t in example_inputs if isinstance(t, torch.Tensor))
+    inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
 
     payload_bytes = _payload_sizes(comp, stored_by_name)
     peak = {
@@ -238,7 +276,11 @@ def plan(
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + v for k, v in peak.items()}
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
-                      optimizer, calibrate, options=asdict(on))
+                      optimizer, calibrate, options=asdict(on), densities=densities_by_kind)
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
 def _single(node) -> bool:

@@ -1,6 +1,7 @@
 """The planner: liveness on hand-built graphs, predictions against measurements, the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,84 @@ def test_plan_report_and_json():
 
 
 def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests")])}
     return subprocess.run([sys.executable, "-m", "bitfx", "plan", *args], capture_output=True, text=True,
-                          cwd=ROOT / "benchmarks", timeout=600)
+                          cwd=ROOT / "benchmarks", timeout=600, env=env)
+
+
+def raising_factory():
+    """For the CLI test: a model factory that fails."""
+    raise ValueError("factory failed")
+
+
+class KeywordModel(nn.Module):
+    """Takes keyword inputs, as transformers models do: ids and labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.ffn = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 100))
+
+    def forward(self, input_ids, labels=None):
+        logits = self.ffn(self.emb(input_ids))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_plan_takes_keyword_inputs():
+    ids = torch.randint(0, 100, (2, 16))
+    p = bitfx.plan(KeywordModel(), inputs_kwargs={"input_ids": ids, "labels": ids}, inner="eager")
+    assert any(t.decision == "compressed" for t in p.tensors)
+    with pytest.raises(ValueError, match="unknown bittrain option"):
+        bitfx.plan(KeywordModel(), input_ids=ids, labels=ids)
+
+
+def test_cli_keyword_inputs_and_huge_fake_shapes():
+    """Named integer inputs; and a shape far beyond memory plans fine: inputs are fake unless calibrating."""
+    r = run_cli("test_planner:KeywordModel", "--input", "input_ids:2x16:int64:0-100",
+                "--input", "labels:2x16:int64:0-100", "--inner", "eager", "--json", "--calibrate")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["calibrated"]
+    r = run_cli("models:relu_mlp", "--input-shape", "100000000000,1024", "--inner", "eager", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["saved_bytes"]["baseline"] > 10**14  # planned at that size, never allocated
+
+
+def test_plan_with_fake_inputs_equals_plan_with_real_ones():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=10)
+    real = bitfx.plan(model, torch.randn(2, 3, 32, 32))
+    with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
+        x = torch.empty(2, 3, 32, 32)
+    fake = bitfx.plan(model, x)
+    assert fake.to_dict() == real.to_dict()
+    with pytest.raises(ValueError, match="real example inputs"):
+        bitfx.plan(model, x, calibrate=True)
+
+
+def test_plan_keeps_the_users_compiled_models():
+    """plan() used to call torch._dynamo.reset(), which threw away what the user had compiled."""
+    from torch._dynamo.utils import counters
+
+    model = models.relu_mlp(dim=32, hidden=64, depth=2, num_classes=10)
+    x = torch.randn(4, 32)
+    compiled = torch.compile(model, backend="bittrain", options={"inner": "eager"})
+    compiled(x).sum().backward()
+    counters.clear()
+    bitfx.plan(model, x, inner="eager")
+    compiled(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 0  # no recompile: the compiled code survived
+
+
+def test_cli_density_in_footer_and_json():
+    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25")
+    assert r.returncode == 0, r.stderr
+    assert "relu 0.25" in r.stdout.splitlines()[-1]
+    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25", "--json")
+    assert json.loads(r.stdout)["densities"] == {"relu": 0.25, "max_pool": 0.25}
 
 
 def test_cli_json():
@@ -122,7 +199,16 @@ def test_cli_json():
         (["models:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
         (["models", "--input-shape", "2"], "MODULE:CALLABLE"),
         (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "float77"], "bad --dtype"),
-        (["models:resnet18", "--input-shape", "2,5"], "does not trace"),
+        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "complex64"], "bad --dtype"),
+        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "bool"], "bad --dtype"),
+        (["models:resnet18", "--input-shape", "2,5"], "Expected 3D (unbatched) or 4D"),
+        (["models:resnet18", "--input-shape", "100000000000,8"], "cannot be planned"),
+        (["models:BasicBlock", "--input-shape", "2,8,8,8"], "BasicBlock() raised TypeError"),
+        (["test_planner:raising_factory", "--input-shape", "2,8"], "raised ValueError: factory failed"),
+        (["models:resnet18", "--input-shape", "2,3,32,32", "--density", "7"], "bad --density"),
+        (["models:resnet18", "--input-shape", "2,3,32,32", "--density", "-3"], "bad --density"),
+        (["models:resnet18", "--input", "x:2x3x32x32:float32:0-5"], "a range is for integer inputs"),
+        (["models:resnet18"], "--input-shape or --input"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(args, message):

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 _SOURCES = (Path(__file__).with_name("ops_cpu.cpp"), Path(__file__).with_name("bitmap_cpu.c"))
 _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+# BITFX_SANITIZE=address builds an AddressSanitizer library (its own cache
+# entry), for tests/test_sanitizer.py; Python must then run with libasan
+# preloaded.
+if os.environ.get("BITFX_SANITIZE") == "address":
+    _CFLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+    _LDFLAGS += ["-fsanitize=address"]
 
 
 class BuildError(RuntimeError):

@@ -1,0 +1,56 @@
+"""Corrupted inputs under AddressSanitizer: no out-of-bounds read, a ValueError each.
+
+Builds the CPU kernels with ``BITFX_SANITIZE=address`` into a fresh cache and
+runs ``tests/corrupt_cases.py`` (every corrupt case, scalar and AVX-512
+kernels) in a Python with libasan preloaded.  By hand::
+
+    BITFX_SANITIZE=address BITFX_CACHE=/tmp/bitfx-asan \\
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
+    ASAN_OPTIONS=detect_leaks=0 \\
+    python tests/corrupt_cases.py scalar avx512
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _preload() -> str | None:
+    """libasan, then libstdc++ (else ASan cannot intercept C++ exceptions thrown by the ops)."""
+    cc = shutil.which("gcc")
+    if cc is None:
+        return None
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not (os.path.isabs(path) and os.path.exists(path)):
+            return None
+        libs.append(path)
+    return " ".join(libs)
+
+
+@pytest.mark.skipif(_preload() is None, reason="gcc with libasan not found")
+def test_corrupt_inputs_under_asan(tmp_path):
+    env = {
+        **os.environ,
+        "BITFX_SANITIZE": "address",
+        "BITFX_CACHE": str(tmp_path),
+        "LD_PRELOAD": _preload(),
+        # Python and torch keep memory until exit: leak reports are noise here.
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "BITFX_KERNELS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, str(HERE / "corrupt_cases.py"), "scalar", "avx512"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert "AddressSanitizer" not in out.stderr, out.stderr[-4000:]
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.split("\n")
+    assert any(line.startswith("scalar ") for line in lines) and any(line.startswith("avx512 ") for line in lines)
