@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
                 gm, example_inputs, inner_compile=inductor_layouts.inner_compile, config_patches=patches
             )
 
-    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def run_as_fx(fx_gm, _example_inputs):
@@ -72,11 +73,20 @@ class Backend:
         self.options = options
         self.on_partition = on_partition
 
-    def __call__(self, gm, example_inputs, **kwargs):
-        return compile_graph(gm, example_inputs, self.options, self.on_partition)
+    def __call__(self, gm, example_inputs, options: dict | None = None, mode: str | None = None):
+        # torch.compile(model, backend=bitfx.backend(...), options={...})
+        # passes options here: they override the ones given to backend().
+        _check_mode(mode)
+        merged = self.options if not options else Options.from_dict({**asdict(self.options), **options})
+        return compile_graph(gm, example_inputs, merged, self.on_partition)
 
     def __repr__(self) -> str:
         return f"bitfx.backend({self.options})"
+
+
+def _check_mode(mode) -> None:
+    if mode not in (None, "default"):
+        raise ValueError(f"bittrain does not take a mode (got mode={mode!r}); use options=")
 
 
 def backend(**options: Any) -> Backend:
@@ -90,6 +100,5 @@ def bittrain(gm, example_inputs, options: dict | None = None, mode: str | None =
     ``torch.compile(model, backend="bittrain", options={...})`` arrives here
     with ``options`` as a keyword argument.
     """
-    if mode not in (None, "default"):
-        raise ValueError(f"bittrain does not take a mode (got mode={mode!r}); use options=")
+    _check_mode(mode)
     return compile_graph(gm, example_inputs, Options.from_dict(options))

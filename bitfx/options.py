@@ -17,8 +17,14 @@ class Options:
         ``bitfx::`` ops are extern calls.  ``"eager"``: the graphs run as plain
         FX, like ``aot_eager``, after the same decompositions and partitioner.
     enabled
-        ``False`` runs the same pipeline without compression: the baseline for
-        exactness and memory comparisons.
+        ``False`` runs the stock pipeline (the same decompositions and
+        partitioner) with no bitfx pass at all: the baseline for memory
+        comparisons.
+    compress
+        ``False`` keeps every bitfx decision (which tensors are saved, and
+        how they are classified) but stores them dense: the reference that
+        compressed runs are bit-identical to, and what ``plan(calibrate=True)``
+        measures densities with.
     pack_masks
         Store saved bool tensors (e.g. ReLU6's ``le | ge`` mask) at 1 bit per
         element.  Masks ``le(relu_out, 0)`` of a compressed ReLU output are
@@ -36,6 +42,7 @@ class Options:
 
     inner: str = "inductor"
     enabled: bool = True
+    compress: bool = True
     pack_masks: bool = True
     min_bytes: int = 0
     report: bool = False
@@ -45,7 +52,7 @@ class Options:
             raise ValueError(
                 f"bittrain option inner={self.inner!r} is not valid; choose one of {INNER_CHOICES}"
             )
-        for name in ("enabled", "pack_masks", "report"):
+        for name in ("enabled", "compress", "pack_masks", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"bittrain option {name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:

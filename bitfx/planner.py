@@ -235,13 +235,17 @@ def plan(
 
     example, base = _capture(model, example_inputs, kwargs, off)
     _, comp = _capture(model, example_inputs, kwargs, on)
-    measured = _measure_densities(model, example_inputs, kwargs, off) if calibrate else None
+    measured_by_info = {}
+    if calibrate:
+        # The same plan stored dense: it saves exactly comp's tensors, in
+        # comp's order (names can differ: the swap pass renames nodes).
+        dense = Options.from_dict({**backend_options, "enabled": True, "compress": False})
+        measured = _measure_densities(model, example_inputs, kwargs, dense)
+        if len(measured) != len(comp.infos):
+            raise RuntimeError(f"bitfx.plan: {len(measured)} tensors saved at run time, {len(comp.infos)} in the graph")
+        measured_by_info = {id(info): d for info, d in zip(comp.infos, measured)}
 
     resident = _resident_placeholders(base.fw, example, model)
-    saved_base = [n for n in base.saved if isinstance(n.meta.get("val"), torch.Tensor)]
-    if measured is not None and len(measured) != len(saved_base):
-        raise RuntimeError(f"bitfx.plan: {len(measured)} tensors saved at run time, {len(saved_base)} in the graph")
-    measured_by_name = dict(zip([n.name for n in saved_base], measured or []))
 
     rows: list[TensorRow] = []
     stored_by_name: dict[str, int] = {}
@@ -251,7 +255,7 @@ def plan(
             continue
         d = None
         if info.decision is Decision.COMPRESS:
-            d = measured_by_name.get(name, densities_by_kind.get(info.kind or "relu", 0.5))
+            d = measured_by_info.get(id(info), densities_by_kind.get(info.kind or "relu", 0.5))
         stored = info.stored_bytes(d)
         stored_by_name[name] = stored
         label = info.module_path or name

@@ -172,8 +172,9 @@ class SavedTensor:
         if not stack:
             return ""
         path = list(stack.values())[-1][0]
-        # Dynamo spells the root module L['self'] or L['fn'] (a compiled Sequential).
-        return re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
+        # Dynamo spells the root module L['self'] or L['fn'] (a compiled
+        # Sequential), or G['model'] behind an entry function (bitfx.plan).
+        return re.sub(r"^[LG]\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
 
     def dense_bytes(self) -> int:
         return _hint(self.val.numel()) * self.val.element_size()

@@ -17,8 +17,10 @@ import logging
 from pathlib import Path
 
 import torch.fx as fx
+from torch._dynamo.utils import counters
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._logging import trace_structured
 
 from bitfx.options import Options
 
@@ -52,13 +54,20 @@ def partition(
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
         if swapped:
             log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
+            counters["bitfx"]["swapped"] += swapped
         infos = analyze(fw, num_fwd_outputs, options)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
         for info in infos:
             info.placeholder = placeholders[info.node]
         demote_inexpressible(bw, infos)
-        rewrite_forward(fw, num_fwd_outputs, infos)
-        rewrite_backward(bw, infos)
+        if options.compress:
+            _trace("bitfx_forward_before", fw)
+            rewrite_forward(fw, num_fwd_outputs, infos)
+            rewrite_backward(bw, infos)
+            _trace("bitfx_forward_after", fw)
+            _trace("bitfx_backward_after", bw)
+            for info in infos:
+                counters["bitfx"][info.decision.name.lower()] += 1
         log.debug("bitfx partition: %s", summarize(infos))
     if options.report:
         from bitfx.report import log_decisions
@@ -82,6 +91,15 @@ class Partition:
     def saved(self) -> list:
         """The forward's saved outputs (tensors, then SymInts)."""
         return list(self.fw.graph.find_nodes(op="output")[0].args[0][self.num_fwd_outputs:])
+
+
+def _trace(name: str, gm: fx.GraphModule) -> None:
+    # Like enable_activation_quantization: the graphs show up in tlparse.
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": name, "encoding": "string"},
+        payload_fn=lambda: gm.print_readable(print_output=False, include_stride=True, include_device=True),
+    )
 
 
 class BitfxPartitioner(CustomPartitionerFn):

@@ -83,3 +83,18 @@ def test_report_option_logs_decisions(caplog):
         torch.compile(m, backend=bitfx.backend(inner="eager", report=True))(torch.randn(4, 8)).sum().backward()
     text = caplog.text
     assert "compressed" in text and "relu" in text and "predicted" in text
+
+
+def test_callable_backend_merges_torch_compile_options():
+    """torch.compile(..., backend=bitfx.backend(...), options=...) used to drop options silently."""
+    from bitfx.passes.partition import Partition
+
+    seen = []
+    b = bitfx.backend(inner="eager")
+    b.on_partition = seen.append
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.compile(m, backend=b, options={"enabled": False})(torch.randn(4, 8)).sum().backward()
+    assert isinstance(seen[0], Partition) and seen[0].infos == []  # enabled=False took effect
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown bittrain option"):
+        torch.compile(m, backend=bitfx.backend(), options={"nope": 1})(torch.randn(4, 8))

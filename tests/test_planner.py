@@ -221,3 +221,21 @@ def test_cli_errors_are_one_line_exit_2(args, message):
 def test_cli_help():
     r = run_cli("--help")
     assert r.returncode == 0 and "MODULE:CALLABLE" in r.stdout and "--calibrate" in r.stdout
+
+
+def test_calibrated_density_follows_swapped_nodes():
+    """Issue 9: the swap pass renames the saved ReLU, and calibration matched densities by name."""
+    from test_passes import squared_relu_ffn
+
+    torch.manual_seed(0)
+    model = squared_relu_ffn()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        first.bias.fill_(-1.5)  # about 7% of the ReLU outputs are nonzero
+    x = torch.randn(64, first.in_features)
+    truth = (torch.relu(first(x)) != 0).float().mean().item()
+    p = bitfx.plan(model, x, inner="eager", calibrate=True)
+    rows = [t for t in p.tensors if t.decision == "compressed"]
+    assert rows and truth < 0.2
+    for row in rows:  # the ReLU output, and its square
+        assert row.name == "1" and row.density == pytest.approx(truth, abs=1e-6)
