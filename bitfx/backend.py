@@ -44,12 +44,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
         from . import inductor_layouts
 
         inductor_layouts.install()
-        # See bitfx.inductor_layouts: forward and backward must be lowered together.
-        patches["fx_graph_cache"] = False
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(
-                gm, example_inputs, inner_compile=inductor_layouts.inner_compile, config_patches=patches
-            )
+        # See bitfx.inductor_layouts: how forward layouts reach backward,
+        # with Inductor's FX-graph and AOTAutograd caches on.
+        return compile_fx(gm, example_inputs, inner_compile=inductor_layouts.inner_compile, config_patches=patches)
 
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd

@@ -17,27 +17,40 @@ copy in forward and different reduction orders in backward), bitfx:
 2. wraps Inductor's inner compile: before a backward graph is compiled, each
    ``decompress`` / ``unpack_bool`` with a recorded key gets those strides.
 
-Both graphs stay consistent when a key is missing (a cached forward, say):
-the op then uses the FX strides on both sides.  Compiles with compression
-bypass Inductor's FX-graph and AOTAutograd caches so that the forward is
-always lowered in the same process as its backward.
+Compiled code comes from Inductor's caches as usual.  When the forward is an
+FX-graph-cache hit, step 1 does not run, so the layouts are also kept in a
+cache entry of bitfx's own, a JSON file named by the forward's FX-graph cache
+key (under ``$BITFX_CACHE/layouts``): the same key means the same compiled
+forward, hence the same layouts.  If that entry is missing, the forward is
+compiled once more without the FX-graph cache.  An AOTAutograd cache hit
+loads forward and backward together, as they were compiled, and needs
+neither.  Layouts recorded in this process are dropped once their backward
+has taken them.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 import logging
+import os
 
 import torch
 import torch.fx as fx
 
+from . import ops as _ops  # noqa: F401  (defines torch.ops.bitfx)
 from .passes.rewrite import LAYOUT_KEY
 from .passes.symbolic import SymIntEmitter
 
 log = logging.getLogger("bitfx")
 
-# layout key -> strides (ints or sympy expressions) Inductor chose in forward
-_LAYOUTS: dict[str, list] = {}
+# layout key -> strides Inductor chose in forward, until backward takes them.
+# Bounded, in case a backward is never compiled.
+_LAYOUTS: collections.OrderedDict[str, list] = collections.OrderedDict()
+_MAX_PENDING = 4096
+
+_PRODUCERS = (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default)
 
 
 @functools.cache
@@ -49,6 +62,13 @@ def install() -> None:
         register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
 
 
+def _remember(key: str, strides: list) -> None:
+    _LAYOUTS[key] = strides
+    _LAYOUTS.move_to_end(key)
+    while len(_LAYOUTS) > _MAX_PENDING:
+        _LAYOUTS.popitem(last=False)
+
+
 def _lower_with_own_layout(op, x, stride):
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler
@@ -57,11 +77,21 @@ def _lower_with_own_layout(op, x, stride):
     x = ir.ExternKernel.realize_input(x)
     if ir.is_storage_and_layout(x):
         ir.as_storage_and_layout(x, freeze=True)
-    actual = list(x.get_stride())
+    # Plain ints where static (sympy Integers otherwise), so they can be saved.
+    actual = [int(s) if getattr(s, "is_number", False) else s for s in x.get_stride()]
     key = V.graph.current_node.meta.get(LAYOUT_KEY)
     if key is not None:
-        _LAYOUTS[key] = actual
+        _remember(key, actual)
     return fallback_handler(op, add_to_fallback_set=False)(x, actual)
+
+
+def _tagged(gm: fx.GraphModule, ops) -> dict[str, str]:
+    """node name -> layout key, for the bitfx ops ``ops`` in ``gm``."""
+    return {
+        n.name: n.meta[LAYOUT_KEY]
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in ops and LAYOUT_KEY in n.meta
+    }
 
 
 def apply_forward_layouts(gm: fx.GraphModule) -> int:
@@ -72,7 +102,7 @@ def apply_forward_layouts(gm: fx.GraphModule) -> int:
         key = node.meta.get(LAYOUT_KEY)
         if key is None or key not in _LAYOUTS:
             continue
-        strides = [emitter.arg_from_expr(s) for s in _LAYOUTS[key]]
+        strides = [emitter.arg_from_expr(s) for s in _LAYOUTS.pop(key)]
         values = [s.meta["val"] if isinstance(s, fx.Node) else s for s in strides]
         val = node.meta["val"]
         if list(val.stride()) == values:
@@ -90,10 +120,61 @@ def apply_forward_layouts(gm: fx.GraphModule) -> int:
     return changed
 
 
+def _entry_path(cache_key: str):
+    from .kernels.cpu_ext import _cache_dir
+
+    return _cache_dir() / "layouts" / f"{cache_key}.json"
+
+
+def _save(cache_key: str | None, tagged: dict[str, str]) -> None:
+    layouts = {name: _LAYOUTS[key] for name, key in tagged.items()}
+    if cache_key is None or not all(isinstance(s, int) for v in layouts.values() for s in v):
+        return  # symbolic strides: such forwards recompile instead (see _load)
+    path = _entry_path(cache_key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(layouts))
+        os.replace(tmp, path)
+    except OSError as e:  # an unwritable cache costs a recompile later, nothing else
+        log.debug("bitfx: cannot write %s: %s", path, e)
+
+
+def _load(cache_key: str | None, tagged: dict[str, str]) -> bool:
+    if cache_key is None:
+        return False
+    try:
+        layouts = json.loads(_entry_path(cache_key).read_text())
+    except (OSError, ValueError):
+        return False
+    if set(layouts) != set(tagged):
+        return False
+    for name, key in tagged.items():
+        _remember(key, layouts[name])
+    return True
+
+
 def inner_compile(gm, example_inputs, **kwargs):
-    """Inductor's ``compile_fx_inner``, with forward layouts applied to backward."""
+    """Inductor's ``compile_fx_inner``; forward layouts reach backward (see the module doc)."""
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
 
     if kwargs.get("is_backward"):
         apply_forward_layouts(gm)
-    return compile_fx_inner(gm, example_inputs, **kwargs)
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+    tagged = _tagged(gm, _PRODUCERS)
+    compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+    if not tagged:
+        return compiled
+    cache_key = getattr(compiled, "_fx_graph_cache_key", None)
+    if all(key in _LAYOUTS for key in tagged.values()):  # lowered here
+        _save(cache_key, tagged)
+    elif not _load(cache_key, tagged):
+        log.debug("bitfx: forward from the FX-graph cache without its layouts; compiling it again")
+        context = torch._guards.TracingContext.try_get()
+        if context is not None and context.output_strides is not None:
+            context.output_strides.clear()  # the first compile reported them; this one will again
+        with config.patch(fx_graph_cache=False):
+            compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+        _save(cache_key, tagged)
+    return compiled

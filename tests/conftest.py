@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 # Without a GPU, the Triton kernels run on CPU tensors through Triton's
 # interpreter.  It is chosen when a kernel is decorated, so set it before
@@ -17,10 +19,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    yield
-    torch._dynamo.reset()
+    # Compiles inside the test process never come from Inductor's caches: a
+    # test that compiles a graph another test (or an earlier run) compiled
+    # would otherwise skip the bitfx passes it means to test.  The caches
+    # themselves are tested in fresh processes (test_warm_cache.py).
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
+        enable_autograd_cache=False
+    ):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        yield
+        torch._dynamo.reset()
 
 
 @pytest.fixture

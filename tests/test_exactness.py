@@ -151,7 +151,8 @@ def test_inductor_layout_reaches_backward(monkeypatch):
     assert restrided and changed >= len(restrided), "expected Inductor's channels-last layout on restored activations"
     for d in restrided:
         assert list(d.args[3]) == list(d.meta["val"].stride())
-        assert inductor_layouts._LAYOUTS[d.meta["bitfx_layout_key"]] == list(d.args[3])
+    # Taken by backward, not kept: the table used to grow with every compile.
+    assert not any(d.meta["bitfx_layout_key"] in inductor_layouts._LAYOUTS for d in decomp)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
