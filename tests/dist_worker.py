@@ -1,0 +1,79 @@
+"""One rank of the distributed exactness test (run by test_distributed.py).
+
+    python dist_worker.py RANK WORLD PORT {ddp,fsdp2} OUT_DIR
+
+Trains the same small model for 3 SGD steps twice, compiled with
+``bittrain`` and with ``enabled=False``, on gloo over loopback, and saves
+both sets of full parameters.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    # A class of the user's, not nn.Sequential: after FSDP's and DDP's
+    # graph breaks Dynamo compiles forward as a frame of its own, and it
+    # never compiles frames of torch.nn itself.
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(8 * 7 * 7, 64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.head(self.features(x).flatten(1))))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def train(kind: str, enabled: bool, rank: int) -> list[torch.Tensor]:
+    torch._dynamo.reset()
+    model = make_model()
+    backend = {"backend": "bittrain", "options": {"enabled": enabled}}
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        compiled = torch.compile(DistributedDataParallel(model), **backend)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.head)
+        compiled = torch.compile(fully_shard(model), **backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own batch
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    out = []
+    for p in model.parameters():
+        p = p.detach()
+        out.append(p.full_tensor() if hasattr(p, "full_tensor") else p.clone())
+    return out
+
+
+def main() -> None:
+    rank, world, port, kind, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from torch._dynamo.utils import counters
+
+        on = train(kind, True, rank)
+        compressed = counters["bitfx"]["compress"]
+        off = train(kind, False, rank)
+        torch.save({"on": on, "off": off, "compressed": compressed}, out_dir / f"{kind}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
