@@ -10,10 +10,10 @@ different layout changes gradients in the last bit.
 So instead of forcing the FX layout on the input of ``bitfx::compress`` (a
 copy in forward and different reduction orders in backward), bitfx:
 
-1. lowers ``compress`` / ``pack_bool`` itself: it realizes the input in
-   whatever layout Inductor picked, freezes it, passes those strides to the
-   op (they define the element order), and records them under the node's
-   layout key;
+1. lowers ``compress`` / ``pack_bool`` itself: it gives the input the
+   layout stock Inductor gives a tensor the forward saves (see
+   :func:`_layout_as_if_saved`), passes those strides to the op (they define
+   the element order), and records them under the node's layout key;
 2. wraps Inductor's inner compile: before a backward graph is compiled, each
    ``decompress`` / ``unpack_bool`` with a recorded key gets those strides.
 
@@ -74,15 +74,51 @@ def _lower_with_own_layout(op, x, stride):
     from torch._inductor.lowering import fallback_handler
     from torch._inductor.virtualized import V
 
-    x = ir.ExternKernel.realize_input(x)
-    if ir.is_storage_and_layout(x):
-        ir.as_storage_and_layout(x, freeze=True)
+    x = _layout_as_if_saved(x, V.graph.current_node.args[0])
     # Plain ints where static (sympy Integers otherwise), so they can be saved.
     actual = [int(s) if getattr(s, "is_number", False) else s for s in x.get_stride()]
     key = V.graph.current_node.meta.get(LAYOUT_KEY)
     if key is not None:
         _remember(key, actual)
     return fallback_handler(op, add_to_fallback_set=False)(x, actual)
+
+
+def _layout_as_if_saved(x, node: fx.Node):
+    """Give ``x`` (the lowered ``node``) the layout stock Inductor gives a tensor the forward saves.
+
+    Without bitfx, ``node`` is a graph output, and its strides become those of
+    backward's input: ``GraphLowering.run_node`` fixes a saved output to its
+    FX strides, or to channels-last where Inductor's layout optimization
+    prefers it (this mirrors that code, torch 2.13-2.14).  Those strides
+    decide more than the layout: oneDNN, for one, picks a memory format from
+    all of them, size-1 dimensions included, and with it an order of
+    summation.  Keeping the layout Inductor had happened to give the buffer
+    (the earlier rule) matched on most models but not on all: a conv head
+    of 4096 channels at 1x1 got strides (64, 1, 256, 256) where stock saves
+    (64, 1, 64, 64), and gradients differed in the last bit.
+    """
+    from torch._inductor import config, ir
+    from torch._inductor.virtualized import V
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(x, ir.TensorBox) and isinstance(x.data, ir.BaseView):
+        x.realize()
+    if isinstance(val, torch.Tensor) and val.dim() and not free_unbacked_symbols(val.stride()):
+        strides = val.stride()
+        dense = is_non_overlapping_and_dense_or_false(val)
+        if dense and val.dim() == 4 and node in V.graph.nodes_prefer_channels_last:
+            strides = ir.FlexibleLayout.stride_ordered_for_memory_format(x.get_size(), torch.channels_last)
+        is_view = val._is_view() or isinstance(getattr(x, "data", None), ir.BaseView)
+        if is_view and not getattr(config, "strict_output_strides", False):
+            x = ir.ExternKernel.require_stride_order(x, ir.get_stride_order(strides), allow_padding=True)
+        else:
+            x = ir.ExternKernel.require_exact_strides(x, strides, allow_padding=True)
+    x = ir.ExternKernel.realize_input(x)
+    if ir.is_storage_and_layout(x):
+        ir.as_storage_and_layout(x, freeze=True)
+    return x
 
 
 def _tagged(gm: fx.GraphModule, ops) -> dict[str, str]:

@@ -4,14 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._functorch.config
-import torch._inductor.config
 
 # Without a GPU, the Triton kernels run on CPU tensors through Triton's
 # interpreter.  It is chosen when a kernel is decorated, so set it before
 # anything imports bitfx.kernels.triton_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# After TRITON_INTERPRET: Inductor's config imports triton.
+import torch._functorch.config  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
