@@ -29,7 +29,7 @@ from tabulate import tabulate
 from .backend import compile_graph
 from .liveness import simulate, tensor_bytes
 from .options import Options
-from .passes.analysis import DEFAULT_DENSITY, Decision
+from .passes.analysis import DEFAULT_DENSITY, KINDS, Decision
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
 
@@ -62,7 +62,7 @@ class MemoryPlan:
     optimizer: str
     calibrated: bool
     options: dict = field(default_factory=dict)
-    densities: dict[str, float] = field(default_factory=dict)  # assumed, by kind (unused when calibrated)
+    densities: dict[str, float | str] = field(default_factory=dict)  # assumed, by kind (unused when calibrated)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,7 +95,9 @@ class MemoryPlan:
         if self.calibrated:
             how = "measured densities (calibrate=True)"
         else:
-            how = "assumed densities: " + ", ".join(f"{k} {v:.2f}" for k, v in self.densities.items())
+            how = "assumed densities: " + ", ".join(
+                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.densities.items()
+            )
         return f"{per_tensor}\n\n{totals}\n({how})"
 
 
@@ -222,10 +224,13 @@ def plan(
     backend_options.pop("enabled", None)
     on = Options.from_dict({**backend_options, "enabled": True})
     off = Options.from_dict({**backend_options, "enabled": False})
-    densities_by_kind = dict(DEFAULT_DENSITY)
+    densities_by_kind: dict[str, float] = {}  # the user's; else each tensor's assumed density
     if isinstance(density, (int, float)) and not isinstance(density, bool):
-        densities_by_kind = {k: float(density) for k in densities_by_kind}
+        densities_by_kind = {k: float(density) for k in KINDS}
     elif density:
+        unknown = sorted(set(density) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown density kind(s) {unknown}; kinds are {list(KINDS)}")
         densities_by_kind.update(density)
     for kind, d in densities_by_kind.items():
         if not (isinstance(d, (int, float)) and 0.0 <= d <= 1.0):
@@ -255,7 +260,7 @@ def plan(
             continue
         d = None
         if info.decision is Decision.COMPRESS:
-            d = measured_by_info.get(id(info), densities_by_kind.get(info.kind or "relu", 0.5))
+            d = measured_by_info.get(id(info), densities_by_kind.get(info.kind or "relu", info.assumed_density))
         stored = info.stored_bytes(d)
         stored_by_name[name] = stored
         label = info.module_path or name
@@ -280,7 +285,8 @@ def plan(
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + v for k, v in peak.items()}
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
-                      optimizer, calibrate, options=asdict(on), densities=densities_by_kind)
+                      optimizer, calibrate, options=asdict(on),
+                      densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind})
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:

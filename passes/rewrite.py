@@ -7,18 +7,20 @@ Forward, for a saved ReLU output (``d`` = dense bytes)::
                                             c = bitfx.compress(relu)
                                             off = c[0]; pay = c[1]     # pay: uint8[u0]
     conv = aten.convolution(relu, w, ...)   conv = aten.convolution(relu, w, ...)
-    le = aten.le(relu, 0)                   (le no longer saved)
-    return (out, relu, le)                  return (out, off, pay)
+    return (out, relu)                      return (out, off, pay)
 
 Backward::
 
     before                                  after
-    relu, le, tangents = placeholders       off, pay, tangents = placeholders
+    relu, tangents = placeholders           off, pay, tangents = placeholders
     ...                                     ...
                                             relu = bitfx.decompress(off, pay, size, stride, dtype)
-                                            le = aten.le(relu, 0)
+    le = aten.le(relu, 0)                   le = aten.le(relu, 0)
     where = aten.where(le, 0, grad)         where = aten.where(le, 0, grad)
     cbw = convolution_backward(..., relu)   cbw = convolution_backward(..., relu)
+
+(Min-cut recomputes the ReLU mask ``le(relu, 0)`` in backward whenever it
+saves ``relu``; a mask saved on its own is bit-packed.)
 
 Compression sits right after the producer, so the dense tensor is freed after
 its last forward use; decompression sits right before the first backward use,
@@ -112,8 +114,6 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
             info.layout_key = _tag(packed)
             _copy_provenance(value, packed)
             parts = [packed]
-        elif decision is Decision.DERIVE:
-            parts = []
         else:
             parts = [value]
         if info is not None:
@@ -202,18 +202,6 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
     emitter = SymIntEmitter(graph, exclude={phs[i.node.name] for i in changed})
 
     for info in changed:
-        if info.decision is not Decision.DERIVE:
-            continue
-        ph, src = phs[info.node.name], phs[info.derived_from_info.node.name]
-        with graph.inserting_before(_first_user(ph)):
-            mask = graph.call_function(info.node.target, (src, *info.node.args[1:]), dict(info.node.kwargs))
-        mask.meta.update(ph.meta)
-        ph.replace_all_uses_with(mask)
-        graph.erase_node(ph)
-
-    for info in changed:
-        if info.decision is Decision.DERIVE:
-            continue
         ph = phs[info.node.name]
         fw_parts = info.parts
         suffixes = ("offsets", "payload") if info.decision is Decision.COMPRESS else ("packed",)
@@ -257,6 +245,3 @@ def demote_inexpressible(bw: fx.GraphModule, infos: list[SavedTensor]) -> None:
             log.warning("bitfx: keeping %s dense: backward has no value for %s", info.node.name, sorted(missing))
             info.decision = Decision.KEEP
             info.reason = f"size uses {sorted(missing)}, unknown in backward"
-    for info in infos:
-        if info.decision is Decision.DERIVE and info.derived_from_info.decision is not Decision.COMPRESS:
-            info.decision, info.reason, info.derived_from_info = Decision.PACK, "bool mask: 1 bit per element", None

@@ -74,7 +74,7 @@ def test_inductor_counts_weight_copies_as_weights():
     assert inductor == pytest.approx(eager_inner, rel=0.02)
 
 
-def test_derived_masks_cost_nothing_and_packed_masks_an_eighth():
+def test_packed_masks_cost_an_eighth():
     cap, _ = compile_and_capture(models.BasicBlock(8, 8), torch.randn(2, 8, 6, 6), backward=False)
     (packed,) = [i for i in cap.infos if i.decision.value == "bool-packed"]
     assert packed.stored_bytes() == (packed.val.numel() + 7) // 8

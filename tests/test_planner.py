@@ -181,7 +181,8 @@ def test_cli_density_in_footer_and_json():
     assert r.returncode == 0, r.stderr
     assert "relu 0.25" in r.stdout.splitlines()[-1]
     r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25", "--json")
-    assert json.loads(r.stdout)["densities"] == {"relu": 0.25, "max_pool": 0.25}
+    densities = json.loads(r.stdout)["densities"]
+    assert {"relu", "max_pool", "hardswish"} <= set(densities) and set(densities.values()) == {0.25}
 
 
 def test_cli_json():
