@@ -34,10 +34,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
     from .passes import BitfxPartitioner
     from .passes.partition import partition
 
+    names = None
+    if options.report:
+        from .report import input_names
+
+        names = input_names(gm)
     if options.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        partitioner = BitfxPartitioner(options, on_partition)
+        partitioner = BitfxPartitioner(options, on_partition, names)
         patches = {"custom_partitioner_fn": partitioner}
         if not options.enabled:
             return compile_fx(gm, example_inputs, config_patches=patches)
@@ -57,7 +62,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
     return aot_autograd(
         fw_compiler=run_as_fx,
         bw_compiler=run_as_fx,
-        partition_fn=functools.partial(partition, options=options, on_partition=on_partition),
+        partition_fn=functools.partial(partition, options=options, on_partition=on_partition, input_names=names),
         decompositions=_decompositions(),
         keep_inference_input_mutations=True,
     )(gm, example_inputs)

@@ -196,6 +196,8 @@ class SavedTensor:
     reason: str
     kind: str | None = None  # what made it sparse ("relu", "hardswish", "max_pool"), if anything
     assumed_density: float | None = None  # before anything runs (see assumed_density())
+    input_name: str | None = None  # for a graph input: its name (``layer1.0.conv1.weight``)
+    source_input_name: str | None = None  # for a cast of a graph input: that input's name
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
     layout_key: str | None = None  # links its compress and decompress nodes
     placeholder: fx.Node | None = None  # its input in the backward graph

@@ -24,7 +24,7 @@ from torch._logging import trace_structured
 
 from bitfx.options import Options
 
-from .analysis import SavedTensor, analyze, summarize
+from .analysis import Decision, SavedTensor, analyze, summarize
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
 from .swap import save_activations_not_inputs
 
@@ -38,6 +38,7 @@ def partition(
     num_fwd_outputs: int,
     options: Options,
     on_partition=None,
+    input_names: list[str] | None = None,
     **kwargs,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Min-cut partition (as for Inductor), then compress the sparse saved tensors.
@@ -72,7 +73,12 @@ def partition(
     if options.report:
         from bitfx.report import log_decisions
 
-        log_decisions(infos)
+        if not options.enabled:  # what stock saves, all of it dense
+            infos = analyze(fw, num_fwd_outputs, options)
+            for info in infos:
+                info.decision, info.reason = Decision.KEEP, f"enabled=False ({info.reason})"
+        _name_inputs(fw, infos, input_names)
+        log_decisions(infos, options.enabled)
     if on_partition is not None:
         on_partition(Partition(fw, bw, infos, num_fwd_outputs))
     return fw, bw
@@ -93,6 +99,23 @@ class Partition:
         return list(self.fw.graph.find_nodes(op="output")[0].args[0][self.num_fwd_outputs:])
 
 
+def _name_inputs(fw: fx.GraphModule, infos: list[SavedTensor], names: list[str] | None) -> None:
+    """Name saved graph inputs, and casts of them, by the Dynamo inputs they are."""
+    if not names:
+        return
+    by_placeholder = {}
+    for k, ph in enumerate(fw.graph.find_nodes(op="placeholder")):
+        idx = getattr(ph.meta.get("desc"), "idx", k)
+        if isinstance(idx, int) and idx < len(names):
+            by_placeholder[ph] = names[idx]
+    for info in infos:
+        node = info.node
+        if node in by_placeholder:
+            info.input_name = by_placeholder[node]
+        elif node.args and node.args[0] in by_placeholder:
+            info.source_input_name = by_placeholder[node.args[0]]
+
+
 def _trace(name: str, gm: fx.GraphModule) -> None:
     # Like enable_activation_quantization: the graphs show up in tlparse.
     trace_structured(
@@ -105,15 +128,17 @@ def _trace(name: str, gm: fx.GraphModule) -> None:
 class BitfxPartitioner(CustomPartitionerFn):
     """:func:`partition` as Inductor's ``custom_partitioner_fn``."""
 
-    def __init__(self, options: Options, on_partition=None):
+    def __init__(self, options: Options, on_partition=None, input_names: list[str] | None = None):
         self.options = options
         self.on_partition = on_partition
+        self.input_names = input_names  # for the report only: not part of the cache key
         # A callback must see every partition, so such a partitioner never
         # shares cache entries: its key gets a nonce.
         self._nonce = uuid_mod.uuid4().hex if on_partition is not None else None
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        return partition(gm, joint_inputs, options=self.options, on_partition=self.on_partition, **kwargs)
+        return partition(gm, joint_inputs, options=self.options, on_partition=self.on_partition,
+                         input_names=self.input_names, **kwargs)
 
     def __deepcopy__(self, memo):
         # Inductor deep-copies its config for cache keys; the callback may

@@ -78,11 +78,45 @@ def test_report_option_logs_decisions(caplog):
     import logging
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    m = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 2))
     with caplog.at_level(logging.INFO, logger="bitfx"):
-        torch.compile(m, backend=bitfx.backend(inner="eager", report=True))(torch.randn(4, 8)).sum().backward()
+        torch.compile(m, backend=bitfx.backend(inner="eager", report=True))(torch.randn(32, 8)).sum().backward()
     text = caplog.text
     assert "compressed" in text and "relu" in text and "predicted" in text
+    assert "bitfx: bitfx" not in text and "bitfx:bitfx" not in text
+    # Parameters by their module path, totals by what they count.
+    assert "2.weight" in text and "primals_" not in text.split("node")[0]
+    assert "activations: " in text and "graph inputs kept by reference" in text
+
+
+def test_report_is_true_with_enabled_false(caplog):
+    import logging
+
+    m = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 2))
+    with caplog.at_level(logging.INFO, logger="bitfx"):
+        torch.compile(m, backend=bitfx.backend(inner="eager", report=True, enabled=False))(
+            torch.randn(32, 8)).sum().backward()
+    text = caplog.text
+    assert "nothing saved" not in text and "0 -> 0 bytes" not in text
+    assert "enabled=False" in text and "compressed" not in text.replace("nothing compressed", "")
+    # the 32x256 float32 ReLU output, stored dense
+    assert "activations: 1, 32,768 -> 32,768 bytes" in text
+
+
+def test_report_prints_without_logging_configured():
+    """report=True shows the report on stderr even when the user configured no logging."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn as nn\n"
+        "m = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 2))\n"
+        "torch.compile(m, backend='bittrain', options={'report': True, 'inner': 'eager'})"
+        "(torch.randn(32, 8)).sum().backward()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "bitfx: saved for backward" in out.stderr and "compressed" in out.stderr
 
 
 def test_callable_backend_merges_torch_compile_options():
