@@ -30,12 +30,12 @@ class SqueezeExcite(nn.Module):
 
 
 class MobileNetV3Block(nn.Module):
-    """Inverted residual with hardswish, a depthwise conv and squeeze-excitation."""
+    """Inverted residual with a depthwise conv and squeeze-excitation; ReLU early, hardswish later, as in MobileNetV3."""
 
-    def __init__(self, c=16, expand=48):
+    def __init__(self, c=16, expand=48, act=nn.Hardswish):
         super().__init__()
-        self.expand = _cbn(c, expand, 1, act=nn.Hardswish)
-        self.dw = _cbn(expand, expand, 3, groups=expand, act=nn.Hardswish)
+        self.expand = _cbn(c, expand, 1, act=act)
+        self.dw = _cbn(expand, expand, 3, groups=expand, act=act)
         self.se = SqueezeExcite(expand)
         self.project = _cbn(expand, c, 1, act=None)
 
@@ -45,7 +45,7 @@ class MobileNetV3Block(nn.Module):
 
 def mobilenet_v3_like(num_classes=10):
     return nn.Sequential(
-        _cbn(3, 16, 3, 2, act=nn.Hardswish), MobileNetV3Block(), MobileNetV3Block(),
+        _cbn(3, 16, 3, 2, act=nn.Hardswish), MobileNetV3Block(act=nn.ReLU), MobileNetV3Block(),
         _cbn(16, 64, 1, act=nn.Hardswish), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
     )
 
@@ -129,7 +129,7 @@ def convnext_like(num_classes=10):
     # A ReLU-family classifier head gives the matrix something to compress.
     return nn.Sequential(
         nn.Conv2d(3, 32, 4, 4), ConvNeXtBlock(), ConvNeXtBlock(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1024), nn.ReLU(), nn.Linear(1024, num_classes),
     )
 
 
