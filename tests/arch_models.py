@@ -66,7 +66,7 @@ class ResNeXtBlock(nn.Module):
 
 def resnext_like(num_classes=10):
     return nn.Sequential(
-        _cbn(3, 16), ResNeXtBlock(16, 32, 32, stride=2), ResNeXtBlock(32, 32, 32),
+        _cbn(3, 16), ResNeXtBlock(16, 32, 32, stride=2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
     )
 
@@ -89,10 +89,7 @@ class ResNetDBlock(nn.Module):
 
 def resnet_d_like(num_classes=10):
     stem = nn.Sequential(_cbn(3, 16, 3, 2), _cbn(16, 16), _cbn(16, 32), nn.MaxPool2d(3, 2, 1))
-    return nn.Sequential(
-        stem, ResNetDBlock(32, 64, 1), ResNetDBlock(64, 128, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
-    )
+    return nn.Sequential(stem, ResNetDBlock(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
 
 
 def vgg_conv_head(num_classes=10):
