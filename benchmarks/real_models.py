@@ -52,6 +52,11 @@ def opt():
     return OPTForCausalLM(cfg), _lm_inputs()
 
 
+def opt_model():
+    """The OPT model alone, for ``python -m bitfx plan real_models:opt_model --input input_ids:2x32:int64:0-1000 ...``."""
+    return opt()[0]
+
+
 def t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
