@@ -392,6 +392,20 @@ def test_failed_build_is_tried_once_and_reported_in_one_line(tmp_path):
     assert (build_dir / "FAILED").stat().st_mtime_ns == stamp
 
 
+def test_unwritable_cache_is_one_warning_not_a_crash(tmp_path):
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    env = {**os.environ, "BITFX_CACHE": str(blocked / "cache")}
+    code = "import bitfx, torch; print(bitfx.decompress(bitfx.compress(torch.ones(3))).sum().item())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3.0"
+    assert len(out.stderr.strip().splitlines()) == 1 and "BITFX_CACHE" in out.stderr
+
+
 def test_import_with_an_empty_cache_is_silent(tmp_path):
     """The first import builds the C++ kernels and prints nothing on stderr."""
     import subprocess

@@ -118,16 +118,21 @@ def library() -> Path:
         return built
     if failed.exists():
         raise BuildError(f"{failed.read_text().strip()} (earlier build; log: {log_path})")
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create {build_dir}: {e.strerror} (set BITFX_CACHE to a writable directory)") from e
     try:
         path = _cpp_extension_load(name, build_dir)
     except Exception as e:  # noqa: BLE001 - compiler, ninja, linker or loader
         cause = f"building the CPU kernels with {cxx} failed: {_one_line(e)}"
-        log_path.write_text(f"{cause}\n\n{e}\n")
-        failed.write_text(cause + "\n")
         log.debug("bitfx: CPU kernel build log:\n%s", e)
+        with contextlib.suppress(OSError):  # remembered where the cache is writable
+            log_path.write_text(f"{cause}\n\n{e}\n")
+            failed.write_text(cause + "\n")
         raise BuildError(f"{cause} (log: {log_path})") from e
-    done.write_text(path + "\n")
+    with contextlib.suppress(OSError):
+        done.write_text(path + "\n")
     log.info("bitfx: built %s", path)
     return Path(path)
 
