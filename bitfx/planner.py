@@ -96,7 +96,7 @@ class MemoryPlan:
             how = "measured densities (calibrate=True)"
         else:
             how = "assumed densities: " + ", ".join(
-                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.densities.items()
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.densities.items()
             )
         return f"{per_tensor}\n\n{totals}\n({how})"
 
