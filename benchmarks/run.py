@@ -35,6 +35,7 @@ import models  # noqa: E402
 
 import bitfx  # noqa: E402
 from bitfx.measure import peak_cpu_bytes, saved_activation_bytes  # noqa: E402
+from bitfx.planner import fresh_entry  # noqa: E402
 
 CONFIGS = ["eager", "inductor", "inductor-budget", "bittrain-eager", "bittrain", "bittrain-budget"]
 BUDGET = 0.5
@@ -92,12 +93,10 @@ def _entry(model: nn.Module, config: str):
 
     Dynamo keeps compiled code per code object, guarded on shapes and types,
     not on ``activation_memory_budget``: two configurations compiling the same
-    ``forward`` would share one compiled graph.  Each entry is compiled from
-    source, so each has its own code object and cache; ``forward`` is inlined.
+    ``forward`` would share one compiled graph.  ``bitfx.planner.fresh_entry``
+    gives each its own code object and cache; ``forward`` is inlined.
     """
-    scope = {"model": model}
-    exec(compile("def entry(x):\n    return model(x)\n", f"<run.py {config}>", "exec"), scope)
-    return scope["entry"]
+    return fresh_entry(model, f"run.py {config}")
 
 
 def build(config: str, model: nn.Module):
