@@ -33,6 +33,12 @@ take several (transformers models take input_ids=..., labels=...):
 SHAPE is sizes joined by x or commas; integer inputs are drawn from
 [LOW, HIGH) when calibrating (default 0-100).
 
+--memory-budget plans the backend's memory_budget option (a fraction, or a
+size like 1.5GiB).  --sweep plans stock PyTorch and bittrain at budgets 1.0,
+0.9, 0.7, 0.5, 0.3, 0.1 (and bitfx's default): saved bytes, peak, and the
+cost model's estimated step time against stock's default plan; it recommends
+the setting with the least saved memory within --max-slowdown (default 1.05).
+
 Exit codes: 0 success, 2 bad arguments or a model that cannot be planned."""
 
 _DTYPES = {
@@ -62,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the backend's inner compiler whose partition to plan (default inductor)")
     p.add_argument("--density", default=None,
                    help="assumed density in [0, 1] of every sparse tensor (default by kind)")
+    p.add_argument("--memory-budget", default=None, metavar="B",
+                   help="the backend's memory_budget: a fraction in [0, 1] or a size like 1.5GiB (default: bitfx's free default)")
+    p.add_argument("--sweep", action="store_true",
+                   help="plan stock and bittrain at memory budgets 1.0 ... 0.1 and recommend a setting")
+    p.add_argument("--max-slowdown", type=float, default=1.05, metavar="X",
+                   help="with --sweep: the largest estimated step time, relative to stock's default plan (default 1.05)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks and torch's own log output")
     return p
@@ -168,6 +180,18 @@ def _density(text: str | None) -> float | None:
     return d
 
 
+def _budget(text: str | None):
+    if text is None:
+        return None
+    from .options import Options
+
+    try:
+        value = float(text) if text.replace(".", "", 1).isdigit() else text
+        return Options(memory_budget=value).memory_budget
+    except ValueError as e:
+        raise _Fail(f"bad --memory-budget {text!r}: {e}") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
@@ -210,11 +234,16 @@ def _quiet_torch(debug: bool):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .planner import plan
+    from .planner import plan, sweep
 
     try:
         specs = _specs(args)
         density = _density(args.density)
+        budget = _budget(args.memory_budget)
+        if args.sweep and budget is not None:
+            raise _Fail("--sweep plans every budget itself; drop --memory-budget")
+        if args.max_slowdown < 1.0:
+            raise _Fail(f"--max-slowdown must be >= 1, got {args.max_slowdown:g}")
         model = _load(args.spec)
         with _quiet_torch(args.debug):
             if args.calibrate:
@@ -227,9 +256,13 @@ def main(argv=None) -> int:
                     made = [s.make(real=False) for s in specs]
             positional = [t for s, t in zip(specs, made) if s.name is None]
             keywords = {s.name: t for s, t in zip(specs, made) if s.name is not None}
+            common = dict(inputs_kwargs=keywords, calibrate=args.calibrate, optimizer=args.optimizer,
+                          inner=args.inner, density=density)
             try:
-                result = plan(model, *positional, inputs_kwargs=keywords, calibrate=args.calibrate,
-                              optimizer=args.optimizer, inner=args.inner, density=density)
+                if args.sweep:
+                    result = sweep(model, *positional, max_slowdown=args.max_slowdown, **common)
+                else:
+                    result = plan(model, *positional, memory_budget=budget, **common)
             except Exception as e:  # noqa: BLE001 - anything the model does while traced
                 raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e
     except _Fail as e:

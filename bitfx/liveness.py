@@ -25,15 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .passes.opsets import ALIAS_VIEWS
+
 aten = torch.ops.aten
 
-_VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-    aten.transpose.int, aten.t.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
-    aten.alias.default, aten.as_strided.default, aten.unfold.default, aten.narrow.default,
-    aten.detach.default,
-}
 
 
 @dataclass
@@ -46,7 +41,7 @@ class Liveness:
 def storage_root(node: fx.Node) -> fx.Node:
     """The node that allocated ``node``'s storage."""
     while node.op == "call_function" and (
-        node.target in _VIEW_OPS or node.target is operator.getitem and _is_view_getitem(node)
+        node.target in ALIAS_VIEWS or node.target is operator.getitem and _is_view_getitem(node)
     ):
         node = node.args[0]
     return node
@@ -98,12 +93,3 @@ def simulate(
         if root is n and n in live and n not in last_use and n not in outputs:
             total -= live.pop(n)  # produced but never used
     return Liveness(peak, peak_node, total)
-
-
-def tensor_bytes(val) -> int:
-    """Dense bytes of a fake tensor (or a tuple of them) with concrete sizes."""
-    if isinstance(val, torch.Tensor):
-        return int(val.numel()) * val.element_size()
-    if isinstance(val, (list, tuple)):
-        return sum(tensor_bytes(v) for v in val)
-    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -33,6 +34,15 @@ class Options:
         Leave saved tensors smaller than this many dense bytes as they are: for
         tiny tensors the offsets table and the kernel launch cost more than the
         bytes saved.
+    memory_budget
+        ``None`` (default): bitfx chooses the plan, the smallest whose
+        estimated step time stays within 2% of stock's default plan (or
+        follows ``torch._functorch.config.activation_memory_budget`` when
+        that is below 1).  A number in [0, 1]: PyTorch's fraction (0 saves
+        the least, 1 is min-cut's plan), priced in bytes as bitfx stores them.
+        A size (``"1.5GiB"``, ``"800MB"``, or an int of bytes above 1): the
+        fastest plan whose saved activations fit it, per compiled graph, or
+        an error naming the smallest plan.
     report
         Log (at INFO, logger ``bitfx``) a table of each compiled graph's
         saved tensors: decision, reason, dense and predicted bytes.  To
@@ -46,8 +56,10 @@ class Options:
     pack_masks: bool = True
     min_bytes: int = 0
     report: bool = False
+    memory_budget: float | int | str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", _budget(self.memory_budget))
         if self.inner not in INNER_CHOICES:
             raise ValueError(
                 f"bittrain option inner={self.inner!r} is not valid; choose one of {INNER_CHOICES}"
@@ -68,3 +80,35 @@ class Options:
                 f"unknown bittrain option(s) {unknown}; valid options are {valid}"
             )
         return cls(**options)
+
+
+def _budget(value):
+    """None, a fraction (float in [0, 1]) or bytes (int > 1); sizes given as text are read."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as e:
+            raise ValueError(f"bittrain option memory_budget: {e}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        if value <= 1:
+            return float(value)
+        if isinstance(value, int):
+            return value
+    raise ValueError(
+        f"bittrain option memory_budget must be None, a fraction in [0, 1], a size like '1.5GiB' "
+        f"or an int of bytes, got {value!r}"
+    )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1.5GiB"``, ``"800MB"``, ``"4096"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size: write e.g. '1.5GiB', '800MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])

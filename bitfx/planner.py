@@ -27,9 +27,10 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .backend import compile_graph
-from .liveness import simulate, tensor_bytes
+from .liveness import simulate
 from .options import Options
-from .passes.analysis import DEFAULT_DENSITY, KINDS, Decision
+from .passes.analysis import Decision
+from .passes.pricing import DEFAULT_DENSITY, KINDS, dense_bytes
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
 
@@ -63,6 +64,7 @@ class MemoryPlan:
     calibrated: bool
     options: dict = field(default_factory=dict)
     densities: dict[str, float | str] = field(default_factory=dict)  # assumed, by kind (unused when calibrated)
+    estimate: dict = field(default_factory=dict)  # the cost model's view of the chosen plan (passes/costmodel.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,6 +94,10 @@ class MemoryPlan:
             headers=["", "baseline", "bittrain", "saving"],
             disable_numparse=True,
         )
+        if self.estimate:
+            e = self.estimate
+            totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
+                       f"baseline's (recompute {1e3 * e['recompute_s']:.2f} ms, codec {1e3 * e['codec_s']:.2f} ms)")
         if self.calibrated:
             how = "measured densities (calibrate=True)"
         else:
@@ -204,6 +210,7 @@ def plan(
     calibrate: bool = False,
     density: dict[str, float] | float | None = None,
     optimizer: str = "none",
+    _stock: bool = False,
     **backend_options,
 ) -> MemoryPlan:
     """Predict what ``torch.compile(model, backend="bittrain")`` saves and peaks at.
@@ -222,8 +229,10 @@ def plan(
         raise ValueError(f"optimizer={optimizer!r} is not valid; choose one of {list(OPTIMIZER_STATE)}")
     kwargs = dict(inputs_kwargs or {})
     backend_options.pop("enabled", None)
-    on = Options.from_dict({**backend_options, "enabled": True})
-    off = Options.from_dict({**backend_options, "enabled": False})
+    # "bittrain" is the plan priced; with _stock (the sweep's stock frontier)
+    # it is PyTorch's own partitioner at the given memory_budget.
+    on = Options.from_dict({**backend_options, "enabled": not _stock})
+    off = Options.from_dict({**backend_options, "enabled": False, "memory_budget": None})
     densities_by_kind: dict[str, float] = {}  # the user's; else each tensor's assumed density
     if isinstance(density, (int, float)) and not isinstance(density, bool):
         densities_by_kind = {k: float(density) for k in KINDS}
@@ -267,7 +276,9 @@ def plan(
         rows.append(TensorRow(label, _op_name(info.node), tuple(int(s) for s in info.val.shape), str(info.val.dtype),
                               info.dense_bytes(), d, stored, info.decision.value, info.reason))
     saved_bytes = {
-        "baseline": sum(r.dense_bytes for r in rows),
+        # The baseline is stock's own plan (what plain inductor saves), not
+        # bitfx's plan stored dense: bitfx may recompute more.
+        "baseline": sum(_dense_size(n) for n in base.saved if n.name not in resident),
         "bittrain": sum(r.stored_bytes for r in rows),
     }
 
@@ -284,18 +295,85 @@ def plan(
     }
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + v for k, v in peak.items()}
+    estimate = {}
+    if comp.estimate is not None:
+        e = comp.estimate
+        estimate = {"target": str(comp.target), "plan": e.label, "slowdown": e.slowdown,
+                    "recompute_s": e.recompute_s, "codec_s": e.codec_s, "saved_bytes_priced": e.saved_bytes}
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
                       optimizer, calibrate, options=asdict(on),
-                      densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind})
+                      densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind},
+                      estimate=estimate)
+
+
+SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
+
+
+@dataclass
+class SweepPoint:
+    pipeline: str  # "stock" or "bittrain"
+    budget: float | None  # None: bitfx's free default (stock: no budget, i.e. 1.0)
+    saved_bytes: int
+    peak_bytes: int
+    slowdown: float  # estimated step time against stock's default plan (passes/costmodel.py)
+
+
+@dataclass
+class Sweep:
+    points: list[SweepPoint]
+    max_slowdown: float
+    recommended: SweepPoint | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"points": [asdict(p) for p in self.points], "max_slowdown": self.max_slowdown,
+                "recommended": asdict(self.recommended) if self.recommended else None}
+
+    def __str__(self) -> str:
+        base = next(p for p in self.points if p.pipeline == "stock" and p.budget in (None, 1.0))
+        rows = [[p.pipeline, "default" if p.budget is None else f"{p.budget:g}", _human(p.saved_bytes),
+                 f"{p.saved_bytes / base.saved_bytes:.3f}" if base.saved_bytes else "", _human(p.peak_bytes),
+                 f"{p.slowdown:.3f}"] for p in self.points]
+        table = tabulate(rows, headers=["pipeline", "memory_budget", "saved", "saved x stock", "peak",
+                                        "est. step x stock"], disable_numparse=True)
+        r = self.recommended
+        if r is None:
+            advice = f"no plan is estimated within {self.max_slowdown:g}x the step time"
+        else:
+            setting = "options={}" if r.budget is None else f'options={{"memory_budget": {r.budget:g}}}'
+            advice = (f"recommended within {self.max_slowdown:g}x: backend=\"bittrain\", {setting}: saves "
+                      f"{_human(r.saved_bytes)}, estimated {r.slowdown:.3f}x")
+        return f"{table}\n{advice}"
+
+
+def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown: float = 1.05, **plan_kwargs) -> Sweep:
+    """Both frontiers, stock and bitfx, over ``memory_budget``: saved bytes, peak, estimated step time.
+
+    Each point is a :func:`plan` (nothing runs unless ``calibrate=True``);
+    stock's points are PyTorch's partitioner at that budget (``enabled=False``).
+    The recommendation is the bitfx point with the least saved bytes whose
+    estimated step time is within ``max_slowdown`` of stock's default plan.
+    """
+    if not (isinstance(max_slowdown, (int, float)) and max_slowdown >= 1.0):
+        raise ValueError(f"max_slowdown must be a number >= 1, got {max_slowdown!r}")
+    points = []
+    for budget in budgets:
+        for pipeline in ("stock", "bittrain"):
+            if pipeline == "stock" and budget is None:
+                budget_for = 1.0  # stock's default is budget 1.0
+            else:
+                budget_for = budget
+            if pipeline == "stock" and budget is None and any(b == 1.0 for b in budgets):
+                continue  # the same plan as stock at 1.0
+            p = plan(model, *example_inputs, memory_budget=budget_for, _stock=pipeline == "stock", **plan_kwargs)
+            points.append(SweepPoint(pipeline, budget, p.saved_bytes["bittrain"], p.peak_bytes["bittrain"],
+                                     p.estimate.get("slowdown", 1.0)))
+    ok = [p for p in points if p.pipeline == "bittrain" and p.slowdown <= max_slowdown]
+    best = min(ok, key=lambda p: (p.saved_bytes, p.slowdown)) if ok else None
+    return Sweep(points, max_slowdown, best)
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
     return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-
-
-def _single(node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) or s.node.hint is not None for s in val.shape)
 
 
 def _op_name(node) -> str:
@@ -311,7 +389,7 @@ def _payload_sizes(comp, stored_by_name) -> dict:
     for info in comp.infos:
         if info.decision is Decision.COMPRESS and info.parts:
             offsets, payload = info.parts
-            sizes[payload] = stored_by_name.get(info.node.name, 0) - tensor_bytes(offsets.meta["val"])
+            sizes[payload] = stored_by_name.get(info.node.name, 0) - dense_bytes(offsets.meta["val"])
     for info in comp.infos:
         if info.decision is Decision.COMPRESS and info.bw_parts:
             sizes[info.bw_parts[1]] = sizes[info.parts[1]]
@@ -319,7 +397,9 @@ def _payload_sizes(comp, stored_by_name) -> dict:
 
 
 def _dense_size(node) -> int:
-    return tensor_bytes(node.meta.get("val")) if _single(node) else 0
+    # A multi-output node owns nothing itself: its getitems are the allocations.
+    val = node.meta.get("val")
+    return dense_bytes(val) if isinstance(val, torch.Tensor) else 0
 
 
 def _peak(part, size_of) -> int:

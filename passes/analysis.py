@@ -29,21 +29,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from bitfx.format import packed_bool_bytes, predicted_bytes
 from bitfx.options import Options
+
+from .opsets import ZERO_PRESERVING
+from .pricing import DEFAULT_DENSITY, KINDS, Codec, stored_bytes  # noqa: F401  (KINDS: re-exported)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-# Density (fraction of nonzeros) assumed before anything runs, by the kind of
-# op that made a tensor sparse.  Measured on torchvision MobileNetV3-Small,
-# MobileNetV3-Large and MobileNetV2 at init, train mode, batch 8 of 128x128
-# random inputs, torch 2.14.1 (forward hooks on the activation modules):
-# ReLU 0.4987, ReLU6 0.4996, Hardswish 0.9975 (zero only below -3),
-# Hardsigmoid 1.0000.  Max-pool values are zero only where the whole window
-# is: see :func:`assumed_density`.
-DEFAULT_DENSITY = {"relu": 0.5, "relu6": 0.5, "hardswish": 0.998, "hardsigmoid": 1.0}
-KINDS = (*DEFAULT_DENSITY, "max_pool")
 
 # What the user wrote (Dynamo's source_fn_stack: module class or function
 # name) -> kind, for the activations that decompose into a clamp at 0.
@@ -84,16 +76,6 @@ def _relu_source(node: fx.Node) -> bool:
     return False
 
 
-# Ops that keep a zero input element zero, judged on their first argument.
-_VIEWS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-    aten.permute.default, aten.transpose.int, aten.t.default,
-    aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
-    aten.as_strided.default, aten.unfold.default, aten.narrow.default,
-    aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
-    aten.abs.default,
-}
 # By name: Inductor registers its low-memory max-pool prim only when its
 # decompositions are imported, which may be after this module.
 _MAX_POOLS = {
@@ -162,7 +144,7 @@ def propagate_sparsity(graph: fx.Graph) -> dict[fx.Node, str]:
             kind[node] = _source_kind(node)
             continue
         first = sparse(args[0]) if args else None
-        if t in _VIEWS and first:
+        if t in ZERO_PRESERVING and first:
             kind[node] = first
         elif t is aten.clamp_max.default and first and _is_num(_arg(node, 1, "max"), lambda v: v >= 0):
             kind[node] = first
@@ -217,32 +199,18 @@ class SavedTensor:
         # Sequential), or G['model'] behind an entry function (bitfx.plan).
         return re.sub(r"^[LG]\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
 
+    @property
+    def codec(self) -> Codec:
+        return {Decision.COMPRESS: Codec.BITMAP, Decision.PACK: Codec.BOOL}.get(self.decision, Codec.DENSE)
+
     def dense_bytes(self) -> int:
-        return _hint(self.val.numel()) * self.val.element_size()
+        return stored_bytes(self.val, Codec.DENSE)
 
     def stored_bytes(self, density: float | None = None) -> int:
         """Predicted bytes kept for backward; ``density`` defaults to the assumed one."""
-        numel = _hint(self.val.numel())
-        if self.decision is Decision.COMPRESS:
-            if density is None:
-                density = self.assumed_density if self.assumed_density is not None else 0.5
-            return predicted_bytes(numel, self.val.element_size(), density)
-        if self.decision is Decision.PACK:
-            return packed_bool_bytes(numel)
-        return self.dense_bytes()
-
-
-# Size assumed for a dimension with no hint (an unbacked size): large, so that
-# tensors whose size is unknown are never skipped for being small.
-_NO_HINT = 1 << 20
-
-
-def _hint(value) -> int:
-    """A concrete example value for an int or SymInt (the one compiled with)."""
-    if isinstance(value, int):
-        return value
-    hint = getattr(value.node, "hint", None)
-    return int(hint) if hint is not None else _NO_HINT
+        if density is None:
+            density = self.assumed_density if self.assumed_density is not None else DEFAULT_DENSITY["relu"]
+        return stored_bytes(self.val, self.codec, density)
 
 
 def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
@@ -274,7 +242,7 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
         return keep("graph input (parameter, buffer or user input)")
     if node in fwd_outputs:
         return keep("also a forward output, alive anyway")
-    if _hint(val.numel()) * val.element_size() < options.min_bytes:
+    if stored_bytes(val, Codec.DENSE) < options.min_bytes:
         return keep(f"smaller than min_bytes={options.min_bytes}", kind.get(node))
     if val.dtype == torch.bool:
         if not options.pack_masks:
@@ -286,11 +254,10 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
     if val.dtype.is_complex or val.dtype.itemsize not in (1, 2, 4, 8):
         return keep(f"dtype {val.dtype} not supported", k)
     d = assumed_density(node, kind)
-    numel = _hint(val.numel())
-    predicted = predicted_bytes(numel, val.element_size(), d)
-    if predicted >= numel * val.element_size():
+    predicted, dense = stored_bytes(val, Codec.BITMAP, d), stored_bytes(val, Codec.DENSE)
+    if predicted >= dense:
         info = keep(f"{describe(node)}, but would not shrink at density {d:.3g} "
-                    f"({predicted} >= {numel * val.element_size()} bytes)", k)
+                    f"({predicted} >= {dense} bytes)", k)
         info.assumed_density = d
         return info
     info = SavedTensor(node, index, Decision.COMPRESS, f"sparse: {describe(node)}", k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import uuid as uuid_mod
 import logging
 from pathlib import Path
@@ -25,6 +25,7 @@ from torch._logging import trace_structured
 from bitfx.options import Options
 
 from .analysis import Decision, SavedTensor, analyze, summarize
+from .costmodel import Estimate, JointPrices, Target, priced
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
 from .swap import save_activations_not_inputs
 
@@ -47,9 +48,17 @@ def partition(
     it to read the decisions without a second copy of this logic.
     """
     kwargs.setdefault("compiler", "inductor")
-    fw, bw = min_cut_rematerialization_partition(
-        joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
-    )
+    prices = None
+    if options.enabled or options.memory_budget is not None or on_partition is not None:
+        # bitfx prices the candidates and picks the budget (passes/costmodel.py);
+        # enabled=False stays stock unless a budget is given, or the planner
+        # wants the estimate.
+        prices = JointPrices(num_fwd_outputs, options)
+        with priced(prices):
+            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        _trace_plan(prices)
+    else:
+        fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     infos: list[SavedTensor] = []
     if options.enabled:
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
@@ -70,17 +79,18 @@ def partition(
             for info in infos:
                 counters["bitfx"][info.decision.name.lower()] += 1
         log.debug("bitfx partition: %s", summarize(infos))
+    if not options.enabled and (options.report or on_partition is not None):
+        infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
+        for info in infos:
+            info.decision, info.reason = Decision.KEEP, f"enabled=False ({info.reason})"
     if options.report:
         from bitfx.report import log_decisions
 
-        if not options.enabled:  # what stock saves, all of it dense
-            infos = analyze(fw, num_fwd_outputs, options)
-            for info in infos:
-                info.decision, info.reason = Decision.KEEP, f"enabled=False ({info.reason})"
         _name_inputs(fw, infos, input_names)
         log_decisions(infos, options.enabled)
     if on_partition is not None:
-        on_partition(Partition(fw, bw, infos, num_fwd_outputs))
+        on_partition(Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
+                               prices.candidates if prices else [], prices.target if prices else None))
     return fw, bw
 
 
@@ -92,6 +102,9 @@ class Partition:
     bw: fx.GraphModule
     infos: list[SavedTensor]
     num_fwd_outputs: int
+    estimate: Estimate | None = None  # the chosen plan, priced (passes/costmodel.py)
+    candidates: list[Estimate] = field(default_factory=list)  # every plan priced on the way
+    target: Target | None = None  # what the plan was chosen for
 
     @property
     def saved(self) -> list:
@@ -114,6 +127,17 @@ def _name_inputs(fw: fx.GraphModule, infos: list[SavedTensor], names: list[str] 
             info.input_name = by_placeholder[node]
         elif node.args and node.args[0] in by_placeholder:
             info.source_input_name = by_placeholder[node.args[0]]
+
+
+def _trace_plan(prices: JointPrices) -> None:
+    if prices.chosen is None:
+        return
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "bitfx_plan", "encoding": "json"},
+        payload_fn=lambda: {"target": str(prices.target), "chosen": prices.chosen.as_dict(),
+                            "candidates": [e.as_dict() for e in prices.candidates]},
+    )
 
 
 def _trace(name: str, gm: fx.GraphModule) -> None:

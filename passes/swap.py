@@ -26,12 +26,10 @@ import torch
 import torch.fx as fx
 
 from .analysis import _relu_source
+from .opsets import RESHAPES
 from .rewrite import fresh_placeholder, saved_placeholders
 
-aten = torch.ops.aten
 
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 def _same_call(a: fx.Node, b: fx.Node, arg0_a, arg0_b) -> bool:
@@ -50,7 +48,7 @@ def _recompute_chain(ph: fx.Node) -> list[fx.Node] | None:
         return None
     chain, prev = [], ph
     cur = next(iter(ph.users))
-    while cur.op == "call_function" and cur.target in _VIEWS and cur.args[0] is prev and len(cur.users) == 1:
+    while cur.op == "call_function" and cur.target in RESHAPES and cur.args[0] is prev and len(cur.users) == 1:
         chain.append(cur)
         prev, cur = cur, next(iter(cur.users))
     if cur.op == "call_function" and _relu_source(cur) and cur.args[0] is prev:

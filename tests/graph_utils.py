@@ -35,6 +35,9 @@ class Captured:
 def compile_and_capture(model, *inputs, dynamic=False, backward=True, **options):
     captured = Captured()
     options.setdefault("inner", "eager")
+    # Graph tests check the rewrite on min-cut's own plan (budget 1.0, priced
+    # by bitfx); the plan choice itself is tested in test_costmodel.py.
+    options.setdefault("memory_budget", 1.0)
     compiled = torch.compile(model, backend=Backend(Options(**options), captured), dynamic=dynamic)
     out = compiled(*inputs)
     if backward:

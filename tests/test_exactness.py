@@ -11,6 +11,9 @@ from torch._dynamo.utils import counters
 
 
 def grads_of(make_model, x, *, autocast=False, seed=0, steps=1, **options):
+    # Min-cut's plan (budget 1.0), where the sparse tensors survive; the free
+    # default's exactness is tested in test_costmodel.py.
+    options.setdefault("memory_budget", 1.0)
     torch.manual_seed(seed)
     model = make_model()
     compiled = torch.compile(model, backend=bitfx.backend(**options))
@@ -112,7 +115,7 @@ def test_inductor_dynamic_batch_exact():
     def run(enabled):
         torch.manual_seed(0)
         m = CASES["conv_bn_relu"][0]()
-        compiled = torch.compile(m, backend=bitfx.backend(inner="inductor", enabled=enabled), dynamic=True)
+        compiled = torch.compile(m, backend=bitfx.backend(inner="inductor", enabled=enabled, memory_budget=1.0), dynamic=True)
         grads = []
         for b in (2, 3, 5):
             m.zero_grad()
@@ -143,7 +146,7 @@ def test_inductor_layout_reaches_backward(monkeypatch):
     monkeypatch.setattr(inductor_layouts, "apply_forward_layouts", spy)
     torch.manual_seed(0)
     m = models.resnet18(num_classes=10)
-    torch.compile(m, backend=bitfx.backend(inner="inductor"))(torch.randn(2, 3, 32, 32)).sum().backward()
+    torch.compile(m, backend=bitfx.backend(inner="inductor", memory_budget=1.0))(torch.randn(2, 3, 32, 32)).sum().backward()
     ((gm, changed),) = compiled_bw
     decomp = call_nodes(gm, torch.ops.bitfx.decompress.default)
     restrided = [d for d in decomp if d.meta["val"].is_contiguous(memory_format=torch.channels_last)
@@ -164,7 +167,7 @@ def test_cuda_cnn_bit_identical_inductor(autocast):
     def run(enabled):
         torch.manual_seed(0)
         model = models.resnet18(num_classes=10).cuda()
-        compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", enabled=enabled))
+        compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", enabled=enabled, memory_budget=1.0))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = compiled(x)
         out.float().sum().backward()

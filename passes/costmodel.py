@@ -1,0 +1,488 @@
+"""Compression inside PyTorch's partitioner: bitfx's prices, and the choice of a plan.
+
+PyTorch's min-cut partitioner decides what forward saves in
+``choose_saved_values_set``.  It prices each candidate with ``_size_of``
+(dense bytes), both in the min-cut capacities and in the knapsack that
+``activation_memory_budget < 1`` runs, and the knapsack weighs recompute by
+``estimate_runtime``.  Within :func:`priced`:
+
+* ``_size_of`` returns bitfx's price of a tensor that bitfx stores compressed
+  (:func:`bitfx.passes.pricing.stored_bytes` at its assumed density), and 0
+  for parameters and buffers.  Those stay alive anyway; the stock floor
+  counts them, which under autocast kept every budget from recomputing the
+  bf16 casts of the weights (the fp32 parameters outweigh all that is saved).
+* The knapsack's runtime estimate is the roofline of
+  :func:`bitfx.passes.pricing.op_seconds`, less the codec time that keeping
+  a compressed tensor costs.  It goes through PyTorch's extension point,
+  ``torch._functorch.config.activation_memory_budget_runtime_estimator``.
+* ``choose_saved_values_set`` solves for the budget bitfx chose
+  (:class:`Target`): a fraction (PyTorch's meaning, priced in stored bytes),
+  an absolute byte count (the fastest plan that fits), or the free default:
+  the smallest plan whose estimated step time stays within
+  :data:`FREE_SLOWDOWN` of stock's default plan.
+
+The two private functions are replaced only while some thread is inside
+:func:`priced`, and a thread that is not sees the stock functions: the
+replacements dispatch on a thread-local.  Their signatures are checked on
+entry (:func:`check_torch`), so a torch that changed them fails loudly
+instead of silently planning with dense sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+from torch._functorch import config as functorch_config
+from torch._functorch import partitioners
+from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomRuntimeEstimator
+
+from bitfx.options import Options
+
+from .analysis import Decision, SavedTensor, _decide, propagate_sparsity
+from .pricing import Machine, _flops, _op_types, codec_seconds, machine_for, op_seconds, recompute_seconds, store_seconds
+
+log = logging.getLogger("bitfx")
+
+# The free default may cost this much estimated step time over stock's default plan.
+FREE_SLOWDOWN = 0.02
+# Fractions tried for an absolute target, fastest first.
+BUDGET_GRID = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+# The budget that sends choose_saved_values_set to its knapsack (0 would
+# return the inputs alone); the free default's solver then ignores the cap.
+_KNAPSACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the plan must satisfy: ``kind`` is ``"free"``, ``"fraction"`` or ``"bytes"``."""
+
+    kind: str
+    value: float = 1.0
+
+    def __str__(self) -> str:
+        if self.kind == "free":
+            return f"free default (estimated step time within {FREE_SLOWDOWN:.0%} of stock)"
+        if self.kind == "bytes":
+            return f"memory_budget={_human(self.value)}"
+        return f"memory_budget={self.value:g}"
+
+
+def resolve_target(options: Options, torch_budget: float) -> Target:
+    """The plan's target: options first, then torch's own ``activation_memory_budget``.
+
+    ``torch_budget`` is what PyTorch resolved (its config, or a
+    ``region_activation_memory_budget`` around the region).
+    """
+    b = options.memory_budget
+    if b is not None:
+        return Target("fraction", float(b)) if isinstance(b, float) else Target("bytes", float(b))
+    if torch_budget < 1.0:
+        return Target("fraction", float(torch_budget))
+    return Target("free") if options.enabled else Target("fraction", 1.0)
+
+
+@dataclass
+class Estimate:
+    """One candidate plan, priced.  Seconds are roofline estimates (see pricing)."""
+
+    budget: float | None  # the fraction it was solved at; None: the free default's time knapsack
+    saved_bytes: int  # priced: stored bytes of what forward keeps, parameters excluded
+    recompute_s: float  # forward ops that backward runs again
+    store_s: float  # writing and reading back saved values Inductor would otherwise keep fused
+    codec_s: float  # compress in forward plus decompress in backward
+    step_s: float  # one forward and backward with nothing recomputed or stored
+    baseline_s: float  # recompute_s + store_s of stock's default plan: what plain inductor runs
+
+    @property
+    def label(self) -> str:
+        return "time knapsack" if self.budget is None else f"budget {self.budget:g}"
+
+    @property
+    def slowdown(self) -> float:
+        """Estimated step time against stock's default plan."""
+        return (self.step_s + self.recompute_s + self.store_s + self.codec_s) / (self.step_s + self.baseline_s)
+
+    def as_dict(self) -> dict:
+        return {"budget": self.budget, "saved_bytes": self.saved_bytes, "recompute_s": self.recompute_s,
+                "store_s": self.store_s, "codec_s": self.codec_s, "slowdown": self.slowdown}
+
+
+class BudgetError(RuntimeError):
+    """No plan fits an absolute ``memory_budget``."""
+
+
+@dataclass
+class JointPrices:
+    """bitfx's prices of one joint graph, and the plan it chose."""
+
+    num_fwd_outputs: int
+    options: Options
+    target: Target | None = None  # resolved in choose(), where torch's own budget is known
+    machine: Machine = None  # type: ignore[assignment]
+    infos: dict[fx.Node, SavedTensor] = field(default_factory=dict)
+    static: set = field(default_factory=set)
+    chosen: Estimate | None = None
+    candidates: list[Estimate] = field(default_factory=list)
+    slack_s: float | None = None  # set while the free default's time knapsack runs
+    _stock_sizes: bool = False
+    _cuts: dict = field(default_factory=dict)  # solve_min_cut results of this graph, by its arguments
+
+    def _price_graph(self, joint: fx.Graph) -> None:
+        """Decide, as the rewrite will, how each node of ``joint`` would be stored if saved.
+
+        Runs on the graph the partitioner hands to choose_saved_values_set
+        (it may be a copy of the joint module's graph).
+        """
+        self.machine = self.machine or machine_for(joint)
+        self.infos = {}
+        if not self.options.enabled:
+            return  # stock pipeline: stock sizes; the plan is only estimated
+        kind = propagate_sparsity(joint)
+        outputs = joint.find_nodes(op="output")[0].args[0]
+        fwd_outputs = set(outputs[: self.num_fwd_outputs])
+        for node in joint.nodes:
+            if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
+                info = _decide(node, -1, kind, fwd_outputs, self.options)
+                if info.decision is not Decision.KEEP:
+                    self.infos[node] = info
+
+    # -- what the patched partitioner functions ask -------------------------
+
+    def size_of(self, node: fx.Node) -> int | None:
+        """bitfx's price of saving ``node``, or None for stock's."""
+        if self._stock_sizes or not self.options.enabled:
+            return None
+        if node in self.static:
+            return 0
+        info = self.infos.get(node)
+        return info.stored_bytes() if info is not None else None
+
+    def knapsack_value(self, node: fx.Node) -> float:
+        """Seconds saved by keeping ``node`` instead of recomputing it."""
+        value = recompute_seconds(node, self.machine)
+        info = self.infos.get(node) if self.options.enabled else None
+        if info is not None:
+            value -= codec_seconds(info.val, info.codec, self.machine)
+        return max(value, 1e-12)  # the knapsack wants positive values
+
+    def choose(self, stock_choose, joint_graph: fx.Graph, node_info, torch_budget: float) -> list[fx.Node]:
+        self.target = resolve_target(self.options, torch_budget)
+        _pin_rng(joint_graph)
+        self._price_graph(joint_graph)
+        self.static = set(getattr(node_info, "static_lifetime_input_nodes", ()))
+        step_s = sum(op_seconds(n, self.machine) for n in joint_graph.nodes)
+        self._stock_sizes = True
+        try:
+            stock_default = stock_choose(joint_graph, node_info, memory_budget=1.0)
+        finally:
+            self._stock_sizes = False
+        baseline = self._recompute_s(stock_default, node_info) + self._store_s(stock_default)
+
+        def solve(budget: float | None, slack_s: float | None = None) -> tuple[list[fx.Node], Estimate]:
+            self.slack_s = slack_s
+            # Budget 0 would return the graph inputs alone, recomputing RNG
+            # ops too (pytorch#190758): the knapsack at ~0 keeps them saved.
+            cap = _KNAPSACK if slack_s is not None or budget == 0 else budget
+            try:
+                saved = stock_choose(joint_graph, node_info, memory_budget=cap)
+            finally:
+                self.slack_s = None
+            est = Estimate(budget, self._saved_bytes(saved), self._recompute_s(saved, node_info),
+                           self._store_s(saved), self._codec_s(saved), step_s, baseline)
+            self.candidates.append(est)
+            return saved, est
+
+        t = self.target
+        if t.kind == "fraction" and t.value == 1.0 and not self.options.enabled:
+            saved = stock_default  # stock's own plan: no second solve
+            self.chosen = Estimate(1.0, self._saved_bytes(saved), self._recompute_s(saved, node_info),
+                                   self._store_s(saved), 0.0, step_s, baseline)
+            self.candidates.append(self.chosen)
+        elif t.kind == "fraction":
+            saved, self.chosen = solve(t.value)
+        elif t.kind == "free":
+            saved, self.chosen = self._free(solve, step_s + baseline)
+        else:
+            saved, self.chosen = self._fit(solve)
+        counters["bitfx"]["plans_priced"] += len(self.candidates)
+        log.debug("bitfx plan: %s -> %s, %d bytes saved, estimated slowdown %.3f",
+                  self.target, self.chosen.label, self.chosen.saved_bytes, self.chosen.slowdown)
+        return saved
+
+    # -- choosing the budget ------------------------------------------------------
+
+    def _free(self, solve, stock_step_s: float):
+        """The smallest plan whose estimated step time is within FREE_SLOWDOWN of stock's.
+
+        PyTorch's knapsack maximizes the recompute time it avoids within a
+        memory cap.  The free default turns it around: recompute what frees
+        the most bytes within a time slack (:meth:`solve_slack`, through
+        ``activation_memory_budget_solver``), on top of the aggressive cut
+        that recomputes every cheap pointwise chain.  The slack is bisected
+        when the whole plan, priced, exceeds the limit (the knapsack sees
+        each node alone, not what recomputing it drags along).
+        """
+        limit = 1.0 + FREE_SLOWDOWN
+        plans = [solve(1.0)]
+        hi = FREE_SLOWDOWN * stock_step_s
+        plans.append(solve(None, hi))
+        if plans[-1][1].slowdown > limit:
+            # Bisect the slack: the largest whose whole plan fits.
+            lo_plan = solve(None, 0.0)
+            plans.append(lo_plan)
+            if lo_plan[1].slowdown <= limit:
+                lo = 0.0
+                for _ in range(3):
+                    mid = (lo + hi) / 2
+                    plans.append(solve(None, mid))
+                    lo, hi = (mid, hi) if plans[-1][1].slowdown <= limit else (lo, mid)
+        fits = [p for p in plans if p[1].slowdown <= limit]
+        # Budget 1.0 (stock's cut at bitfx's prices) is the floor: even where
+        # the codec alone costs more than the limit, what is saved is compressed.
+        return min(fits, key=lambda p: (p[1].saved_bytes, p[1].slowdown)) if fits else plans[0]
+
+    def _fit(self, solve):
+        """The fastest plan whose saved bytes fit the absolute target, else BudgetError."""
+        for budget in BUDGET_GRID:  # larger budgets recompute less: the first fit is the fastest
+            saved, est = solve(budget)
+            if est.saved_bytes <= self.target.value:
+                return saved, est
+        smallest = min(self.candidates, key=lambda e: e.saved_bytes)
+        raise BudgetError(
+            f"bitfx: no plan fits {self.target} of saved activations in this graph; the smallest "
+            f"saves {_human(smallest.saved_bytes)} (memory_budget={smallest.budget:g}, estimated "
+            f"{smallest.slowdown:.2f}x the step time). Raise the budget, or give a fraction."
+        )
+
+    def solve_slack(self, memory: list[float], nodes: list[fx.Node]) -> tuple[list[int], list[int]]:
+        """Knapsack of the free default: recompute the nodes that free the most bytes per second.
+
+        Greedy by bytes per second of recompute (priced by
+        :meth:`knapsack_value`), within ``slack_s`` seconds.
+        """
+        cost = [self.knapsack_value(n) for n in nodes]
+        order = sorted(range(len(nodes)), key=lambda i: cost[i] / max(memory[i], 1e-30))
+        left, recompute = self.slack_s, set()
+        for i in order:
+            if cost[i] <= left:
+                recompute.add(i)
+                left -= cost[i]
+        return [i for i in range(len(nodes)) if i not in recompute], sorted(recompute)
+
+    # -- pricing a plan ----------------------------------------------------------
+
+    def _saved_bytes(self, saved: list[fx.Node]) -> int:
+        total = 0
+        for node in saved:
+            if not isinstance(node.meta.get("val"), torch.Tensor) or node in self.static:
+                continue
+            size = self.size_of(node)
+            total += partitioners._size_of(node) if size is None else size
+        return total
+
+    def _store_s(self, saved: list[fx.Node]) -> float:
+        """Saving a value that Inductor would compute inside a fused kernel forces it to memory."""
+        return sum(store_seconds(n, self.machine) for n in saved if isinstance(n.meta.get("val"), torch.Tensor))
+
+    def _codec_s(self, saved: list[fx.Node]) -> float:
+        if not self.options.enabled:
+            return 0.0
+        # Priced with compress=False too: that option keeps the plan, only the storage changes.
+        return sum(codec_seconds(self.infos[n].val, self.infos[n].codec, self.machine) for n in saved if n in self.infos)
+
+    def _recompute_s(self, saved: list[fx.Node], node_info) -> float:
+        """Estimated seconds of the forward ops backward runs again when ``saved`` is kept."""
+        keep = set(saved)
+        backward = node_info.tangents_closure
+        seen: set[fx.Node] = set()
+        stack = [a for n in backward if n.op != "output" for a in n.all_input_nodes]
+        while stack:
+            n = stack.pop()
+            if n in seen or n in keep or n in backward or n.op != "call_function":
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return sum(recompute_seconds(n, self.machine) for n in seen)
+
+
+def _pin_rng(joint: fx.Graph) -> None:
+    """Keep RNG ops out of backward: tag them MUST_SAVE, as PyTorch tags collectives.
+
+    pytorch#190758: the aggressive cuts and the knapsack behind
+    ``activation_memory_budget < 1`` can recompute an RNG op in backward,
+    where it draws fresh randomness (a new dropout mask: silently wrong
+    gradients).  A MUST_SAVE node is banned from recompute in every cut and
+    left out of the knapsack; what backward needs of it is saved.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in joint.nodes:
+        tags = getattr(node.target, "tags", ())
+        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags and "recompute" not in node.meta:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            counters["bitfx"]["rng_pinned"] += 1
+
+
+# -- scoped replacement of PyTorch's private partitioner functions -------------
+
+_local = threading.local()
+_lock = threading.Lock()
+_depth = 0
+_stock: dict[str, object] = {}
+
+
+def _active() -> JointPrices | None:
+    return getattr(_local, "prices", None)
+
+
+def _size_of(node: fx.Node) -> int:
+    prices = _active()
+    size = prices.size_of(node) if prices is not None else None
+    return _stock["_size_of"](node) if size is None else size
+
+
+def _solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban=None):
+    # choose_saved_values_set solves the same three cuts before every
+    # knapsack; bitfx asks it for several budgets, so cuts are remembered
+    # per joint graph, pricing and arguments.
+    prices = _active()
+    stock = _stock["solve_min_cut"]
+    if prices is None:
+        return stock(joint_graph, node_info, min_cut_options, dont_ban)
+    key = (prices._stock_sizes, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
+    if key not in prices._cuts:
+        prices._cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
+    saved, banned = prices._cuts[key]
+    return list(saved), type(banned)(banned)
+
+
+def _choose_saved_values_set(joint_graph, node_info, memory_budget: float = 1):
+    prices = _active()
+    stock = _stock["choose_saved_values_set"]
+    if prices is None:
+        return stock(joint_graph, node_info, memory_budget=memory_budget)
+    return prices.choose(stock, joint_graph, node_info, memory_budget)
+
+
+class RooflineEstimator(CustomRuntimeEstimator):
+    """``activation_memory_budget_runtime_estimator`` while bitfx partitions.
+
+    In a bitfx partition: :meth:`JointPrices.knapsack_value`.  In any other
+    thread meanwhile: what was configured before (``"flops"`` by default).
+    """
+
+    def __call__(self, node: fx.Node) -> float:
+        prices = _active()
+        if prices is not None:
+            return prices.knapsack_value(node)
+        prior = _stock["estimator"]
+        if isinstance(prior, CustomRuntimeEstimator):
+            return prior(node)
+        if prior == "testing":
+            return 1
+        if prior != "flops":
+            log.warning("bitfx: the %r runtime estimator is replaced by FLOP counts while bitfx partitions", prior)
+        return max(_flops(node, node.meta.get("val")), 1.0)
+
+    def uuid(self):
+        return "bitfx-roofline-1"
+
+
+class SlackKnapsack(CustomKnapsackSolver):
+    """``activation_memory_budget_solver`` while bitfx partitions.
+
+    The free default's time knapsack (:meth:`JointPrices.solve_slack`) when
+    it is solving; otherwise the solver configured before, ``"dp"`` by
+    default, on the runtime estimate in force.
+    """
+
+    def __call__(self, memory, joint_graph, max_memory, node_info, nodes):
+        prices = _active()
+        if prices is not None and prices.slack_s is not None:
+            return prices.solve_slack(memory, nodes)
+        return self._prior(memory, joint_graph, max_memory, node_info, nodes)
+
+    @staticmethod
+    def _prior(memory, joint_graph, max_memory, node_info, nodes):
+        prior = _stock["solver"]
+        if isinstance(prior, CustomKnapsackSolver):
+            return prior(memory, joint_graph, max_memory, node_info, nodes)
+        stock = {"dp": "dp_knapsack", "greedy": "greedy_knapsack", "ilp": "ilp_knapsack",
+                 "dp_knapsack_sliding_hirschberg": "dp_knapsack_sliding_hirschberg"}.get(prior)
+        if stock is None:
+            raise RuntimeError(f"bitfx: activation_memory_budget_solver={prior!r} cannot run inside a bitfx partition")
+        runtimes = [partitioners.estimate_runtime(n) for n in nodes]
+        _, saved, recomputed = getattr(partitioners, stock)(memory, runtimes, max_memory)
+        return saved, recomputed
+
+    def uuid(self):
+        return "bitfx-slack-knapsack-1"
+
+
+_ESTIMATOR = RooflineEstimator()
+_SOLVER = SlackKnapsack()
+
+
+def check_torch() -> None:
+    """Fail loudly where this torch's partitioner differs from the one these patches were written for."""
+    choose = getattr(partitioners, "choose_saved_values_set", None)
+    size_of = getattr(partitioners, "_size_of", None)
+    cut = getattr(partitioners, "solve_min_cut", None)
+    params = list(inspect.signature(choose).parameters) if callable(choose) else None
+    cut_params = list(inspect.signature(cut).parameters) if callable(cut) else None
+    if (params != ["joint_graph", "node_info", "memory_budget"] or not callable(size_of)
+            or cut_params != ["joint_graph", "node_info", "min_cut_options", "dont_ban"]):
+        raise RuntimeError(
+            f"bitfx: torch {torch.__version__}'s partitioner lacks choose_saved_values_set(joint_graph, "
+            f"node_info, memory_budget), solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban) "
+            f"or _size_of(node) (found {params}, {cut_params}); bitfx's cost model supports torch 2.13 to 2.14.1."
+        )
+
+
+@contextlib.contextmanager
+def priced(prices: JointPrices):
+    """Run PyTorch's partitioner with bitfx's prices and plan choice, in this thread."""
+    global _depth
+    check_torch()
+    with _lock:
+        if _depth == 0:
+            _stock["_size_of"] = partitioners._size_of
+            _stock["choose_saved_values_set"] = partitioners.choose_saved_values_set
+            _stock["estimator"] = functorch_config.activation_memory_budget_runtime_estimator
+            _stock["solver"] = functorch_config.activation_memory_budget_solver
+            _stock["solve_min_cut"] = partitioners.solve_min_cut
+            partitioners.solve_min_cut = _solve_min_cut
+            partitioners._size_of = _size_of
+            partitioners.choose_saved_values_set = _choose_saved_values_set
+            functorch_config.activation_memory_budget_runtime_estimator = _ESTIMATOR
+            functorch_config.activation_memory_budget_solver = _SOLVER
+        _depth += 1
+    _local.prices = prices
+    try:
+        yield prices
+    finally:
+        _local.prices = None
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                partitioners._size_of = _stock["_size_of"]
+                partitioners.solve_min_cut = _stock["solve_min_cut"]
+                partitioners.choose_saved_values_set = _stock["choose_saved_values_set"]
+                functorch_config.activation_memory_budget_runtime_estimator = _stock["estimator"]
+                functorch_config.activation_memory_budget_solver = _stock["solver"]
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+

@@ -1,0 +1,216 @@
+"""The price of keeping a tensor for backward: stored bytes and seconds of work.
+
+One definition, read by every part of bitfx that prices a tensor:
+
+* the partitioner hook (:mod:`.costmodel`), which gives PyTorch's min-cut and
+  memory-budget knapsack these prices instead of dense sizes;
+* the decisions of :mod:`.analysis` (``SavedTensor.stored_bytes``);
+* the report, and the planner's tables and ``--sweep``.
+
+Bytes come from :mod:`bitfx.format` (the one definition of the stored bytes)
+at a density: assumed per producer kind (:data:`DEFAULT_DENSITY`), or
+measured when the planner calibrates.  Seconds come from a roofline over a
+:class:`Machine`: FLOPs (``torch.utils.flop_counter``'s formulas, evaluated
+on shapes: nothing runs) against memory traffic.  They are estimates for
+choosing between plans, not predictions of wall time.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from bitfx.format import packed_bool_bytes, predicted_bytes
+
+from .opsets import ALIAS_VIEWS
+
+log = logging.getLogger("bitfx")
+
+# Density (fraction of nonzeros) assumed before anything runs, by the kind of
+# op that made a tensor sparse.  Measured on torchvision MobileNetV3-Small,
+# MobileNetV3-Large and MobileNetV2 at init, train mode, batch 8 of 128x128
+# random inputs, torch 2.14.1 (forward hooks on the activation modules):
+# ReLU 0.4987, ReLU6 0.4996, Hardswish 0.9975 (zero only below -3),
+# Hardsigmoid 1.0000.  Max-pool values are zero only where the whole window
+# is: see analysis.assumed_density.
+DEFAULT_DENSITY = {"relu": 0.5, "relu6": 0.5, "hardswish": 0.998, "hardsigmoid": 1.0}
+KINDS = (*DEFAULT_DENSITY, "max_pool")
+
+# Size assumed for a dimension with no hint (an unbacked size): large, so that
+# tensors whose size is unknown are never skipped for being small.
+NO_HINT = 1 << 20
+
+
+def hint(value) -> int:
+    """A concrete example value for an int or SymInt (the one compiled with)."""
+    if isinstance(value, int):
+        return value
+    h = getattr(value.node, "hint", None)
+    return int(h) if h is not None else NO_HINT
+
+
+def dense_bytes(val) -> int:
+    """Dense bytes of a (fake) tensor, or of a tuple of them; 0 for anything else."""
+    if isinstance(val, torch.Tensor):
+        return hint(val.numel()) * val.element_size()
+    if isinstance(val, (list, tuple)):
+        return sum(dense_bytes(v) for v in val)
+    return 0
+
+
+class Codec(enum.Enum):
+    """How a saved tensor is stored."""
+
+    DENSE = "dense"
+    BITMAP = "bitmap"  # bitfx::compress: per-block bitmap plus the nonzero values
+    BOOL = "bool-packed"  # bitfx::pack_bool: 1 bit per element
+
+
+def stored_bytes(val: torch.Tensor, codec: Codec, density: float = 0.5) -> int:
+    """Bytes kept for backward when ``val`` is stored with ``codec`` at ``density``."""
+    numel = hint(val.numel())
+    if codec is Codec.BITMAP:
+        return predicted_bytes(numel, val.element_size(), density)
+    if codec is Codec.BOOL:
+        return packed_bool_bytes(numel)
+    return numel * val.element_size()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Throughputs the time estimates divide by (bytes/s count dense bytes)."""
+
+    name: str
+    flops: float  # FLOP/s of matmul and convolution
+    bandwidth: float  # bytes/s moved (read plus write) by a memory-bound op
+    encode: float  # dense bytes/s bitfx::compress reads
+    decode: float  # dense bytes/s bitfx::decompress writes
+
+    def seconds_moving(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+
+# CPU: measured on this project's CI machine (AMD EPYC, 2 cores, AVX-512,
+# torch 2.14.1): fp32 conv 90 GFLOP/s and matmul 73 GFLOP/s (bf16 175);
+# clone moves 7 GB/s when every buffer is page-faulted in (16M elements) and
+# 145 GB/s in cache (1M); activations lie between.  encode/decode from
+# benchmarks/kernels.py on the same machine (README, Kernels; fp32, 50%
+# density): compress reads 24 GB/s at 1M elements and 3.6 GB/s at 16M,
+# decompress writes 43 and 2.8 GB/s.
+# CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
+# assumed: 60 TFLOP/s, 3 TB/s, and codecs at a third of the bandwidth.
+MACHINES = {
+    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=20e9, decode=30e9),
+    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12),
+}
+
+
+def machine_for(graph: fx.Graph) -> Machine:
+    """The machine of the graph's first tensor: CUDA if it is on CUDA, else CPU."""
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return MACHINES["cuda" if val.device.type == "cuda" else "cpu"]
+    return MACHINES["cpu"]
+
+
+def codec_seconds(val: torch.Tensor, codec: Codec, machine: Machine) -> float:
+    """Encode in forward plus decode in backward, for one saved tensor."""
+    if codec is Codec.DENSE:
+        return 0.0
+    dense = dense_bytes(val)
+    if codec is Codec.BOOL:  # one pass over a byte-per-element mask each way
+        return 2 * machine.seconds_moving(2 * dense)
+    return dense / machine.encode + dense / machine.decode
+
+
+def op_seconds(node: fx.Node, machine: Machine) -> float:
+    """Roofline time of one node, as Inductor would run it.
+
+    * FLOP-counted ops (matmul, convolution, attention: extern kernels):
+      max(FLOPs / flops, bytes in and out / bandwidth).
+    * Fusible ops (pointwise, and the reductions Inductor fuses them into):
+      free while every consumer is itself generated code; one write when an
+      extern kernel or the graph's output needs the value in memory (the
+      extern kernel pays for reading it).
+    * Views and ``getitem``: free.  Anything else: bytes in and out.
+    """
+    if node.op != "call_function" or node.target is operator.getitem or node.target in ALIAS_VIEWS:
+        return 0.0
+    out = dense_bytes(node.meta.get("val"))
+    flops = _flops(node, node.meta.get("val"))
+    if not flops and _op_types().is_fusible(node):
+        return machine.seconds_moving(out) if any(_needs_memory(u) for u in node.users) else 0.0
+    moved = out + sum(dense_bytes(a.meta.get("val")) for a in node.all_input_nodes)
+    return max(flops / machine.flops, machine.seconds_moving(moved))
+
+
+def recompute_seconds(node: fx.Node, machine: Machine) -> float:
+    """Extra time of running forward ``node`` again in backward.
+
+    Free for fusible ops, as PyTorch's partitioner assumes: Inductor fuses
+    them into the backward kernels, and where the value must be in memory
+    the recompute writes it where the saving plan reads it back.  (Measured
+    on CPU, torch 2.14.1: PyTorch's budget-0.9 plans, which recompute
+    BatchNorm+ReLU chains, step at 0.96-0.99x of the default plan on
+    DenseNet-121, MobileNetV2, ResNet-18 and a squared-ReLU FFN.)  The same
+    holds for ``cat``: Inductor has its inputs write into slices of the output.
+    """
+    if node.op == "call_function" and (
+        node.target is torch.ops.aten.cat.default  # Inductor's ConcatKernel: producers write into its slices
+        or not _flops(node, node.meta.get("val")) and _op_types().is_fusible(node)
+    ):
+        return 0.0
+    return op_seconds(node, machine)
+
+
+def store_seconds(node: fx.Node, machine: Machine) -> float:
+    """Extra time of saving ``node`` for backward: one write where it would stay fused.
+
+    (Backward's read of it replaces the read of what it would be recomputed from.)
+    """
+    if node.op != "call_function" or node.target is operator.getitem or node.target in ALIAS_VIEWS:
+        return 0.0
+    if _flops(node, node.meta.get("val")) or not _op_types().is_fusible(node):
+        return 0.0  # an extern or unfused kernel writes its output anyway
+    if any(_needs_memory(u) for u in node.users):
+        return 0.0  # materialized for an extern consumer anyway
+    return machine.seconds_moving(dense_bytes(node.meta.get("val")))
+
+
+def _needs_memory(user: fx.Node) -> bool:
+    """Whether ``user`` reads its input from memory rather than inside a fused kernel."""
+    if user.op != "call_function":
+        return True  # the graph's output
+    if user.target is operator.getitem or user.target in ALIAS_VIEWS:
+        return any(_needs_memory(u) for u in user.users)
+    return not _op_types().is_fusible(user) and bool(_flops(user, user.meta.get("val")))
+
+
+@functools.cache
+def _op_types():
+    from torch._functorch.partitioners import get_default_op_list
+
+    return get_default_op_list()
+
+
+def _flops(node: fx.Node, out) -> float:
+    from torch.utils.flop_counter import flop_registry
+
+    packet = getattr(node.target, "_overloadpacket", None)
+    formula = flop_registry.get(packet) if packet is not None else None
+    if formula is None:
+        return 0.0
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    try:
+        # The registered formulas read only shapes (shape_wrapper): nothing runs.
+        return float(hint(formula(*args, **kwargs, out_val=out)))
+    except Exception as e:  # e.g. a formula that cannot read symbolic shapes
+        log.debug("bitfx: no FLOP count for %s (%s); priced by its bytes alone", node, e)
+        return 0.0

@@ -1,0 +1,200 @@
+"""The cost model inside PyTorch's partitioner: prices, the free default, budgets (passes/costmodel.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from graph_utils import call_nodes
+from test_exactness import assert_bit_identical
+from torch._dynamo.utils import counters
+from torch._functorch import partitioners
+
+import bitfx
+import models
+from bitfx.backend import Backend
+from bitfx.measure import model_saved_bytes
+from bitfx.options import Options
+from bitfx.passes import costmodel
+
+aten = torch.ops.aten
+
+
+def capture(model, x, **options):
+    """Compile, run one step, return the last partition (graphs, infos, estimate)."""
+    got = []
+    options.setdefault("inner", "eager")
+    compiled = torch.compile(model, backend=Backend(Options.from_dict(options), got.append))
+    compiled(x).float().sum().backward()
+    return got[-1]
+
+
+def saved(model, x, **options):
+    torch._dynamo.reset()
+    options.setdefault("inner", "eager")
+    return model_saved_bytes(torch.compile(model, backend=bitfx.backend(**options)), x)
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def vgg_like():
+    """No BatchNorm: ReLU outputs survive the free default, compressed."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Dropout(0.3), nn.Linear(64, 10))
+
+
+def test_free_default_recomputes_batchnorm_relu_from_the_conv_output():
+    """What PyTorch's budget does for free: backward recomputes BN+ReLU; no ReLU output is saved."""
+    x = torch.randn(4, 3, 32, 32)
+    part = capture(cnn(), x)
+    saved_targets = {n.target for n in part.saved if isinstance(n, torch.fx.Node)}
+    assert aten.convolution.default in saved_targets
+    assert aten.relu.default not in saved_targets
+    assert call_nodes(part.bw, aten.relu.default), "backward recomputes the ReLU"
+    assert part.estimate.budget is None and part.estimate.slowdown <= 1 + costmodel.FREE_SLOWDOWN
+    stock_09 = saved(cnn(), x, enabled=False, memory_budget=0.9)
+    assert saved(cnn(), x) <= stock_09 < saved(cnn(), x, enabled=False)
+
+
+def test_free_default_recomputes_parameter_casts_under_autocast():
+    """Stock min-cut saves the bf16 copies of the weights; a cast of a parameter is the cheapest recompute."""
+    x = torch.randn(4, 3, 32, 32)
+
+    def casts_saved(**options):
+        got = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch._dynamo.reset()
+            compiled = torch.compile(cnn(), backend=Backend(Options.from_dict({"inner": "eager", **options}), got.append))
+            compiled(x).float().sum().backward()
+        fw_inputs = set(got[-1].fw.graph.find_nodes(op="placeholder"))
+        return [n for n in got[-1].saved if isinstance(n, torch.fx.Node) and n.op == "call_function"
+                and n.args and n.args[0] in fw_inputs and n.meta["val"].dtype == torch.bfloat16
+                and n.args[0].meta["val"].dtype == torch.float32 and n.args[0].meta["val"].dim() > 1
+                and n.args[0].meta["val"].shape != x.shape]  # weights, not the input
+
+    assert casts_saved(enabled=False), "stock saves bf16 copies of the conv weights"
+    assert not casts_saved()
+
+
+def test_sparse_tensors_survive_budgets_compressed():
+    """Priced at their stored bytes, ReLU outputs stay saved under a budget; stock recomputes nothing here."""
+    m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(64, 64)
+    stock, ours = saved(m, x, enabled=False, memory_budget=0.9), saved(m, x, memory_budget=0.9)
+    assert ours <= 0.8 * stock
+    assert saved(m, x, memory_budget=0.5) <= saved(m, x, enabled=False, memory_budget=0.5)
+    part = capture(m, x, memory_budget=0.9)
+    assert [i for i in part.infos if i.decision.name == "COMPRESS"]
+
+
+def test_fraction_option_is_torchs_budget():
+    """options={"memory_budget": b} and torch's activation_memory_budget = b give the same plan."""
+    x = torch.randn(4, 3, 32, 32)
+    a = capture(cnn(), x, memory_budget=0.5)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        b = capture(cnn(), x)
+    assert a.fw.code == b.fw.code and a.bw.code == b.bw.code
+    assert str(a.target) == str(b.target) == "memory_budget=0.5"
+
+
+def test_absolute_budget_fits_or_names_the_smallest_plan():
+    m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(64, 64)
+    free = capture(m, x)
+    limit = free.estimate.saved_bytes // 2
+    part = capture(m, x, memory_budget=limit)
+    assert part.estimate.saved_bytes <= limit and str(part.target).startswith("memory_budget=")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"no plan fits memory_budget=16 B .* the smallest saves"):
+        capture(m, x, memory_budget="16B")
+
+
+@pytest.mark.parametrize("options", [{}, {"memory_budget": 0.5}, {"memory_budget": 0.0},
+                                     {"enabled": False, "memory_budget": 0.5}])
+def test_budgets_never_redraw_dropout_masks(options):
+    """pytorch#190758: a budget recomputed RNG ops in backward, with new randomness (wrong gradients)."""
+    x = torch.randn(16, 32)
+    part = capture(dropout_mlp(), x, **options)
+    assert not [n for n in part.bw.graph.nodes if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())]
+
+    def grads(**o):
+        torch._dynamo.reset()
+        m = dropout_mlp()
+        torch.manual_seed(1)
+        torch.compile(m, backend=bitfx.backend(inner="eager", **o))(x).sum().backward()
+        return [p.grad for p in m.parameters()]
+
+    ref = grads(enabled=False)
+    assert all(torch.equal(a, b) for a, b in zip(grads(**options), ref))
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_default_plan_bit_identical_to_itself_stored_dense(inner, autocast):
+    """The lossless property: the chosen plan with and without compression gives the same bits."""
+    from test_exactness import grads_of
+
+    m, x = vgg_like, torch.randn(2, 3, 32, 32)
+    counters.clear()
+    on = grads_of(m, x, inner=inner, autocast=autocast, memory_budget=None)
+    assert counters["bitfx"]["compress"] > 0
+    torch._dynamo.reset()
+    dense = grads_of(m, x, inner=inner, autocast=autocast, memory_budget=None, compress=False)
+    assert_bit_identical(on, dense)
+
+
+def test_default_plan_against_stock_eager_is_bit_identical():
+    """Under inner="eager" recomputing an op gives its bits again: the default plan equals stock exactly."""
+    from test_exactness import grads_of
+
+    x = torch.randn(4, 3, 32, 32)
+    on = grads_of(cnn, x, inner="eager", memory_budget=None)
+    torch._dynamo.reset()
+    off = grads_of(cnn, x, inner="eager", enabled=False)
+    assert_bit_identical(on, off)
+
+
+def test_memory_budget_values():
+    assert Options(memory_budget=1).memory_budget == 1.0
+    assert Options(memory_budget="1.5GiB").memory_budget == 3 * 2**29
+    assert Options(memory_budget=4096).memory_budget == 4096
+    for bad in (-0.1, 1.5, "lots", True, [1]):
+        with pytest.raises(ValueError, match="memory_budget"):
+            Options(memory_budget=bad)
+
+
+def test_partitioner_patches_are_scoped():
+    stock = (partitioners._size_of, partitioners.choose_saved_values_set, partitioners.solve_min_cut,
+             torch._functorch.config.activation_memory_budget_runtime_estimator,
+             torch._functorch.config.activation_memory_budget_solver)
+    costmodel.check_torch()
+    capture(cnn(), torch.randn(2, 3, 16, 16))
+    assert stock == (partitioners._size_of, partitioners.choose_saved_values_set, partitioners.solve_min_cut,
+                     torch._functorch.config.activation_memory_budget_runtime_estimator,
+                     torch._functorch.config.activation_memory_budget_solver)
+
+
+def test_sweep_predicts_measured_saved_bytes():
+    """Each bitfx point of the sweep within 5% of what saved_tensors_hooks measures."""
+    from bitfx.planner import sweep
+
+    torch.manual_seed(0)
+    m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(64, 64)
+    s = sweep(m, x, budgets=(None, 1.0, 0.5), inner="eager")
+    for p in s.points:
+        options = {"memory_budget": p.budget} if p.budget is not None else {}
+        if p.pipeline == "stock":
+            options = {"enabled": False, "memory_budget": p.budget or 1.0}
+        assert p.saved_bytes == pytest.approx(saved(m, x, **options), rel=0.05), p
+    assert s.recommended is not None and s.recommended.pipeline == "bittrain"
+    assert "recommended within 1.05x" in str(s)
