@@ -2,6 +2,14 @@
 memory-budget partitioner, and bitfx, side by side.
 
     python benchmarks/run.py [--quick] [--out results.json] [--models resnet18,relu_mlp]
+    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
+
+Configurations: ``eager``, ``inductor``, ``bittrain`` (its defaults),
+``bittrain-eager`` (``inner="eager"``), and ``inductor@B`` / ``bittrain@B``:
+PyTorch's ``activation_memory_budget = B`` / ``options={"memory_budget": B}``.
+``--budgets`` adds both at every B (the two frontiers); ``--zoo heldout`` runs
+torchvision's ResNet-18, DenseNet-121, MobileNetV2 and VGG-11, a ReLU MLP and
+a squared-ReLU FFN block at the sizes of issue 10's table.
 
 Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
@@ -37,8 +45,21 @@ import bitfx  # noqa: E402
 from bitfx.measure import peak_cpu_bytes, saved_activation_bytes  # noqa: E402
 from bitfx.planner import fresh_entry  # noqa: E402
 
-CONFIGS = ["eager", "inductor", "inductor-budget", "bittrain-eager", "bittrain", "bittrain-budget"]
-BUDGET = 0.5
+CONFIGS = ["eager", "inductor", "inductor@0.5", "bittrain-eager", "bittrain", "bittrain@0.5"]
+
+
+def _budget_of(config: str) -> float | None:
+    return float(config.split("@", 1)[1]) if "@" in config else None
+
+
+def valid_config(config: str) -> bool:
+    if config in ("eager", "inductor", "bittrain", "bittrain-eager"):
+        return True
+    name, _, b = config.partition("@")
+    try:
+        return name in ("inductor", "bittrain") and 0.0 <= float(b) <= 1.0
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,38 @@ def workloads(quick: bool) -> dict[str, Workload]:
 QUICK_MODELS = ["resnet18", "mobilenet_v2", "vgg11", "relu_mlp", "gpt_sqrelu", "gpt_sqrelu_sparse"]
 
 
+class SquaredReLUFFN(nn.Module):
+    """Two pre-LN squared-ReLU FFN blocks (Primer) and a classifier on the mean token."""
+
+    def __init__(self, dim=256, hidden=1024, num_classes=10):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln": nn.LayerNorm(dim), "up": nn.Linear(dim, hidden), "down": nn.Linear(hidden, dim)})
+            for _ in range(2))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["down"](models.SquaredReLU()(b["up"](b["ln"](x))))
+        return self.head(x.mean(1))
+
+
+def heldout() -> dict[str, Workload]:
+    """torchvision models (not the project's own), at the sizes of issue 10's table."""
+    import torchvision.models as tv
+
+    return {
+        w.name: w for w in [
+            Workload("resnet18", lambda: tv.resnet18(num_classes=10), (4, 3, 64, 64), "torchvision"),
+            Workload("densenet121", lambda: tv.densenet121(num_classes=10), (2, 3, 64, 64), "torchvision"),
+            Workload("mobilenet_v2", lambda: tv.mobilenet_v2(num_classes=10, dropout=0.0), (4, 3, 64, 64), "torchvision"),
+            Workload("vgg11", lambda: tv.vgg11(num_classes=10, dropout=0.0), (2, 3, 64, 64), "torchvision, no BatchNorm"),
+            Workload("relu_mlp", lambda: models.relu_mlp(dim=256, hidden=1024, depth=3, num_classes=10), (64, 256)),
+            Workload("sqrelu_ffn", SquaredReLUFFN, (8, 64, 256), "squared-ReLU FFN, 2 blocks"),
+        ]
+    }
+
+
 def loss_of(out, target):
     if out.dim() == 3:
         return F.cross_entropy(out.flatten(0, 1).float(), target.flatten())
@@ -106,12 +159,15 @@ def build(config: str, model: nn.Module):
     if config.startswith("inductor"):
         return torch.compile(entry)
     inner = "eager" if config == "bittrain-eager" else "inductor"
-    return torch.compile(entry, backend=bitfx.backend(inner=inner))
+    budget = _budget_of(config)
+    options = {} if budget is None else {"memory_budget": budget}
+    return torch.compile(entry, backend=bitfx.backend(inner=inner, **options))
 
 
 def budget_ctx(config: str):
-    if config.endswith("budget"):
-        return torch._functorch.config.patch(activation_memory_budget=BUDGET)
+    budget = _budget_of(config)
+    if config.startswith("inductor@"):
+        return torch._functorch.config.patch(activation_memory_budget=budget)
     return contextlib.nullcontext()
 
 
@@ -212,24 +268,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"small inputs, models {','.join(QUICK_MODELS)}")
     p.add_argument("--models", default=None, help="comma-separated subset")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None, help=f"comma-separated (default {','.join(CONFIGS)})")
+    p.add_argument("--budgets", default=None, help="inductor, bittrain and both at each of these budgets")
+    p.add_argument("--zoo", default="default", choices=["default", "heldout"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write JSON rows here")
+    p.add_argument("--keep-caches", action="store_true",
+                   help="leave Inductor's FX-graph and AOTAutograd caches on (faster; compile s is then not cold)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    # Every configuration compiles from scratch, so compile times compare.
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-    all_w = workloads(args.quick)
-    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else list(all_w))
+    if not args.keep_caches:
+        # Every configuration compiles from scratch, so compile times compare.
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
+    all_w = heldout() if args.zoo == "heldout" else workloads(args.quick)
+    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick and args.zoo == "default" else list(all_w))
     unknown = [n for n in names if n not in all_w]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(all_w)}")
-    configs = args.configs.split(",")
-    bad = [c for c in configs if c not in CONFIGS]
+    if args.budgets and args.configs:
+        p.error("give --configs or --budgets, not both")
+    if args.budgets:
+        configs = ["inductor", "bittrain"] + [f"{c}@{b}" for b in args.budgets.split(",") for c in ("inductor", "bittrain")]
+    else:
+        configs = (args.configs or ",".join(CONFIGS)).split(",")
+    bad = [c for c in configs if not valid_config(c)]
     if bad:
-        p.error(f"unknown config(s) {bad}; choose from {CONFIGS}")
+        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, inductor@B or bittrain@B")
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):

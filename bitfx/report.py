@@ -107,7 +107,17 @@ def _make_visible() -> None:
         log.setLevel(logging.INFO)
 
 
-def log_decisions(infos: list[SavedTensor], enabled: bool) -> None:
+def log_decisions(infos: list[SavedTensor], enabled: bool, plan: str = "") -> None:
+    """``plan``: the cost model's choice, in words (see :func:`plan_line`)."""
     _make_visible()
     how = "predicted at assumed densities" if enabled else "enabled=False: stock pipeline, nothing compressed"
-    log.info("saved for backward (%s): %s\n%s\n%s", how, summarize(infos), totals(infos), decisions_table(infos))
+    log.info("saved for backward (%s): %s\n%s%s\n%s", how, summarize(infos), plan and plan + "\n", totals(infos),
+             decisions_table(infos))
+
+
+def plan_line(target, estimate) -> str:
+    """``plan: free default ... -> time knapsack, estimated step time 1.012x stock's (recompute ..., codec ...)``."""
+    if estimate is None:
+        return ""
+    return (f"plan: {target} -> {estimate.label}; estimated step time {estimate.slowdown:.3f}x stock's "
+            f"(recompute {1e3 * estimate.recompute_s:.2f} ms, codec {1e3 * estimate.codec_s:.2f} ms)")

@@ -84,10 +84,10 @@ def partition(
         for info in infos:
             info.decision, info.reason = Decision.KEEP, f"enabled=False ({info.reason})"
     if options.report:
-        from bitfx.report import log_decisions
+        from bitfx.report import log_decisions, plan_line
 
         _name_inputs(fw, infos, input_names)
-        log_decisions(infos, options.enabled)
+        log_decisions(infos, options.enabled, plan_line(prices.target, prices.chosen) if prices else "")
     if on_partition is not None:
         on_partition(Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
                                prices.candidates if prices else [], prices.target if prices else None))

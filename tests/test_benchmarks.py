@@ -14,8 +14,8 @@ def tiny():
 
 def test_run_model_rows_and_table():
     w = run.Workload("tiny", tiny, (16, 32))
-    rows = run.run_model(w, ["eager", "inductor", "bittrain-eager", "bittrain-budget"], run.torch.device("cpu"), 2, lambda m: None)
-    assert [r["config"] for r in rows] == ["eager", "inductor", "bittrain-eager", "bittrain-budget"]
+    rows = run.run_model(w, ["eager", "inductor", "bittrain-eager", "bittrain@0.5"], run.torch.device("cpu"), 2, lambda m: None)
+    assert [r["config"] for r in rows] == ["eager", "inductor", "bittrain-eager", "bittrain@0.5"]
     for r in rows:
         assert {"model", "config", "saved_activation_bytes", "peak_bytes", "step_ms", "compile_s"} <= set(r)
         assert r["step_ms"] > 0 and r["peak_bytes"] > 0
@@ -35,12 +35,12 @@ def tiny_cnn():
 
 
 def test_same_backend_configs_do_not_share_compiled_code():
-    """inductor and inductor-budget compile the same forward in one process; the
+    """inductor and inductor@0.5 compile the same forward in one process; the
     budget must still take effect (Dynamo does not guard on it)."""
     w = run.Workload("tiny_cnn", tiny_cnn, (4, 3, 8, 8))
-    rows = run.run_model(w, ["inductor", "inductor-budget"], run.torch.device("cpu"), 1, lambda m: None)
+    rows = run.run_model(w, ["inductor", "inductor@0.5"], run.torch.device("cpu"), 1, lambda m: None)
     saved = {r["config"]: r["saved_activation_bytes"] for r in rows}
-    assert saved["inductor-budget"] < saved["inductor"]
+    assert saved["inductor@0.5"] < saved["inductor"]
 
 
 def test_run_rejects_unknown_model_and_config(capsys):

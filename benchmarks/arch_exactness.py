@@ -1,0 +1,52 @@
+"""The exactness matrix's models (tests/arch_models.py) under Inductor: bitfx against stock, in numbers.
+
+    python benchmarks/arch_exactness.py [mobilenet_v3,resnext,...]
+
+Per family and dtype (fp32, bf16 autocast), one training step of each:
+the default plan, the same plan stored dense (``compress=False``),
+``memory_budget=1.0``, stock (``enabled=False``) and eager PyTorch.  Prints
+how many parameter gradients are bit-identical, and the largest difference
+of any parameter's gradient relative to its largest magnitude: bitfx against
+stock, and stock against eager.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from torch._dynamo.utils import counters  # noqa: E402
+
+from arch_models import ARCHS  # noqa: E402
+from test_arch_exactness import max_rel_diff, run, run_eager  # noqa: E402
+
+
+def main() -> None:
+    torch._inductor.config.fx_graph_cache = False
+    print(f"torch {torch.__version__}")
+    for arch in (sys.argv[1].split(",") if len(sys.argv) > 1 else ARCHS):
+        make, example = ARCHS[arch]
+        for autocast in (False, True):
+            x = example()
+            counters.clear()
+            on = run(make, x, autocast)
+            compressed = counters["bitfx"]["compress"]
+            dense = run(make, x, autocast, compress=False)
+            off = run(make, x, autocast, enabled=False)
+            on1 = run(make, x, autocast, memory_budget=1.0)
+            ref = run_eager(make, x, autocast)
+
+            def same(a, b):
+                return f"{sum(torch.equal(p, q) for (_, p), (_, q) in zip(a[1], b[1]))}/{len(a[1])}"
+
+            print(f"{arch} {'bf16' if autocast else 'fp32'}: compressed {compressed}; default vs dense "
+                  f"{same(on, dense)}, vs stock {same(on, off)}; budget 1.0 vs stock {same(on1, off)}; "
+                  f"diff default-stock {max_rel_diff(on, off):.1e}, stock-eager {max_rel_diff(off, ref):.1e}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
