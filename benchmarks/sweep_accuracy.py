@@ -1,0 +1,59 @@
+"""How well ``python -m bitfx plan --sweep`` predicts saved activations: against ``run.py``'s measurements.
+
+    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
+    python benchmarks/sweep_accuracy.py frontier.json
+
+For every model and configuration of the run (``inductor``, ``inductor@B``,
+``bittrain``, ``bittrain@B``), the sweep's predicted saved bytes (assumed
+densities, nothing run) against the bytes ``saved_tensors_hooks`` measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+
+from bitfx.planner import sweep  # noqa: E402
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    data = json.load(open(argv[0]))
+    measured = {(r["model"], r["config"]): r["saved_activation_bytes"] for r in data["rows"]}
+    budgets = sorted({float(c.split("@")[1]) for _, c in measured if "@" in c}, reverse=True)
+    zoo = run.heldout()
+    rows, worst = [], 0.0
+    for name in dict.fromkeys(m for m, _ in measured):
+        w = zoo[name]
+        torch.manual_seed(0)
+        model = w.make()
+        x, _ = w.inputs(torch.device("cpu"))
+        s = sweep(model, x, budgets=(None, 1.0, *budgets))
+        for p in s.points:
+            if p.pipeline == "stock":
+                config = "inductor" if p.budget in (None, 1.0) else f"inductor@{p.budget:g}"
+            else:
+                config = "bittrain" if p.budget is None else f"bittrain@{p.budget:g}"
+            real = measured.get((name, config))
+            if real is None:
+                continue
+            err = p.saved_bytes / real - 1
+            worst = max(worst, abs(err))
+            rows.append([name, config, f"{p.saved_bytes / 2**20:.2f}", f"{real / 2**20:.2f}", f"{100 * err:+.1f}%"])
+        print(f"{name} done", file=sys.stderr, flush=True)
+    print(f"torch {torch.__version__}; predicted (sweep, assumed densities) against measured ({argv[0]})")
+    print(tabulate(rows, headers=["model", "config", "predicted MiB", "measured MiB", "error"], disable_numparse=True))
+    print(f"largest error: {100 * worst:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
