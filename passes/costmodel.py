@@ -96,7 +96,7 @@ class Estimate:
     budget: float | None  # the fraction it was solved at; None: the free default's time knapsack
     saved_bytes: int  # priced: stored bytes of what forward keeps, parameters excluded
     recompute_s: float  # forward ops that backward runs again
-    store_s: float  # writing and reading back saved values Inductor would otherwise keep fused
+    store_s: float  # writing saved values that Inductor would otherwise keep inside a fused kernel
     codec_s: float  # compress in forward plus decompress in backward
     step_s: float  # one forward and backward with nothing recomputed or stored
     baseline_s: float  # recompute_s + store_s of stock's default plan: what plain inductor runs
