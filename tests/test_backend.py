@@ -129,7 +129,8 @@ def test_callable_backend_merges_torch_compile_options():
     b.on_partition = seen.append
     m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     torch.compile(m, backend=b, options={"enabled": False})(torch.randn(4, 8)).sum().backward()
-    assert isinstance(seen[0], Partition) and seen[0].infos == []  # enabled=False took effect
+    assert isinstance(seen[0], Partition) and seen[0].infos  # enabled=False took effect: stock's tensors, all dense
+    assert all(i.decision.name == "KEEP" and i.reason.startswith("enabled=False") for i in seen[0].infos)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown bittrain option"):
         torch.compile(m, backend=bitfx.backend(), options={"nope": 1})(torch.randn(4, 8))
