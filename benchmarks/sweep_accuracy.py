@@ -1,7 +1,7 @@
 """How well ``python -m bitfx plan --sweep`` predicts saved activations: against ``run.py``'s measurements.
 
     python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
-    python benchmarks/sweep_accuracy.py frontier.json
+    python benchmarks/sweep_accuracy.py frontier.json [MODEL,MODEL,...]
 
 For every model and configuration of the run (``inductor``, ``inductor@B``,
 ``bittrain``, ``bittrain@B``), the sweep's predicted saved bytes (assumed
@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     budgets = sorted({float(c.split("@")[1]) for _, c in measured if "@" in c}, reverse=True)
     zoo = run.heldout()
     rows, worst = [], 0.0
-    for name in dict.fromkeys(m for m, _ in measured):
+    names = argv[1].split(",") if len(argv) > 1 else list(dict.fromkeys(m for m, _ in measured))
+    for name in names:
         w = zoo[name]
         torch.manual_seed(0)
         model = w.make()
