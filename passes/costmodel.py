@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -178,7 +179,7 @@ class JointPrices:
         _pin_rng(joint_graph)
         self._price_graph(joint_graph)
         self.static = set(getattr(node_info, "static_lifetime_input_nodes", ()))
-        step_s = sum(op_seconds(n, self.machine) for n in joint_graph.nodes)
+        step_s = math.fsum(op_seconds(n, self.machine) for n in joint_graph.nodes)
         self._stock_sizes = True
         try:
             stock_default = stock_choose(joint_graph, node_info, memory_budget=1.0)
@@ -290,13 +291,13 @@ class JointPrices:
 
     def _store_s(self, saved: list[fx.Node]) -> float:
         """Saving a value that Inductor would compute inside a fused kernel forces it to memory."""
-        return sum(store_seconds(n, self.machine) for n in saved if isinstance(n.meta.get("val"), torch.Tensor))
+        return math.fsum(store_seconds(n, self.machine) for n in saved if isinstance(n.meta.get("val"), torch.Tensor))
 
     def _codec_s(self, saved: list[fx.Node]) -> float:
         if not self.options.enabled:
             return 0.0
         # Priced with compress=False too: that option keeps the plan, only the storage changes.
-        return sum(codec_seconds(self.infos[n].val, self.infos[n].codec, self.machine) for n in saved if n in self.infos)
+        return math.fsum(codec_seconds(self.infos[n].val, self.infos[n].codec, self.machine) for n in saved if n in self.infos)
 
     def _recompute_s(self, saved: list[fx.Node], node_info) -> float:
         """Estimated seconds of the forward ops backward runs again when ``saved`` is kept."""
@@ -310,7 +311,9 @@ class JointPrices:
                 continue
             seen.add(n)
             stack.extend(n.all_input_nodes)
-        return sum(recompute_seconds(n, self.machine) for n in seen)
+        # fsum: ``seen`` is a set whose order follows object ids; a plain sum's last bits would
+        # then differ between two compiles of one graph.
+        return math.fsum(recompute_seconds(n, self.machine) for n in seen)
 
 
 def _pin_rng(joint: fx.Graph) -> None:
