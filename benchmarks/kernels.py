@@ -5,6 +5,12 @@ smaller one, so every figure is also given as a ratio to ``clone`` of the
 same tensor, measured in the same process with the same thread count.
 
     python benchmarks/kernels.py [--device cuda] [--quick] [--out kernels.json]
+    python benchmarks/kernels.py --codec exponent [--sizes 16777216] [--dtypes float32,bfloat16,float16]
+
+``--codec exponent`` times the exponent codec's kernels (format.py, "The
+exponent codec") on dense normal values, as conv outputs are: encode is its
+two passes (sizing, writing) and the stream's allocation; decode includes the
+stream check.
 """
 
 from __future__ import annotations
@@ -58,6 +64,30 @@ def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
     return torch.where(keep, x, 0.0).to(device=device, dtype=getattr(torch, cfg.dtype))
 
 
+def run_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
+    x = make_input(cfg, device)
+    k = kernels.select(device)
+    stream = kernels.exp_compress(k, x)
+    out = torch.empty_like(x)
+    kernels.exp_decompress(k, stream, out)
+    assert torch.equal(out.view(torch.uint8), x.view(torch.uint8))
+    t_clone = _timer(device, lambda: x.clone(), reps)
+    t_comp = _timer(device, lambda: kernels.exp_compress(k, x), reps)
+    t_decomp = _timer(device, lambda: kernels.exp_decompress(k, stream, out), reps)
+    return {
+        **asdict(cfg),
+        "dense_MB": x.nbytes / 1e6,
+        "stored_ratio": stream.numel() / x.nbytes,
+        "clone_us": t_clone * 1e6,
+        "compress_us": t_comp * 1e6,
+        "decompress_us": t_decomp * 1e6,
+        "compress_GBps": x.nbytes / t_comp / 1e9,
+        "decompress_GBps": x.nbytes / t_decomp / 1e9,
+        "compress_vs_clone": t_comp / t_clone,
+        "decompress_vs_clone": t_decomp / t_clone,
+    }
+
+
 def run(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     packed = bitfx.compress(x)
@@ -95,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="write JSON rows here")
+    p.add_argument("--codec", choices=("bitmap", "exponent"), default="bitmap")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -103,6 +134,8 @@ def main(argv=None) -> int:
         [mb, 16 * mb] if args.quick else [mb, 4 * mb, 16 * mb, 64 * mb]
     )
     densities = [0.1, 0.5, 0.9] if args.quick else [float(d) for d in args.densities.split(",")]
+    if args.codec == "exponent":
+        densities = [1.0]  # the codec's target: dense values
     configs = [Config(n, d, dt) for dt in args.dtypes.split(",") for n in sizes for d in densities]
     backend = kernels.select(device).__name__.rsplit(".", 1)[-1]
     env = {
@@ -110,17 +143,18 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "kernels": backend,
+        "codec": args.codec,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     rows = []
     for i, cfg in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {cfg}", file=sys.stderr, flush=True)
-        rows.append(run(cfg, device, args.reps))
+        rows.append((run_exponent if args.codec == "exponent" else run)(cfg, device, args.reps))
     cols = ["dtype", "numel", "density", "stored_ratio", "clone_us", "compress_us", "decompress_us",
             "compress_GBps", "decompress_GBps", "compress_vs_clone", "decompress_vs_clone"]
     if device.type == "cuda":
         cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]
-    print(f"bitfx kernels={backend} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
+    print(f"bitfx {args.codec} kernels={backend} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".2f"))
     if args.out:
         with open(args.out, "w") as f:

@@ -109,6 +109,41 @@ def run_all() -> int:
     return raised
 
 
+EXP_CASES = {
+    "width_above_8": lambda st, k: _set(st, 3 * k + fmt.exp_groups(k), 9),
+    "stream_one_byte_short": lambda st, k: st[:-1],
+    "stream_one_byte_long": lambda st, k: torch.cat([st, st[:1]]),
+    "no_header": lambda st, k: st[: 3 * k],
+}
+
+
+def run_exponent() -> int:
+    """The exponent codec's C kernels: round trips at odd sizes, then corrupt streams; the number that raised."""
+    from bitfx import kernels
+    from bitfx.kernels import cpu_ext
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, ints in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+        for n in (0, 1, 31, 33, 1025, 70_001):
+            x = torch.randint(-(2**15), 2**15, (n,), generator=gen).to(ints).view(dtype)
+            stream = kernels.exp_compress(cpu_ext, x)
+            out = torch.empty_like(x)
+            kernels.exp_decompress(cpu_ext, stream, out)
+            assert torch.equal(out.view(ints), x.view(ints)), (dtype, n)
+    k = 5003
+    x = torch.randn(k, generator=gen)
+    stream = kernels.exp_compress(cpu_ext, x)
+    raised = 0
+    for name, corrupt in EXP_CASES.items():
+        try:
+            kernels.exp_decompress(cpu_ext, corrupt(stream, k), torch.empty_like(x))
+        except ValueError:
+            raised += 1
+            continue
+        raise AssertionError(f"{name}: exponent decode accepted a corrupt stream")
+    return raised
+
+
 if __name__ == "__main__":
     # Run by test_sanitizer.py under AddressSanitizer, once per ISA.
     import sys
@@ -120,3 +155,4 @@ if __name__ == "__main__":
     for isa in sys.argv[1:] or ["scalar", "avx512"]:
         cpu_ext.set_isa(isa)
         print(isa, run_all(), "cases raised ValueError")
+    print("exponent codec:", run_exponent(), "corrupt streams raised ValueError")

@@ -49,3 +49,15 @@ def test_run_rejects_unknown_model_and_config(capsys):
     with pytest.raises(SystemExit):
         run.main(["--models", "relu_mlp", "--configs", "turbo"])
     assert "unknown" in capsys.readouterr().err
+
+
+def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
+    import kernels
+
+    out = tmp_path / "k.json"
+    assert kernels.main(["--codec", "exponent", "--sizes", "4099", "--dtypes", "bfloat16,float16", "--reps", "1",
+                         "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["bfloat16", "float16"]
+    assert all(0 < r["stored_ratio"] < 1 and r["compress_us"] > 0 for r in rows)
+    assert "exponent kernels=" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 Builds the CPU kernels with ``BITFX_SANITIZE=address`` into a fresh cache and
 runs ``tests/corrupt_cases.py`` (every corrupt case, scalar and AVX-512
-kernels) in a Python with libasan preloaded.  By hand::
+kernels; the exponent codec's round trips and corrupt streams) in a Python with libasan preloaded.  By hand::
 
     BITFX_SANITIZE=address BITFX_CACHE=/tmp/bitfx-asan \\
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import corrupt_cases
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,3 +56,4 @@ def test_corrupt_inputs_under_asan(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.split("\n")
     assert any(line.startswith("scalar ") for line in lines) and any(line.startswith("avx512 ") for line in lines)
+    assert f"exponent codec: {len(corrupt_cases.EXP_CASES)} corrupt" in out.stdout

@@ -9,6 +9,10 @@ bytes:
 * ``encode(ints, offsets, bitmap, values)``: fills the sparse payload's parts
 * ``decode(offsets, bitmap, values, out)``: fills ``out``
 * ``pack_bool(flat) -> packed`` and ``unpack_bool(packed, out)``
+* the exponent codec, on a run of float values as same-width ints:
+  ``exp_header(ints) -> (header, width_sum)`` (pass 1, sizing; on a GPU
+  the one synchronization), ``exp_encode(ints, stream)`` (pass 2, writing
+  around the header already in the stream) and ``exp_decode(stream, out)``
 
 :func:`compress` and :func:`decompress` hold what is common: the dense
 fallback, the payload layout and the one host synchronization.
@@ -33,7 +37,17 @@ from types import ModuleType
 
 import torch
 
-from ..format import BITMAP_BYTES_PER_BLOCK, int_view_dtype, num_blocks, use_sparse
+from ..format import (
+    BITMAP_BYTES_PER_BLOCK,
+    CorruptData,
+    check_exp_dtype,
+    check_exp_stream,
+    exp_header_bytes,
+    exp_stream_bytes,
+    int_view_dtype,
+    num_blocks,
+    use_sparse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +155,33 @@ def decompress(k: ModuleType, offsets: torch.Tensor, payload: torch.Tensor, out:
         return
     bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
     k.decode(offsets, payload[:bitmap_bytes], payload[bitmap_bytes:].view(ints.dtype), ints)
+
+
+def exp_compress(k: ModuleType, flat: torch.Tensor) -> torch.Tensor:
+    """The exponent-coded stream of a flat fp32/bf16/fp16 tensor, with backend ``k``."""
+    check_exp_dtype(flat.dtype)
+    ints = flat.view(int_view_dtype(flat.dtype))
+    n, itemsize = ints.numel(), ints.element_size()
+    header, width_sum = k.exp_header(ints)  # pass 1 sizes the stream
+    stream = torch.empty(exp_stream_bytes(n, itemsize, width_sum), dtype=torch.uint8, device=flat.device)
+    head = n * (itemsize - 1)
+    stream[head : head + header.numel()].copy_(header)
+    k.exp_encode(ints, stream)  # pass 2
+    return stream
+
+
+def exp_decompress(k: ModuleType, stream: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill the flat tensor ``out`` from its exponent-coded stream, with backend ``k``.
+
+    On the CPU the stream is checked first (:func:`bitfx.format.check_exp_stream`);
+    on a GPU that would synchronize, so only its length against the header is,
+    and the kernels bound every read.
+    """
+    check_exp_dtype(out.dtype)
+    ints = out.view(int_view_dtype(out.dtype))
+    n, itemsize = ints.numel(), ints.element_size()
+    if stream.device.type == "cpu":
+        check_exp_stream(stream, n, itemsize)
+    elif stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() < n * (itemsize - 1) + exp_header_bytes(n):
+        raise CorruptData(f"bitfx: exponent stream of {stream.numel()} bytes is too short for {n} values")
+    k.exp_decode(stream, ints)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from ..format import CorruptData, num_blocks
+from ..format import CorruptData, exp_header_bytes, num_blocks
 
 log = logging.getLogger(__name__)
 
-_SOURCES = (Path(__file__).with_name("ops_cpu.cpp"), Path(__file__).with_name("bitmap_cpu.c"))
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("ops_cpu.cpp", "bitmap_cpu.c", "exponent_cpu.c"))
 _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 # BITFX_SANITIZE=address builds an AddressSanitizer library (its own cache
@@ -189,6 +189,12 @@ def _lib():
     lib.bitfx_set_isa.argtypes = [i32]
     lib.bitfx_set_isa.restype = i32
     lib.bitfx_ops_use_python.argtypes = [i32]
+    lib.bitfx_exp_header.argtypes = [p, i64, i32, p, i32]
+    lib.bitfx_exp_header.restype = i64
+    lib.bitfx_exp_encode.argtypes = [p, i64, i32, p, i32]
+    lib.bitfx_exp_encode.restype = i32
+    lib.bitfx_exp_decode.argtypes = [p, i64, i32, p, i32]
+    lib.bitfx_exp_decode.restype = i32
     return lib
 
 
@@ -270,3 +276,26 @@ def pack_bool(flat: torch.Tensor) -> torch.Tensor:
 
 def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     _lib().bitfx_unpack_bool(packed.data_ptr(), out.numel(), out.data_ptr(), _threads(out.numel()))
+
+
+def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+    k = ints.numel()
+    header = torch.empty(exp_header_bytes(k), dtype=torch.uint8)
+    total = _lib().bitfx_exp_header(ints.data_ptr(), k, ints.element_size(), header.data_ptr(), _threads(k))
+    _status(total, ints)
+    return header, total
+
+
+def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
+    k = ints.numel()
+    _status(_lib().bitfx_exp_encode(ints.data_ptr(), k, ints.element_size(), stream.data_ptr(), _threads(k)), ints)
+
+
+def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
+    k = out.numel()
+    _status(_lib().bitfx_exp_decode(stream.data_ptr(), k, out.element_size(), out.data_ptr(), _threads(k)), out)
+
+
+def _status(code: int, t: torch.Tensor) -> None:
+    if code == -1:
+        raise TypeError(f"bitfx: the exponent codec takes 2- and 4-byte floats, not {t.element_size()}-byte items")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BLOCK, CorruptData, num_blocks
+from ..format import BLOCK, EXP_GROUP, CorruptData, exp_groups, exp_split, num_blocks
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
@@ -68,3 +68,82 @@ def pack_bool(flat: torch.Tensor) -> torch.Tensor:
 
 def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(unpack_bits(packed, out.numel()))
+
+
+# -- the exponent codec (format.py, "The exponent codec") -----------------------
+# Computed in int64 so that no sign extension of the int16/int32 views leaks
+# into the fields; the reference is for exactness, not speed.
+
+# BIT_LENGTH[s]: bits needed for s, 0 <= s < 256.
+_BIT_LENGTH = torch.tensor([int(s).bit_length() for s in range(256)], dtype=torch.int64)
+
+
+def _fields(ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(hi, lo, P)`` of every value, as int64."""
+    w = 8 * ints.element_size()
+    p = exp_split(ints.element_size())
+    x = ints.to(torch.int64) & ((1 << w) - 1)
+    hi = (x >> p) & 0xFF
+    lo = (x & ((1 << p) - 1)) | ((x >> (w - 1)) << p)
+    return hi, lo, p
+
+
+def _groups(hi: torch.Tensor, fill: int) -> torch.Tensor:
+    ng = exp_groups(hi.numel())
+    padded = torch.full((ng * EXP_GROUP,), fill, dtype=torch.int64, device=hi.device)
+    padded[: hi.numel()] = hi
+    return padded.view(ng, EXP_GROUP)
+
+
+def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Pass 1 (sizing): ``base`` then ``width`` bytes of every group, and the sum of the widths."""
+    hi, _, _ = _fields(ints)
+    base = _groups(hi, 255).min(1).values
+    span = _groups(hi, 0).max(1).values - base
+    width = _BIT_LENGTH.to(hi.device)[span.clamp(min=0)]
+    return torch.cat([base, width]).to(torch.uint8), int(width.sum())
+
+
+def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
+    """Pass 2 (writing): the ``lo`` planes and delta planes around the header already in ``stream``."""
+    k, s = ints.numel(), ints.element_size()
+    ng = exp_groups(k)
+    hi, lo, _ = _fields(ints)
+    head = k * (s - 1)
+    for j in range(s - 1):
+        stream[j * k : (j + 1) * k] = ((lo >> (8 * j)) & 0xFF).to(torch.uint8)
+    base = stream[head : head + ng].to(torch.int64)
+    width = stream[head + ng : head + 2 * ng].to(torch.int64)
+    delta = _groups(hi, 0) - base[:, None]
+    valid = torch.arange(ng * EXP_GROUP, device=ints.device).view(ng, EXP_GROUP) < k
+    delta = torch.where(valid, delta, 0)  # padding: hi = base
+    shifts = torch.arange(8, device=ints.device)
+    bits = (delta[:, None, :] >> shifts[None, :, None]) & 1  # (group, plane, value)
+    planes = pack_bits(bits.reshape(-1).to(torch.bool), ng * 8 * 4).view(ng, 8, 4)
+    keep = shifts[None, :] < width[:, None]
+    stream[head + 2 * ng :] = planes[keep].reshape(-1)
+
+
+def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill ``out`` (same-width ints) from a checked stream."""
+    k, s = out.numel(), out.element_size()
+    ng = exp_groups(k)
+    w = 8 * s
+    p = exp_split(s)
+    head = k * (s - 1)
+    lo = torch.zeros(k, dtype=torch.int64, device=out.device)
+    for j in range(s - 1):
+        lo |= stream[j * k : (j + 1) * k].to(torch.int64) << (8 * j)
+    base = stream[head : head + ng].to(torch.int64)
+    width = stream[head + ng : head + 2 * ng].to(torch.int64)
+    shifts = torch.arange(8, device=out.device)
+    keep = shifts[None, :] < width[:, None]
+    planes = torch.zeros(ng, 8, 4, dtype=torch.uint8, device=out.device)
+    planes[keep] = stream[head + 2 * ng :].view(-1, 4)
+    bits = unpack_bits(planes.view(-1), ng * 8 * 32).view(ng, 8, EXP_GROUP).to(torch.int64)
+    delta = (bits << shifts[None, :, None]).sum(1)
+    hi = ((base[:, None] + delta) & 0xFF).view(-1)[:k]
+    x = ((lo >> p) << (w - 1)) | (hi << p) | (lo & ((1 << p) - 1))
+    # Back to the signed view's range before the narrowing copy.
+    x = torch.where(x >= 1 << (w - 1), x - (1 << w), x)
+    out.copy_(x.to(out.dtype))

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..format import BLOCK, num_blocks
+from ..format import BLOCK, EXP_GROUP, exp_groups, exp_header_bytes, exp_split, num_blocks
 
 try:
     import triton
@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 PACK_BYTES = 1024  # bool packing: bytes written per program
+EXP_GROUPS_PER_PROGRAM = 32  # exponent codec: 32 groups of 32 values per program
 
 
 def _interpreting() -> bool:
@@ -120,6 +121,76 @@ if triton is not None:
         offs = p.to(tl.int64) * NBYTES * 8 + tl.arange(0, NBYTES * 8)
         tl.store(out_ptr + offs, bits.to(tl.uint8), mask=offs < n)
 
+    # -- the exponent codec (format.py, "The exponent codec") ----------------
+    # A program handles GP groups as a (GP, 32) tile.  Values are widened to
+    # int32 and every field is masked after its shift, so the sign extension
+    # of the int16/int32 views never reaches the bytes.
+
+    @triton.jit
+    def _exp_tile(x_ptr, k, GP: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+        offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+        valid = offs < k
+        x = tl.load(x_ptr + offs, mask=valid, other=0).to(tl.int32)
+        return g, offs, valid, x
+
+    @triton.jit
+    def _exp_header_kernel(x_ptr, header_ptr, k, ng, P: tl.constexpr, GP: tl.constexpr):
+        g, offs, valid, x = _exp_tile(x_ptr, k, GP)
+        hi = (x >> P) & 0xFF
+        mn = tl.min(tl.where(valid, hi, 255), axis=1)
+        mx = tl.max(tl.where(valid, hi, 0), axis=1)
+        span = mx - mn
+        width = tl.sum(((span[:, None] >> tl.arange(0, 8)[None, :]) != 0).to(tl.int32), axis=1)
+        tl.store(header_ptr + g, mn.to(tl.uint8), mask=g < ng)
+        tl.store(header_ptr + ng + g, width.to(tl.uint8), mask=g < ng)
+
+    @triton.jit
+    def _exp_encode_kernel(x_ptr, stream_ptr, starts_ptr, k, ng, head, P: tl.constexpr, WBITS: tl.constexpr,
+                           GP: tl.constexpr):
+        g, offs, valid, x = _exp_tile(x_ptr, k, GP)
+        gvalid = g < ng
+        base = tl.load(stream_ptr + head + g, mask=gvalid, other=0).to(tl.int32)
+        width = tl.load(stream_ptr + head + ng + g, mask=gvalid, other=0).to(tl.int32)
+        lo = (x & ((1 << P) - 1)) | (((x >> (WBITS - 1)) & 1) << P)
+        for j in tl.static_range(WBITS // 8 - 1):
+            tl.store(stream_ptr + j * k + offs, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=valid)
+        delta = tl.where(valid, ((x >> P) & 0xFF) - base[:, None], 0)
+        dst = stream_ptr + head + 2 * ng + 4 * tl.load(starts_ptr + g, mask=gvalid, other=0)
+        weights = (1 << tl.arange(0, 8))[None, None, :]
+        for j in tl.static_range(8):
+            bits = tl.reshape((delta >> j) & 1, (GP, 4, 8))
+            word = tl.sum(bits * weights, axis=2)  # (GP, 4): the plane's 4 bytes
+            tl.store(dst[:, None] + 4 * j + tl.arange(0, 4)[None, :], word.to(tl.uint8),
+                     mask=(gvalid & (j < width))[:, None])
+
+    @triton.jit
+    def _exp_decode_kernel(stream_ptr, starts_ptr, out_ptr, k, ng, head, nbytes, P: tl.constexpr,
+                           WBITS: tl.constexpr, GP: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+        offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+        valid = offs < k
+        gvalid = g < ng
+        base = tl.load(stream_ptr + head + g, mask=gvalid, other=0).to(tl.int32)
+        width = tl.load(stream_ptr + head + ng + g, mask=gvalid, other=0).to(tl.int32)
+        first = head + 2 * ng + 4 * tl.load(starts_ptr + g, mask=gvalid, other=0)
+        delta = tl.zeros((GP, 32), dtype=tl.int32)
+        # Widths are checked on the host only where that costs no
+        # synchronization (CPU); here every read is bounded by the stream
+        # instead, so a corrupt stream decodes wrong but never faults.
+        words = first[:, None] + tl.arange(0, 4)[None, :]
+        for j in tl.static_range(8):
+            at = words + 4 * j
+            word = tl.load(stream_ptr + at, mask=(gvalid & (j < width))[:, None] & (at < nbytes), other=0).to(tl.int32)
+            bits = (word[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+            delta = delta | (tl.reshape(bits, (GP, 32)) << j)
+        hi = (base[:, None] + delta) & 0xFF
+        lo = tl.zeros((GP, 32), dtype=tl.int32)
+        for j in tl.static_range(WBITS // 8 - 1):
+            lo = lo | (tl.load(stream_ptr + j * k + offs, mask=valid, other=0).to(tl.int32) << (8 * j))
+        x = (((lo >> P) & 1) << (WBITS - 1)) | (hi << P) | (lo & ((1 << P) - 1))
+        tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=valid)
+
 
 def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
     nblocks = num_blocks(ints.numel())
@@ -156,3 +227,43 @@ def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     if n:
         grid = (triton.cdiv(packed.numel(), PACK_BYTES),)
         _unpack_bool_kernel[grid](packed, out.view(torch.uint8), n, NBYTES=PACK_BYTES)
+
+
+def _exp_grid(k: int) -> tuple[int]:
+    return (triton.cdiv(exp_groups(k), EXP_GROUPS_PER_PROGRAM),)
+
+
+def _starts(width: torch.Tensor) -> torch.Tensor:
+    """Each group's first delta word: the exclusive prefix sum of the widths."""
+    starts = torch.zeros(width.numel(), dtype=torch.int64, device=width.device)
+    if width.numel() > 1:
+        torch.cumsum(width[:-1].to(torch.int64), 0, out=starts[1:])
+    return starts
+
+
+def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+    k = ints.numel()
+    header = torch.empty(exp_header_bytes(k), dtype=torch.uint8, device=ints.device)
+    if k:
+        p = exp_split(ints.element_size())
+        _exp_header_kernel[_exp_grid(k)](ints, header, k, exp_groups(k), P=p, GP=EXP_GROUPS_PER_PROGRAM)
+    # The one device-to-host synchronization: the widths size the stream.
+    return header, int(header[exp_groups(k) :].sum(dtype=torch.int64))
+
+
+def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
+    k, s = ints.numel(), ints.element_size()
+    if k:
+        ng, head = exp_groups(k), k * (s - 1)
+        starts = _starts(stream[head + ng : head + 2 * ng])
+        _exp_encode_kernel[_exp_grid(k)](ints, stream, starts, k, ng, head, P=exp_split(s), WBITS=8 * s,
+                                         GP=EXP_GROUPS_PER_PROGRAM)
+
+
+def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
+    k, s = out.numel(), out.element_size()
+    if k:
+        ng, head = exp_groups(k), k * (s - 1)
+        starts = _starts(stream[head + ng : head + 2 * ng])
+        _exp_decode_kernel[_exp_grid(k)](stream, starts, out, k, ng, head, stream.numel(), P=exp_split(s), WBITS=8 * s,
+                                         GP=EXP_GROUPS_PER_PROGRAM)

@@ -1,0 +1,136 @@
+"""The exponent codec (format.py, "The exponent codec"): every backend, every bit pattern, the same bytes.
+
+Each backend's stream is compared with the torch reference's byte for byte,
+and decoded back to the same bit patterns (``torch.equal`` on the integer
+views, so NaN payloads and -0.0 count).
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, triton_usable
+
+from bitfx import format as fmt
+from bitfx import kernels as K
+from bitfx.kernels import cpu_ext, torch_ref
+
+from test_ops import random_bits, special_values
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 31, 32, 33, 1023, 1025, 100_003]
+BACKENDS = [
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels")),
+    pytest.param(
+        ("triton", DEVICE),
+        id=f"triton-{DEVICE}",
+        marks=pytest.mark.skipif(not triton_usable(), reason="triton not installed"),
+    ),
+]
+
+
+@pytest.fixture
+def backend(request):
+    name, dev = request.param
+    if name == "torch":
+        return torch_ref, torch.device(dev)
+    if name == "cpu":
+        return cpu_ext, torch.device(dev)
+    from bitfx.kernels import triton_kernels
+
+    return triton_kernels, torch.device(dev)
+
+
+def ints(x):
+    return x.view(fmt.int_view_dtype(x.dtype))
+
+
+def roundtrip(backend, x):
+    k, dev = backend
+    stream = K.exp_compress(k, x.to(dev))
+    assert torch.equal(stream.cpu(), K.exp_compress(torch_ref, x)), "not the reference's bytes"
+    out = torch.empty_like(x, device=dev)
+    K.exp_decompress(k, stream, out)
+    assert torch.equal(ints(out.cpu()), ints(x))
+    # And the reference decodes what the backend wrote.
+    back = torch.empty_like(x)
+    K.exp_decompress(torch_ref, stream.cpu(), back)
+    assert torch.equal(ints(back), ints(x))
+    return stream
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_random_bit_patterns_roundtrip(backend, dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    roundtrip(backend, random_bits(n, dtype, density=1.0, gen=gen))  # NaN payloads, infs, denormals
+    roundtrip(backend, torch.randn(n, generator=gen).to(dtype) * 3.0)  # what activations look like
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_and_extreme_groups(backend, dtype):
+    special = special_values(dtype)  # +-0.0, denormals, NaN with payload, +-inf
+    equal = torch.full((64,), 1.5, dtype=dtype)  # width 0: no delta planes at all
+    # Widest span in one group: hi = 0 (zero, denormal) and hi = 255 (NaN, -inf).
+    widest = torch.tensor([0.0, float("nan"), -float("inf"), 1.0] * 8, dtype=dtype)
+    widest = torch.cat([widest, special_values(dtype)[:3]])
+    x = torch.cat([special, equal, widest, special.flip(0)])
+    stream = roundtrip(backend, x)
+    n = x.numel()
+    widths = fmt.check_exp_stream(stream.cpu(), n, dtype.itemsize)
+    assert widths[1].item() == 0 and widths[2].item() == 8
+
+
+def test_stream_bytes_are_as_documented():
+    # Two groups: 32 values whose exponents span 0..3 (width 2), then one value (width 0).
+    x = torch.tensor([2.0 ** (i % 4) for i in range(32)] + [-0.75], dtype=torch.float32)
+    stream = K.exp_compress(torch_ref, x)
+    k = 33
+    assert stream.numel() == fmt.exp_stream_bytes(k, 4, 2) == 3 * k + 2 * 2 + 4 * 2
+    raw = ints(x).to(torch.int64) & 0xFFFFFFFF
+    lo = (raw & 0x7FFFFF) | ((raw >> 31) << 23)
+    for j in range(3):  # lo planes, byte j of each value's lo
+        assert stream[j * k : (j + 1) * k].tolist() == ((lo >> (8 * j)) & 0xFF).tolist()
+    head = 3 * k
+    assert stream[head : head + 2].tolist() == [127, 126]  # bases: 2**0's exponent, -0.75's
+    assert stream[head + 2 : head + 4].tolist() == [2, 0]  # widths
+    delta = [i % 4 for i in range(32)]
+    for j in range(2):  # plane j: bit i is bit j of value i's delta
+        word = sum(((d >> j) & 1) << i for i, d in enumerate(delta))
+        got = int.from_bytes(bytes(stream[head + 4 + 4 * j : head + 8 + 4 * j].tolist()), "little")
+        assert got == word
+
+
+def test_activations_compress():
+    # The point of the codec: neighbouring exponents are close.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 16, generator=gen)
+    for dtype, most in ((torch.float32, 0.90), (torch.bfloat16, 0.78)):
+        stream = K.exp_compress(torch_ref, x.to(dtype))
+        assert stream.numel() / (x.numel() * dtype.itemsize) < most
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
+def test_other_dtypes_are_refused(dtype):
+    with pytest.raises(TypeError, match="exponent codec takes"):
+        K.exp_compress(torch_ref, torch.zeros(8, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2], indirect=True)
+def test_corrupt_streams_raise_on_cpu(backend):
+    k, _ = backend
+    x = torch.randn(100)
+    stream = K.exp_compress(k, x)
+    out = torch.empty_like(x)
+    head = 3 * 100
+    bad = stream.clone()
+    bad[head + 4] = 9  # a width above 8
+    with pytest.raises(fmt.CorruptData, match="width above 8"):
+        K.exp_decompress(k, bad, out)
+    bad = stream.clone()
+    bad[head + 4] += 1 if bad[head + 4] < 8 else -1  # the length no longer matches the widths
+    with pytest.raises(fmt.CorruptData, match="its widths need"):
+        K.exp_decompress(k, bad, out)
+    with pytest.raises(fmt.CorruptData, match="shorter"):
+        K.exp_decompress(k, stream[:10], out)
