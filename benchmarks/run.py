@@ -5,11 +5,14 @@ memory-budget partitioner, and bitfx, side by side.
     python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
 
 Configurations: ``eager``, ``inductor``, ``bittrain`` (its defaults),
-``bittrain-eager`` (``inner="eager"``), and ``inductor@B`` / ``bittrain@B``:
+``bittrain-eager`` (``inner="eager"``), ``bittrain-bitmap``
+(``codec="bitmap"``: no exponent codec), and ``inductor@B`` / ``bittrain@B``:
 PyTorch's ``activation_memory_budget = B`` / ``options={"memory_budget": B}``.
 ``--budgets`` adds both at every B (the two frontiers); ``--zoo heldout`` runs
 torchvision's ResNet-18, DenseNet-121, MobileNetV2 and VGG-11, a ReLU MLP and
-a squared-ReLU FFN block at the sizes of issue 10's table.
+a squared-ReLU FFN block at the sizes of issue 10's table.  ``--autocast bf16``
+runs every configuration's forward under ``torch.autocast`` (bf16), as
+people train.
 
 Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
@@ -53,7 +56,7 @@ def _budget_of(config: str) -> float | None:
 
 
 def valid_config(config: str) -> bool:
-    if config in ("eager", "inductor", "bittrain", "bittrain-eager"):
+    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap"):
         return True
     name, _, b = config.partition("@")
     try:
@@ -161,6 +164,8 @@ def build(config: str, model: nn.Module):
     inner = "eager" if config == "bittrain-eager" else "inductor"
     budget = _budget_of(config)
     options = {} if budget is None else {"memory_budget": budget}
+    if config == "bittrain-bitmap":
+        options["codec"] = "bitmap"
     return torch.compile(entry, backend=bitfx.backend(inner=inner, **options))
 
 
@@ -174,9 +179,9 @@ def budget_ctx(config: str):
 class Run:
     """One model under one configuration: compiled once, then measured."""
 
-    def __init__(self, w: Workload, config: str, device: torch.device):
+    def __init__(self, w: Workload, config: str, device: torch.device, autocast: torch.dtype | None = None):
         torch.manual_seed(0)
-        self.w, self.config, self.device = w, config, device
+        self.w, self.config, self.device, self.autocast = w, config, device, autocast
         self.model = w.make().to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.x, self.y = w.inputs(device)
@@ -193,9 +198,13 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def forward_loss(self):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return loss_of(self.fn(self.x), self.y)
+
     def step(self):
         self.opt.zero_grad(set_to_none=True)
-        loss_of(self.fn(self.x), self.y).backward()
+        self.forward_loss().backward()
         self.opt.step()
 
     def timed_step(self):
@@ -214,18 +223,20 @@ class Run:
         else:
             peak = peak_cpu_bytes(self.step)
         exclude = [*self.model.parameters(), *self.model.buffers()]
-        saved = saved_activation_bytes(lambda: loss_of(self.fn(self.x), self.y), exclude)
+        saved = saved_activation_bytes(self.forward_loss, exclude)
         return saved, peak
 
     def row(self, saved: int, peak: int) -> dict:
         return {
             "model": self.w.name, "label": self.w.label, "config": self.config,
+            "autocast": str(self.autocast).replace("torch.", "") if self.autocast else "",
             "saved_activation_bytes": saved, "peak_bytes": peak,
             "step_ms": 1e3 * statistics.median(self.times), "compile_s": self.compile_s,
         }
 
 
-def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress) -> list[dict]:
+def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
+              autocast: torch.dtype | None = None) -> list[dict]:
     """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
 
     Interleaving puts every configuration through the same drifts of a shared
@@ -237,7 +248,7 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
     runs = []
     for config in configs:
         progress(f"{w.name} {config}: compile")
-        runs.append(Run(w, config, device))
+        runs.append(Run(w, config, device, autocast))
     progress(f"{w.name}: {steps} interleaved timing rounds")
     for _ in range(steps):
         for run in runs:
@@ -274,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write JSON rows here")
+    p.add_argument("--autocast", choices=["bf16"], default=None, help="forward under torch.autocast in this dtype")
     p.add_argument("--keep-caches", action="store_true",
                    help="leave Inductor's FX-graph and AOTAutograd caches on (faster; compile s is then not cold)")
     args = p.parse_args(argv)
@@ -295,13 +307,14 @@ def main(argv=None) -> int:
         configs = (args.configs or ",".join(CONFIGS)).split(",")
     bad = [c for c in configs if not valid_config(c)]
     if bad:
-        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, inductor@B or bittrain@B")
+        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, inductor@B or bittrain@B")
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):
             print(f"[{i + 1}/{len(names)}] {msg}", file=sys.stderr, flush=True)
 
-        rows += run_model(all_w[name], configs, device, args.steps, progress)
+        rows += run_model(all_w[name], configs, device, args.steps, progress,
+                          torch.bfloat16 if args.autocast == "bf16" else None)
         for r in rows[-len(configs):]:
             progress(f"  {r['config']}: saved {r['saved_activation_bytes'] / 2**20:.1f} MiB, peak {r['peak_bytes'] / 2**20:.1f} MiB, "
                      f"{r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s")

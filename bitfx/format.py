@@ -74,6 +74,12 @@ The exponent codec (a values stream)
     and 256 store more; and 32 makes each delta plane one 32-bit word.  The bytes are a pure function of the
     values, so every kernel writes the same stream.
 
+Dense tensors under the exponent codec (``bitfx::exp_compress``)
+    No bitmap and no offsets: the payload is the exponent-coded stream of
+    all ``n`` elements in memory order, or, where that would not be shorter,
+    their ``n * itemsize`` raw bytes.  A decoder tells them apart by length:
+    a stream is always strictly shorter than the raw bytes.
+
 Validation
     A decoder checks what it is given before it reads the data
     (:func:`check_encoded`, and its C++ twin in ``kernels/ops_cpu.cpp``):
@@ -251,3 +257,11 @@ def check_exp_stream(stream: torch.Tensor, k: int, itemsize: int) -> torch.Tenso
     if stream.numel() != want:
         raise CorruptData(f"bitfx: exponent stream of {stream.numel()} bytes; its widths need {want}")
     return widths
+
+
+def exp_payload_is_raw(payload: torch.Tensor, n: int, itemsize: int) -> bool:
+    """True for the raw fallback of ``bitfx::exp_compress``; raises :class:`CorruptData` for a bad payload."""
+    _check_part("payload", payload, torch.uint8, payload.device)
+    if payload.numel() > n * itemsize:
+        raise CorruptData(f"bitfx: payload of {payload.numel()} bytes is longer than {n} raw elements")
+    return payload.numel() == n * itemsize

@@ -50,7 +50,7 @@ log = logging.getLogger("bitfx")
 _LAYOUTS: collections.OrderedDict[str, list] = collections.OrderedDict()
 _MAX_PENDING = 4096
 
-_PRODUCERS = (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default)
+_PRODUCERS = (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default, torch.ops.bitfx.exp_compress.default)
 
 
 @functools.cache
@@ -58,7 +58,7 @@ def install() -> None:
     """Register the lowerings (once per process)."""
     from torch._inductor.lowering import register_lowering
 
-    for op in (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default):
+    for op in _PRODUCERS:
         register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
 
 

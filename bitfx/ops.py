@@ -15,7 +15,16 @@ op                       schema
                          ScalarType dtype) -> Tensor``
 ``bitfx::pack_bool``     ``(Tensor x, SymInt[] stride) -> Tensor``
 ``bitfx::unpack_bool``   ``(packed, SymInt[] size, SymInt[] stride) -> Tensor``
+``bitfx::exp_compress``  ``(Tensor x, SymInt[] stride) -> payload``
+``bitfx::exp_decompress`` ``(payload, SymInt[] size, SymInt[] stride,
+                         ScalarType dtype) -> Tensor``
 =======================  ==================================================
+
+The ``exp_`` pair stores a dense fp32/bf16/fp16 tensor with the exponent
+codec ("Dense tensors under the exponent codec" in :mod:`bitfx.format`).
+It runs in Python on every device (the codec's kernels are C on CPU, Triton
+on CUDA); the bitmap ops have C++ CPU implementations for their per-call
+overhead, which the exponent ops, used on larger tensors, have not needed.
 
 ``payload`` has a data-dependent length.  Its fake value needs an unbacked
 SymInt, made by :func:`fresh_size`; the graph rewrite binds it on the node
@@ -34,7 +43,15 @@ import torch
 from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, guard_or_false
 
 from . import kernels
-from .format import check_encoded, check_packed_bool, int_view_dtype, memory_order, num_blocks
+from .format import (
+    check_encoded,
+    check_exp_dtype,
+    check_packed_bool,
+    exp_payload_is_raw,
+    int_view_dtype,
+    memory_order,
+    num_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +68,11 @@ _SCHEMAS = {
     ),
     "pack_bool": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
     "unpack_bool": ("(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor", ()),
+    "exp_compress": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
+    "exp_decompress": ("(Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor", ()),
 }
+# Ops with no C++ CPU implementation: their Python one serves the CPU too.
+_PYTHON_ON_CPU = ("exp_compress", "exp_decompress")
 for _name, (_schema, _tags) in _SCHEMAS.items():
     _LIB.define(_name + _schema, tags=_tags)
     # The Python implementation under its own name: the C++ CPU kernels
@@ -224,6 +245,31 @@ def _unpack_bool(packed, size, stride):
     return target.finish()
 
 
+@_impl_for_devices("exp_compress")
+def _exp_compress(x: torch.Tensor, stride) -> torch.Tensor:
+    check_exp_dtype(x.dtype)
+    flat = to_flat(x, stride)
+    stream = kernels.exp_compress(kernels.select(flat.device), flat)
+    if stream.numel() >= flat.numel() * flat.element_size():
+        # The codec does not pay on these values (exponents spread over the
+        # whole range, e.g. random bits): store them raw.
+        return flat.view(torch.uint8).clone()
+    return stream
+
+
+@_impl_for_devices("exp_decompress")
+def _exp_decompress(payload, size, stride, dtype):
+    layout = _layout(tuple(size), tuple(stride))
+    check_exp_dtype(dtype)
+    n = math.prod(layout.stored)
+    target = _Target(size, stride, dtype, payload.device)
+    if exp_payload_is_raw(payload, n, dtype.itemsize):
+        target.flat.view(torch.uint8).copy_(payload)
+    else:
+        kernels.exp_decompress(kernels.select(payload.device), payload, target.flat)
+    return target.finish()
+
+
 def compress_fake(x: torch.Tensor, stride, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake ``(offsets, payload)`` for ``x``, given a fresh unbacked ``nbytes``."""
     _check_dtype(x)
@@ -254,6 +300,26 @@ def _compress_fake(x, stride):
     shape_env = getattr(ctx, "_shape_env", None)
     nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
     return compress_fake(x, stride, nbytes)
+
+
+def exp_compress_fake(x: torch.Tensor, stride, nbytes) -> torch.Tensor:
+    """Fake payload of ``bitfx::exp_compress`` for ``x``, given a fresh unbacked ``nbytes``."""
+    check_exp_dtype(x.dtype)
+    torch._check(nbytes <= stored_numel(x.shape, stride) * x.element_size())
+    return x.new_empty((nbytes,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("bitfx::exp_compress")
+def _exp_compress_fake(x, stride):
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
+    return exp_compress_fake(x, stride, nbytes)
+
+
+@torch.library.register_fake("bitfx::exp_decompress")
+def _exp_decompress_fake(payload, size, stride, dtype):
+    return torch.empty_strided(size, stride, dtype=dtype, device=payload.device)
 
 
 @torch.library.register_fake("bitfx::decompress")
@@ -331,12 +397,15 @@ def _register() -> str | None:
     for name, fn in _PYTHON_IMPLS.items():
         torch.library.impl(_LIB, name, "CUDA")(fn)
         torch.library.impl(_LIB, f"_{name}_py", "CPU")(fn)
+        if name in _PYTHON_ON_CPU:
+            torch.library.impl(_LIB, name, "CPU")(fn)
     error = cpu_ext.load_ops()
     if error is not None:
         # One line; the compiler's output is in the log file it names.
         log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python with torch kernels: %s", error)
         for name, fn in _PYTHON_IMPLS.items():
-            torch.library.impl(_LIB, name, "CPU")(fn)
+            if name not in _PYTHON_ON_CPU:
+                torch.library.impl(_LIB, name, "CPU")(fn)
     else:
         kernels.tell_cpp_ops()
     return error

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 INNER_CHOICES = ("inductor", "eager")
+CODEC_CHOICES = ("auto", "bitmap", "bitmap+exponent", "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,17 @@ class Options:
         A size (``"1.5GiB"``, ``"800MB"``, or an int of bytes above 1): the
         fastest plan whose saved activations fit it, per compiled graph, or
         an error naming the smallest plan.
+    codec
+        How saved values are stored.  ``"bitmap"``: sparse tensors (ReLU
+        family) as a bitmap plus their nonzero values; the rest dense.
+        ``"bitmap+exponent"``: also every other saved fp32/bf16/fp16 tensor
+        with the exponent codec (:mod:`bitfx.format`).  ``"auto"`` (default):
+        as ``"bitmap+exponent"``, but a dense tensor is exponent-coded only
+        where that pays per unit of time: its bytes saved per estimated codec
+        second at least half the codec's best (on CPU, tensors above about
+        180 KB; smaller ones cost more in per-call overhead than they save).
+        ``"none"``: no value is compressed (bool masks still follow
+        ``pack_masks``).
     report
         Log (at INFO, logger ``bitfx``) a table of each compiled graph's
         saved tensors: decision, reason, dense and predicted bytes.  To
@@ -57,6 +69,7 @@ class Options:
     min_bytes: int = 0
     report: bool = False
     memory_budget: float | int | str | None = None
+    codec: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", _budget(self.memory_budget))
@@ -64,6 +77,8 @@ class Options:
             raise ValueError(
                 f"bittrain option inner={self.inner!r} is not valid; choose one of {INNER_CHOICES}"
             )
+        if self.codec not in CODEC_CHOICES:
+            raise ValueError(f"bittrain option codec={self.codec!r} is not valid; choose one of {CODEC_CHOICES}")
         for name in ("enabled", "compress", "pack_masks", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"bittrain option {name} must be True or False, got {getattr(self, name)!r}")

@@ -30,7 +30,7 @@ from .backend import compile_graph
 from .liveness import simulate
 from .options import Options
 from .passes.analysis import Decision
-from .passes.pricing import DEFAULT_DENSITY, KINDS, dense_bytes
+from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS, dense_bytes
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
 
@@ -50,6 +50,8 @@ class TensorRow:
     stored_bytes: int
     decision: str
     reason: str
+    codec: str = "dense"  # pricing.Codec: how it is stored
+    ratio: float = 1.0  # stored over dense bytes (measured when calibrated)
 
 
 @dataclass
@@ -74,11 +76,13 @@ class MemoryPlan:
     def __str__(self) -> str:
         rows = [
             [t.name, t.op, "x".join(map(str, t.shape)), t.dtype.replace("torch.", ""), _human(t.dense_bytes),
-             "" if t.density is None else f"{t.density:.2f}", _human(t.stored_bytes), t.decision, t.reason]
+             "" if t.density is None else f"{t.density:.2f}", _human(t.stored_bytes), f"{t.ratio:.2f}", t.codec,
+             t.decision, t.reason]
             for t in self.tensors
         ]
         per_tensor = tabulate(
-            rows, headers=["saved tensor", "op", "shape", "dtype", "dense", "density", "stored", "decision", "why"],
+            rows, headers=["saved tensor", "op", "shape", "dtype", "dense", "density", "stored", "ratio", "codec",
+                           "decision", "why"],
             disable_numparse=True,
         )
         base, bit = self.saved_bytes["baseline"], self.saved_bytes["bittrain"]
@@ -99,11 +103,14 @@ class MemoryPlan:
             totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
                        f"baseline's (recompute {1e3 * e['recompute_s']:.2f} ms, codec {1e3 * e['codec_s']:.2f} ms)")
         if self.calibrated:
-            how = "measured densities (calibrate=True)"
+            how = "measured densities and exponent-codec ratios (calibrate=True)"
         else:
             how = "assumed densities: " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.densities.items()
             )
+            if any(t.codec == "exponent" for t in self.tensors):
+                how += "; exponent-codec ratios: " + ", ".join(
+                    f"{str(k).replace('torch.', '')} {v:.3g}" for k, v in DEFAULT_EXP_RATIO.items())
         return f"{per_tensor}\n\n{totals}\n({how})"
 
 
@@ -180,19 +187,29 @@ def _has_data(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not isinstance(t, FakeTensor)
 
 
-def _measure_densities(model, inputs, kwargs, options: Options) -> list[float]:
-    """One real forward through the baseline pipeline; density of each saved tensor, in order."""
-    from .format import int_view_dtype
+def _measure_densities(model, inputs, kwargs, options: Options) -> list[tuple[float, float | None]]:
+    """One real forward through the baseline pipeline; for each saved tensor, in order,
+    its density and its exponent codec ratio (stored over dense bytes, None where the codec does not apply)."""
+    from . import kernels
+    from .format import EXP_DTYPES, exp_stream_bytes, int_view_dtype
+    from .ops import to_flat
 
-    densities: list[float] = []
+    measured: list[tuple[float, float | None]] = []
 
     def pack(t):
         if isinstance(t, torch.Tensor) and t.numel():
             with torch.no_grad():
                 nz = t.view(int_view_dtype(t.dtype)) if t.dtype != torch.bool else t
-                densities.append(nz.ne(0).sum().item() / t.numel())
+                ratio = None
+                if t.dtype in EXP_DTYPES:
+                    # Pass 1 of the codec alone gives the exact stream size.
+                    flat = to_flat(t.detach(), t.stride()).view(int_view_dtype(t.dtype))  # the stored order
+                    _, width_sum = kernels.select(t.device).exp_header(flat)
+                    raw = t.numel() * t.element_size()
+                    ratio = min(exp_stream_bytes(t.numel(), t.element_size(), width_sum), raw) / raw
+                measured.append((nz.ne(0).sum().item() / t.numel(), ratio))
         else:
-            densities.append(0.0)
+            measured.append((0.0, None))
         return t
 
     compiled = torch.compile(
@@ -200,7 +217,7 @@ def _measure_densities(model, inputs, kwargs, options: Options) -> list[float]:
     )
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compiled(*inputs, **kwargs)
-    return densities
+    return measured
 
 
 def plan(
@@ -268,13 +285,20 @@ def plan(
         if name in resident:
             continue
         d = None
+        got = measured_by_info.get(id(info))
         if info.decision is Decision.COMPRESS:
-            d = measured_by_info.get(id(info), densities_by_kind.get(info.kind or "relu", info.assumed_density))
-        stored = info.stored_bytes(d)
+            d = got[0] if got else densities_by_kind.get(info.kind or "relu", info.assumed_density)
+            stored = info.stored_bytes(d)
+        elif info.decision is Decision.EXPONENT:
+            stored = info.stored_bytes(got[1] if got else None)
+        else:
+            stored = info.stored_bytes()
         stored_by_name[name] = stored
         label = info.module_path or name
+        dense = info.dense_bytes()
         rows.append(TensorRow(label, _op_name(info.node), tuple(int(s) for s in info.val.shape), str(info.val.dtype),
-                              info.dense_bytes(), d, stored, info.decision.value, info.reason))
+                              dense, d, stored, info.decision.value, info.reason, info.codec.value,
+                              stored / dense if dense else 1.0))
     saved_bytes = {
         # The baseline is stock's own plan (what plain inductor saves), not
         # bitfx's plan stored dense: bitfx may recompute more.
@@ -390,9 +414,12 @@ def _payload_sizes(comp, stored_by_name) -> dict:
         if info.decision is Decision.COMPRESS and info.parts:
             offsets, payload = info.parts
             sizes[payload] = stored_by_name.get(info.node.name, 0) - dense_bytes(offsets.meta["val"])
-    for info in comp.infos:
-        if info.decision is Decision.COMPRESS and info.bw_parts:
-            sizes[info.bw_parts[1]] = sizes[info.parts[1]]
+            if info.bw_parts:
+                sizes[info.bw_parts[1]] = sizes[payload]
+        elif info.decision is Decision.EXPONENT and info.parts:
+            sizes[info.parts[0]] = stored_by_name.get(info.node.name, 0)
+            if info.bw_parts:
+                sizes[info.bw_parts[0]] = sizes[info.parts[0]]
     return sizes
 
 

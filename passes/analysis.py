@@ -8,6 +8,9 @@ tensor a :class:`Decision`:
 
 ``COMPRESS``
     a sparse float/int tensor: ``bitfx::compress`` right after its producer.
+``EXPONENT``
+    any other saved fp32/bf16/fp16 tensor, under ``codec="bitmap+exponent"``
+    or where ``codec="auto"`` finds it pays: ``bitfx::exp_compress``.
 ``PACK``
     any other saved bool tensor: stored at 1 bit per element.
 ``KEEP``
@@ -32,7 +35,15 @@ import torch.fx as fx
 from bitfx.options import Options
 
 from .opsets import ZERO_PRESERVING
-from .pricing import DEFAULT_DENSITY, KINDS, Codec, stored_bytes  # noqa: F401  (KINDS: re-exported)
+from .pricing import (  # noqa: F401  (KINDS: re-exported)
+    DEFAULT_DENSITY,
+    KINDS,
+    Codec,
+    exp_ratio,
+    exponent_pays,
+    machine_for,
+    stored_bytes,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -44,8 +55,13 @@ _KIND_BY_SOURCE = {"hardswish": "hardswish", "hardsigmoid": "hardsigmoid", "relu
 
 class Decision(enum.Enum):
     COMPRESS = "compressed"
+    EXPONENT = "exponent-coded"
     PACK = "bool-packed"
     KEEP = "kept dense"
+
+
+# Decisions that replace a saved tensor by bitfx:: ops.
+CHANGED = (Decision.COMPRESS, Decision.EXPONENT, Decision.PACK)
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -178,6 +194,7 @@ class SavedTensor:
     reason: str
     kind: str | None = None  # what made it sparse ("relu", "hardswish", "max_pool"), if anything
     assumed_density: float | None = None  # before anything runs (see assumed_density())
+    assumed_ratio: float | None = None  # exponent codec: stored over dense bytes assumed (pricing.DEFAULT_EXP_RATIO)
     input_name: str | None = None  # for a graph input: its name (``layer1.0.conv1.weight``)
     source_input_name: str | None = None  # for a cast of a graph input: that input's name
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
@@ -201,13 +218,20 @@ class SavedTensor:
 
     @property
     def codec(self) -> Codec:
-        return {Decision.COMPRESS: Codec.BITMAP, Decision.PACK: Codec.BOOL}.get(self.decision, Codec.DENSE)
+        return {Decision.COMPRESS: Codec.BITMAP, Decision.EXPONENT: Codec.EXPONENT, Decision.PACK: Codec.BOOL}.get(
+            self.decision, Codec.DENSE)
 
     def dense_bytes(self) -> int:
         return stored_bytes(self.val, Codec.DENSE)
 
     def stored_bytes(self, density: float | None = None) -> int:
-        """Predicted bytes kept for backward; ``density`` defaults to the assumed one."""
+        """Predicted bytes kept for backward; ``density`` defaults to the assumed one.
+
+        For an exponent-coded tensor, ``density`` is read as its ratio of
+        stored to dense bytes (what ``calibrate=True`` measures).
+        """
+        if self.decision is Decision.EXPONENT:
+            return stored_bytes(self.val, Codec.EXPONENT, ratio=density if density is not None else self.assumed_ratio)
         if density is None:
             density = self.assumed_density if self.assumed_density is not None else DEFAULT_DENSITY["relu"]
         return stored_bytes(self.val, self.codec, density)
@@ -218,8 +242,14 @@ def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
     return list(outputs[num_fwd_outputs:])
 
 
-def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options) -> list[SavedTensor]:
-    """Classify every tensor saved by the partitioned forward graph ``gm``."""
+def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
+            exponent: set[str] | None = None) -> list[SavedTensor]:
+    """Classify every tensor saved by the partitioned forward graph ``gm``.
+
+    ``exponent``: the names of the saved tensors the cost model chose to
+    exponent-code (the free default's time left, see costmodel); None: every
+    candidate the options allow.
+    """
     kind = propagate_sparsity(gm.graph)
     saved = [
         (i, n) for i, n in enumerate(saved_values(gm, num_fwd_outputs))
@@ -230,6 +260,9 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options) -> list[
     by_node: dict[fx.Node, SavedTensor] = {}
     for i, node in saved:
         info = _decide(node, i, kind, fwd_outputs, options)
+        if info.decision is Decision.EXPONENT and exponent is not None and node.name not in exponent:
+            info = SavedTensor(node, i, Decision.KEEP, "dense; the exponent codec did not fit this plan's time "
+                               f"(codec={options.codec!r})")
         result.append(info)
         by_node[node] = info
     return result
@@ -250,9 +283,11 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
         return SavedTensor(node, index, Decision.PACK, "bool mask: 1 bit per element")
     k = kind.get(node)
     if k is None:
-        return keep("not sparse by construction")
+        return _exponent_or_keep(node, index, val, options)
     if val.dtype.is_complex or val.dtype.itemsize not in (1, 2, 4, 8):
         return keep(f"dtype {val.dtype} not supported", k)
+    if options.codec == "none":
+        return keep(f"{describe(node)}; codec='none'", k)
     d = assumed_density(node, kind)
     predicted, dense = stored_bytes(val, Codec.BITMAP, d), stored_bytes(val, Codec.DENSE)
     if predicted >= dense:
@@ -262,6 +297,21 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
         return info
     info = SavedTensor(node, index, Decision.COMPRESS, f"sparse: {describe(node)}", k)
     info.assumed_density = d
+    return info
+
+
+def _exponent_or_keep(node, index, val, options) -> SavedTensor:
+    """A saved tensor that is not sparse: the exponent codec, where the options let it pay."""
+    ratio = exp_ratio(val.dtype)
+    if options.codec in ("bitmap", "none") or ratio is None:
+        why = "not sparse by construction"
+        if ratio is None and options.codec in ("auto", "bitmap+exponent"):
+            why += f"; the exponent codec does not take {val.dtype}"
+        return SavedTensor(node, index, Decision.KEEP, why)
+    if options.codec == "auto" and not exponent_pays(val, machine_for(node.graph)):
+        return SavedTensor(node, index, Decision.KEEP, "not sparse; too small for the exponent codec to pay (codec=auto)")
+    info = SavedTensor(node, index, Decision.EXPONENT, f"dense {describe(node)}: exponents packed")
+    info.assumed_ratio = ratio
     return info
 
 

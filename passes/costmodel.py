@@ -48,7 +48,17 @@ from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomRuntim
 from bitfx.options import Options
 
 from .analysis import Decision, SavedTensor, _decide, propagate_sparsity
-from .pricing import Machine, _flops, _op_types, codec_seconds, machine_for, op_seconds, recompute_seconds, store_seconds
+from .pricing import (
+    Codec,
+    Machine,
+    _flops,
+    _op_types,
+    codec_seconds,
+    machine_for,
+    op_seconds,
+    recompute_seconds,
+    store_seconds,
+)
 
 log = logging.getLogger("bitfx")
 
@@ -102,9 +112,14 @@ class Estimate:
     step_s: float  # one forward and backward with nothing recomputed or stored
     baseline_s: float  # recompute_s + store_s of stock's default plan: what plain inductor runs
 
+    exponent_coded: int = 0  # saved tensors the exponent codec was added to after the cut (free default)
+
     @property
     def label(self) -> str:
-        return "time knapsack" if self.budget is None else f"budget {self.budget:g}"
+        label = "time knapsack" if self.budget is None else f"budget {self.budget:g}"
+        if self.exponent_coded:
+            label += f" + exponent codec on {self.exponent_coded} tensors"
+        return label
 
     @property
     def slowdown(self) -> float:
@@ -133,6 +148,11 @@ class JointPrices:
     chosen: Estimate | None = None
     candidates: list[Estimate] = field(default_factory=list)
     slack_s: float | None = None  # set while the free default's time knapsack runs
+    # The free default chooses its cut with exponent-codec candidates priced
+    # dense (exp_off), then codes what the time left allows; exponent: the
+    # names of the saved nodes it codes (None: every candidate, as decided).
+    exp_off: bool = False
+    exponent: set[str] | None = None
     _stock_sizes: bool = False
     _cuts: dict = field(default_factory=dict)  # solve_min_cut results of this graph, by its arguments
 
@@ -163,13 +183,21 @@ class JointPrices:
             return None
         if node in self.static:
             return 0
-        info = self.infos.get(node)
+        info = self._info(node)
         return info.stored_bytes() if info is not None else None
+
+    def _info(self, node: fx.Node) -> SavedTensor | None:
+        """How ``node`` is stored if saved, as the plan being priced would store it."""
+        info = self.infos.get(node)
+        if info is not None and info.decision is Decision.EXPONENT:
+            if self.exp_off or (self.exponent is not None and node.name not in self.exponent):
+                return None
+        return info
 
     def knapsack_value(self, node: fx.Node) -> float:
         """Seconds saved by keeping ``node`` instead of recomputing it."""
         value = recompute_seconds(node, self.machine)
-        info = self.infos.get(node) if self.options.enabled else None
+        info = self._info(node) if self.options.enabled else None
         if info is not None:
             value -= codec_seconds(info.val, info.codec, self.machine)
         return max(value, 1e-12)  # the knapsack wants positive values
@@ -210,7 +238,12 @@ class JointPrices:
         elif t.kind == "fraction":
             saved, self.chosen = solve(t.value)
         elif t.kind == "free":
-            saved, self.chosen = self._free(solve, step_s + baseline)
+            self.exp_off = True
+            try:
+                saved, self.chosen = self._free(solve, step_s + baseline)
+            finally:
+                self.exp_off = False
+            self.chosen = self._add_exponent(saved, self.chosen)
         else:
             saved, self.chosen = self._fit(solve)
         counters["bitfx"]["plans_priced"] += len(self.candidates)
@@ -249,6 +282,33 @@ class JointPrices:
         # Budget 1.0 (stock's cut at bitfx's prices) is the floor: even where
         # the codec alone costs more than the limit, what is saved is compressed.
         return min(fits, key=lambda p: (p[1].saved_bytes, p[1].slowdown)) if fits else plans[0]
+
+    def _add_exponent(self, saved: list[fx.Node], est: Estimate) -> Estimate:
+        """Exponent-code the saved dense tensors of the chosen cut, most bytes per codec second first.
+
+        ``codec="auto"``: within the time the free default has left (its
+        limit less the plan's estimate); ``"bitmap+exponent"``: all of them.
+        """
+        candidates = [n for n in saved if (i := self.infos.get(n)) is not None and i.decision is Decision.EXPONENT]
+        if not candidates:
+            self.exponent = set()
+            return est
+        def gain(n):  # noqa: E306
+            info = self.infos[n]
+            return (info.dense_bytes() - info.stored_bytes()) / codec_seconds(info.val, info.codec, self.machine)
+        left = (1.0 + FREE_SLOWDOWN) * (est.step_s + est.baseline_s) - (
+            est.step_s + est.recompute_s + est.store_s + est.codec_s)
+        chosen = set()
+        for n in sorted(candidates, key=gain, reverse=True):
+            cost = codec_seconds(self.infos[n].val, Codec.EXPONENT, self.machine)
+            if self.options.codec == "bitmap+exponent" or cost <= left:
+                chosen.add(n.name)
+                left -= cost
+        self.exponent = chosen
+        final = dataclasses.replace(est, saved_bytes=self._saved_bytes(saved), codec_s=self._codec_s(saved),
+                                    exponent_coded=len(chosen))
+        self.candidates.append(final)
+        return final
 
     def _fit(self, solve):
         """The fastest plan whose saved bytes fit the absolute target, else BudgetError."""
@@ -297,7 +357,8 @@ class JointPrices:
         if not self.options.enabled:
             return 0.0
         # Priced with compress=False too: that option keeps the plan, only the storage changes.
-        return math.fsum(codec_seconds(self.infos[n].val, self.infos[n].codec, self.machine) for n in saved if n in self.infos)
+        infos = [i for n in saved if (i := self._info(n)) is not None]
+        return math.fsum(codec_seconds(i.val, i.codec, self.machine) for i in infos)
 
     def _recompute_s(self, saved: list[fx.Node], node_info) -> float:
         """Estimated seconds of the forward ops backward runs again when ``saved`` is kept."""

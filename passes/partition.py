@@ -65,7 +65,7 @@ def partition(
         if swapped:
             log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
             counters["bitfx"]["swapped"] += swapped
-        infos = analyze(fw, num_fwd_outputs, options)
+        infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
         for info in infos:
             info.placeholder = placeholders[info.node]

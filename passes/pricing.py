@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from bitfx.format import packed_bool_bytes, predicted_bytes
+from bitfx.format import EXP_DTYPES, packed_bool_bytes, predicted_bytes
 
 from .opsets import ALIAS_VIEWS
 
@@ -70,11 +70,35 @@ class Codec(enum.Enum):
     DENSE = "dense"
     BITMAP = "bitmap"  # bitfx::compress: per-block bitmap plus the nonzero values
     BOOL = "bool-packed"  # bitfx::pack_bool: 1 bit per element
+    EXPONENT = "exponent"  # bitfx::exp_compress: a dense float tensor, exponents packed
 
 
-def stored_bytes(val: torch.Tensor, codec: Codec, density: float = 0.5) -> int:
-    """Bytes kept for backward when ``val`` is stored with ``codec`` at ``density``."""
+# Stored bytes over dense bytes of a dense tensor under the exponent codec,
+# assumed before anything runs (``calibrate=True`` measures each tensor's).
+# Measured on the dense tensors autograd saves in torchvision ResNet-18 at
+# init, batch 8, 64x64, torch 2.14.1 (benchmarks/exp_group_size.py, group
+# of 32): fp32 0.903, bf16 (autocast) 0.749; fp16 0.92 on normal values
+# (tests/test_exponent_codec.py's activations, 4 of 8 fp16 exponent bits
+# being mantissa).
+DEFAULT_EXP_RATIO = {torch.float32: 0.903, torch.bfloat16: 0.749, torch.float16: 0.92}
+
+
+def exp_ratio(dtype: torch.dtype) -> float | None:
+    """The assumed ratio of the exponent codec for ``dtype``, or None where it does not apply."""
+    return DEFAULT_EXP_RATIO.get(dtype) if dtype in EXP_DTYPES else None
+
+
+def stored_bytes(val: torch.Tensor, codec: Codec, density: float = 0.5, ratio: float | None = None) -> int:
+    """Bytes kept for backward when ``val`` is stored with ``codec``.
+
+    ``density``: the fraction of nonzeros (bitmap).  ``ratio``: stored over
+    dense bytes under the exponent codec (default: :data:`DEFAULT_EXP_RATIO`).
+    """
     numel = hint(val.numel())
+    if codec is Codec.EXPONENT:
+        dense = numel * val.element_size()
+        r = ratio if ratio is not None else exp_ratio(val.dtype) or 1.0
+        return min(dense, int(dense * r + 0.5))
     if codec is Codec.BITMAP:
         return predicted_bytes(numel, val.element_size(), density)
     if codec is Codec.BOOL:
@@ -91,6 +115,9 @@ class Machine:
     bandwidth: float  # bytes/s moved (read plus write) by a memory-bound op
     encode: float  # dense bytes/s bitfx::compress reads
     decode: float  # dense bytes/s bitfx::decompress writes
+    exp_encode: float  # dense bytes/s bitfx::exp_compress reads
+    exp_decode: float  # dense bytes/s bitfx::exp_decompress writes
+    exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes (Python dispatch)
 
     def seconds_moving(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
@@ -103,11 +130,17 @@ class Machine:
 # benchmarks/kernels.py on the same machine (README, Kernels; fp32, 50%
 # density): compress reads 24 GB/s at 1M elements and 3.6 GB/s at 16M,
 # decompress writes 43 and 2.8 GB/s.
+# The exponent codec (benchmarks/kernels.py --codec exponent, fp32, 1M
+# elements): encode reads 6 GB/s, decode writes 9 GB/s; a call of its
+# Python ops costs 60 us at 64K elements where clone costs 5 us, so about
+# 25 us per call beyond the bytes.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, and codecs at a third of the bandwidth.
 MACHINES = {
-    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=20e9, decode=30e9),
-    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12),
+    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=20e9, decode=30e9,
+                   exp_encode=6e9, exp_decode=9e9, exp_call=25e-6),
+    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12,
+                    exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }
 
 
@@ -127,7 +160,21 @@ def codec_seconds(val: torch.Tensor, codec: Codec, machine: Machine) -> float:
     dense = dense_bytes(val)
     if codec is Codec.BOOL:  # one pass over a byte-per-element mask each way
         return 2 * machine.seconds_moving(2 * dense)
+    if codec is Codec.EXPONENT:
+        return dense / machine.exp_encode + dense / machine.exp_decode + 2 * machine.exp_call
     return dense / machine.encode + dense / machine.decode
+
+
+def exponent_pays(val: torch.Tensor, machine: Machine) -> bool:
+    """``codec="auto"``'s rule: code a dense tensor when its bytes saved per codec second are
+    at least half the codec's best (what its throughput gives, with no per-call cost).
+
+    That is, when the two calls cost no more than the bytes: dense bytes of at
+    least ``2 * exp_call`` times the combined throughput (about 180 KB on CPU).
+    """
+    dense = dense_bytes(val)
+    best = dense / machine.exp_encode + dense / machine.exp_decode
+    return codec_seconds(val, Codec.EXPONENT, machine) <= 2 * best
 
 
 def op_seconds(node: fx.Node, machine: Machine) -> float:

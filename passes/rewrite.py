@@ -25,7 +25,13 @@ saves ``relu``; a mask saved on its own is bit-packed.)
 Compression sits right after the producer, so the dense tensor is freed after
 its last forward use; decompression sits right before the first backward use,
 so the dense tensor is alive only from there on.  Saved bool masks get
-``bitfx::pack_bool`` / ``bitfx::unpack_bool`` the same way.
+``bitfx::pack_bool`` / ``bitfx::unpack_bool`` the same way, and dense float
+tensors the exponent codec (``Decision.EXPONENT``)::
+
+    conv = aten.convolution(x, w, ...)      conv = aten.convolution(x, w, ...)
+                                            pay = bitfx.exp_compress(conv)  # uint8[u1]
+    return (out, conv)                      return (out, pay)
+    ...                                     conv = bitfx.exp_decompress(pay, size, stride, dtype)
 
 Every node added carries ``meta['val']``.  The payload's length is an unbacked
 SymInt, bound on the compress node through ``meta['unbacked_bindings']``.
@@ -42,9 +48,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
-from bitfx.ops import compress_fake, fresh_size
+from bitfx.ops import compress_fake, exp_compress_fake, fresh_size
 
-from .analysis import Decision, SavedTensor
+from .analysis import CHANGED, Decision, SavedTensor
 from .symbolic import SymIntEmitter, missing_symbols, symbol_sources
 
 log = logging.getLogger("bitfx")
@@ -103,6 +109,9 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
         if decision is Decision.COMPRESS:
             parts = _insert_compress(value, emitter)
             info.layout_key = parts[0].args[0].meta[LAYOUT_KEY]
+        elif decision is Decision.EXPONENT:
+            parts = [_insert_exp_compress(value, emitter)]
+            info.layout_key = parts[0].meta[LAYOUT_KEY]
         elif decision is Decision.PACK:
             val = value.meta["val"]
             with _after(value):
@@ -155,6 +164,26 @@ def _insert_compress(value: fx.Node, emitter: SymIntEmitter) -> list[fx.Node]:
     return parts
 
 
+def _insert_exp_compress(value: fx.Node, emitter: SymIntEmitter) -> fx.Node:
+    graph = value.graph
+    val = value.meta["val"]
+    stride = val.stride()
+    fake_mode = val.fake_mode
+    if fake_mode.shape_env is None:
+        raise RuntimeError("bitfx: the graph's FakeTensorMode has no ShapeEnv; cannot size the payload")
+    with fake_mode:
+        payload = exp_compress_fake(val, stride, fresh_size(fake_mode.shape_env))
+    bindings = compute_unbacked_bindings(fake_mode.shape_env, payload)
+    with _after(value):
+        c = graph.call_function(bitfx_ops.exp_compress.default, (value, [emitter.arg(s) for s in stride]))
+    c.meta["val"] = payload
+    if bindings:
+        c.meta["unbacked_bindings"] = bindings
+    _tag(c)
+    _copy_provenance(value, c)
+    return c
+
+
 def fresh_placeholder(graph: fx.Graph, name: str) -> fx.Node:
     # A placeholder's target becomes the argument name in generated code.  If
     # FX had to rename the node, the code would read ``name_1 = name``, and a
@@ -204,7 +233,8 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
     for info in changed:
         ph = phs[info.node.name]
         fw_parts = info.parts
-        suffixes = ("offsets", "payload") if info.decision is Decision.COMPRESS else ("packed",)
+        suffixes = {Decision.COMPRESS: ("offsets", "payload"), Decision.EXPONENT: ("payload",)}.get(
+            info.decision, ("packed",))
         with graph.inserting_before(ph):
             new_phs = [fresh_placeholder(graph, f"{info.node.name}_{sfx}") for sfx in suffixes]
         for new_ph, part in zip(new_phs, fw_parts):
@@ -218,6 +248,8 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
                 dense = graph.call_function(
                     bitfx_ops.decompress.default, (*new_phs, size, stride, val.dtype)
                 )
+            elif info.decision is Decision.EXPONENT:
+                dense = graph.call_function(bitfx_ops.exp_decompress.default, (*new_phs, size, stride, val.dtype))
             else:
                 dense = graph.call_function(bitfx_ops.unpack_bool.default, (*new_phs, size, stride))
         dense.meta["val"] = val
@@ -236,7 +268,7 @@ def demote_inexpressible(bw: fx.GraphModule, infos: list[SavedTensor]) -> None:
     partitioner saves every symbol backward needs; this is a guard, and it
     says so in the log when it fires.
     """
-    changed = [i for i in infos if i.decision in (Decision.COMPRESS, Decision.PACK)]
+    changed = [i for i in infos if i.decision in CHANGED]
     sources = symbol_sources(bw.graph, exclude={i.placeholder for i in changed})
     for info in changed:
         val = info.node.meta["val"]

@@ -177,3 +177,33 @@ def test_cuda_cnn_bit_identical_inductor(autocast):
     torch._dynamo.reset()
     off = run(False)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+EXPONENT_CASES = {
+    "conv_bn_relu": CASES["conv_bn_relu"],
+    "residual": CASES["residual"],
+    "transformer_dropout": CASES["transformer_dropout"],
+    "channels_last_conv": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).to(
+            memory_format=torch.channels_last),
+        (2, 3, 12, 12),
+    ),
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("case", list(EXPONENT_CASES))
+def test_exponent_codec_bit_identical(case, inner, autocast):
+    """codec="bitmap+exponent" stores every other saved float with the exponent codec, and changes no bit."""
+    make, shape = EXPONENT_CASES[case]
+    x = torch.randn(*shape)
+    counters.clear()
+    on = grads_of(make, x, autocast=autocast, inner=inner, codec="bitmap+exponent", steps=2)
+    assert counters["bitfx"]["exponent"] > 0
+    torch._dynamo.reset()
+    dense = grads_of(make, x, autocast=autocast, inner=inner, codec="bitmap+exponent", compress=False, steps=2)
+    assert_bit_identical(on, dense)
+    torch._dynamo.reset()
+    off = grads_of(make, x, autocast=autocast, inner=inner, enabled=False, steps=2)
+    assert_bit_identical(on, off)

@@ -7,13 +7,14 @@ views, so NaN payloads and -0.0 count).
 
 import pytest
 import torch
-from conftest import DEVICE, triton_usable
+from conftest import DEVICE, bit_equal, triton_usable
+from torch.library import opcheck
 
 from bitfx import format as fmt
 from bitfx import kernels as K
 from bitfx.kernels import cpu_ext, torch_ref
 
-from test_ops import random_bits, special_values
+from test_ops import LAYOUTS, random_bits, special_values
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 100_003]
@@ -134,3 +135,65 @@ def test_corrupt_streams_raise_on_cpu(backend):
         K.exp_decompress(k, bad, out)
     with pytest.raises(fmt.CorruptData, match="shorter"):
         K.exp_decompress(k, stream[:10], out)
+
+
+# -- the ops: bitfx::exp_compress / bitfx::exp_decompress ----------------------
+
+OP_BACKENDS = [
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels")),
+    pytest.param(("triton", DEVICE), id=f"triton-{DEVICE}",
+                 marks=pytest.mark.skipif(not triton_usable(), reason="triton not installed")),
+]
+
+
+@pytest.fixture
+def op_device(kernels, request):
+    choice, dev = request.param
+    kernels(choice)
+    return torch.device(dev)
+
+
+def op_roundtrip(x):
+    payload = torch.ops.bitfx.exp_compress(x, list(x.stride()))
+    return payload, torch.ops.bitfx.exp_decompress(payload, list(x.shape), list(x.stride()), x.dtype)
+
+
+@pytest.mark.parametrize("op_device", OP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_op_layouts_roundtrip(op_device, dtype, layout):
+    base = torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(1)).to(dtype).to(op_device)
+    x = LAYOUTS[layout](base)
+    payload, y = op_roundtrip(x)
+    assert bit_equal(x, y)  # values, NaN payloads and strides
+    from bitfx.ops import stored_numel
+
+    # Normal values: coded, smaller than the raw bytes of the stored elements (broadcast dimensions once).
+    n = stored_numel(x.shape, x.stride())
+    assert payload.numel() < n * x.element_size() or n < 8  # one value: the header costs more: raw
+
+
+@pytest.mark.parametrize("op_device", OP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_falls_back_to_raw_where_the_codec_does_not_pay(op_device, dtype):
+    x = random_bits(4099, dtype, density=1.0, gen=torch.Generator().manual_seed(2)).to(op_device)
+    payload, y = op_roundtrip(x)
+    assert payload.numel() == x.numel() * x.element_size()  # exponents over the whole range: raw
+    assert bit_equal(x, y)
+    x = torch.randn(4099).to(dtype).to(op_device)
+    payload, y = op_roundtrip(x)
+    assert payload.numel() < x.numel() * x.element_size() and bit_equal(x, y)
+
+
+def test_op_opcheck_and_corrupt_payloads():
+    x = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)
+    opcheck(torch.ops.bitfx.exp_compress.default, (x, list(x.stride())))
+    payload = torch.ops.bitfx.exp_compress(x, list(x.stride()))
+    opcheck(torch.ops.bitfx.exp_decompress.default, (payload, list(x.shape), list(x.stride()), x.dtype))
+    with pytest.raises(fmt.CorruptData, match="longer than"):
+        torch.ops.bitfx.exp_decompress(torch.cat([payload] * 2), list(x.shape), list(x.stride()), x.dtype)
+    with pytest.raises(fmt.CorruptData):
+        torch.ops.bitfx.exp_decompress(payload[:-1], list(x.shape), list(x.stride()), x.dtype)
+    with pytest.raises(TypeError, match="exponent codec takes"):
+        torch.ops.bitfx.exp_compress(x.double(), list(x.stride()))

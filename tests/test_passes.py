@@ -285,3 +285,51 @@ def test_composes_with_memory_budget_partitioner():
     torch._dynamo.reset()
     _, off = run(False, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_exponent_codec_rewrites_dense_saved_floats():
+    """codec="bitmap+exponent": the conv output (dense, saved for BN backward) goes through
+    bitfx::exp_compress in forward and bitfx::exp_decompress before its first backward use;
+    the ReLU output keeps the bitmap."""
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec="bitmap+exponent")
+    conv = call_nodes(cap.fw, torch.ops.aten.convolution.default)[0]
+    (enc,) = [n for n in call_nodes(cap.fw, bitfx.exp_compress.default) if n.args[0] is conv]
+    assert enc in saved_outputs(cap.fw) and conv not in saved_outputs(cap.fw)
+    assert isinstance(enc.meta["val"], torch.Tensor) and enc.meta["val"].dtype == torch.uint8
+    assert "unbacked_bindings" in enc.meta
+    decs = call_nodes(cap.bw, bitfx.exp_decompress.default)
+    assert len(decs) == len(cap.decided(Decision.EXPONENT)) >= 1
+    for dec in decs:
+        val = dec.meta["val"]
+        assert list(dec.args[1]) == list(val.shape) and dec.args[3] == val.dtype
+    assert [s.target for s in compressed_sources(cap)] == [torch.ops.aten.relu.default]
+
+
+@pytest.mark.parametrize("codec", ["bitmap", "none"])
+def test_codec_switch_turns_codecs_off(codec):
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec=codec)
+    assert not call_nodes(cap.fw, bitfx.exp_compress.default)
+    assert bool(call_nodes(cap.fw, bitfx.compress.default)) == (codec == "bitmap")
+    conv = next(i for i in cap.infos if i.node.target is torch.ops.aten.convolution.default)
+    assert conv.decision is Decision.KEEP and "not sparse" in conv.reason
+
+
+def test_auto_codec_skips_tensors_too_small_to_pay():
+    # 2x8x8x8 fp32 conv outputs: 4 KiB, far below what two op calls cost on CPU.
+    cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec="auto")
+    conv = next(i for i in cap.infos if i.node.target is torch.ops.aten.convolution.default)
+    assert conv.decision is Decision.KEEP and "too small for the exponent codec" in conv.reason
+
+
+def test_auto_codec_codes_large_dense_tensors():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 3))
+    cap, _ = compile_and_capture(model, torch.randn(4, 3, 64, 64), codec="auto")  # conv output: 2 MiB
+    assert cap.decided(Decision.EXPONENT)
+    assert call_nodes(cap.fw, bitfx.exp_compress.default)
+
+
+def test_unknown_codec_is_refused():
+    with pytest.raises(ValueError, match="codec='zstd' is not valid"):
+        import bitfx as bitfx_pkg
+
+        bitfx_pkg.backend(codec="zstd")

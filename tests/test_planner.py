@@ -243,3 +243,25 @@ def test_calibrated_density_follows_swapped_nodes():
     assert rows and truth < 0.2
     for row in rows:  # the ReLU output, and its square
         assert row.name == "1" and row.density == pytest.approx(truth, abs=1e-6)
+
+
+def test_plan_shows_the_exponent_codec_and_calibrates_its_ratio():
+    """Issue 11: the codec per tensor, its assumed ratio, and after calibrate=True the measured one,
+    which predicts the stored bytes exactly (the codec's pass 1 gives the stream's size)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 3))
+    x = torch.randn(4, 3, 64, 64)
+    opts = dict(inner="eager", codec="bitmap+exponent", memory_budget=1.0)
+    p = bitfx.plan(model, x, **opts)
+    exp_rows = [t for t in p.tensors if t.codec == "exponent"]
+    assert exp_rows and all(t.decision == "exponent-coded" for t in exp_rows)
+    big = [t for t in exp_rows if t.dense_bytes >= 1 << 20]  # the conv output
+    assert big and all(t.ratio == pytest.approx(0.903, abs=1e-4) for t in big)
+    assert "exponent" in str(p) and "exponent-codec ratios" in str(p)
+    cal = bitfx.plan(model, x, calibrate=True, **opts)
+    measured = [t for t in cal.tensors if t.codec == "exponent"]
+    assert [t.name for t in measured] == [t.name for t in exp_rows]
+    assert all(0 < t.ratio < 1 for t in measured)
+    assert all(t.ratio != pytest.approx(0.903, abs=1e-4) for t in measured if t.dense_bytes >= 1 << 20)
+    assert cal.saved_bytes["bittrain"] == pytest.approx(_measured(model, x, True, codec="bitmap+exponent",
+                                                                  memory_budget=1.0), rel=0.005)
