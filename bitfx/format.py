@@ -80,6 +80,15 @@ Dense tensors under the exponent codec (``bitfx::exp_compress``)
     their ``n * itemsize`` raw bytes.  A decoder tells them apart by length:
     a stream is always strictly shorter than the raw bytes.
 
+Sparse tensors under the exponent codec (``bitfx::bitmap_exp_compress``)
+    ``offsets`` as above.  Where the bitmap encoding is used (the same rule,
+    :func:`use_sparse`, on the count of nonzeros), the payload is the bitmap,
+    then the nonzero values as an exponent-coded stream, or raw where that
+    would not be shorter.  Otherwise it is the payload of
+    ``bitfx::exp_compress`` for all ``n`` elements.  The decoder reads the
+    nonzero count from ``offsets[-1]`` to tell which (on a GPU, one
+    synchronization), then raw from coded by length, as for dense tensors.
+
 Validation
     A decoder checks what it is given before it reads the data
     (:func:`check_encoded`, and its C++ twin in ``kernels/ops_cpu.cpp``):
@@ -265,3 +274,30 @@ def exp_payload_is_raw(payload: torch.Tensor, n: int, itemsize: int) -> bool:
     if payload.numel() > n * itemsize:
         raise CorruptData(f"bitfx: payload of {payload.numel()} bytes is longer than {n} raw elements")
     return payload.numel() == n * itemsize
+
+
+def check_bitmap_exp(offsets: torch.Tensor, payload: torch.Tensor, n: int, itemsize: int) -> None:
+    """Check the parts of ``bitfx::bitmap_exp_compress`` before decoding; raises :class:`CorruptData`.
+
+    The offsets as for the bitmap format (on the CPU); the payload's
+    length against what they imply: at least the bitmap, at most its raw size.
+    """
+    _check_part("offsets", offsets, torch.int64, payload.device)
+    _check_part("payload", payload, torch.uint8, offsets.device)
+    nblocks = num_blocks(n)
+    if offsets.numel() != nblocks + 1:
+        raise CorruptData(f"bitfx: offsets has {offsets.numel()} entries; {n} elements need {nblocks + 1}")
+    if offsets.device.type != "cpu" or nblocks == 0:
+        return
+    steps = offsets.diff()
+    lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)
+    lengths[-1] = n - (nblocks - 1) * BLOCK
+    if int(offsets[0]) != 0 or bool((steps < 0).any()) or bool((steps > lengths).any()):
+        raise CorruptData("bitfx: offsets must start at 0 and grow by at most a block's length per block")
+    nnz = int(offsets[-1])
+    if use_sparse(n, nnz, itemsize):
+        lo, hi = nblocks * BITMAP_BYTES_PER_BLOCK, sparse_payload_bytes(n, nnz, itemsize)
+    else:
+        lo, hi = 0, n * itemsize
+    if not lo <= payload.numel() <= hi:
+        raise CorruptData(f"bitfx: payload of {payload.numel()} bytes; {nnz} nonzeros of {n} need {lo} to {hi}")

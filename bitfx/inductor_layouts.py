@@ -50,7 +50,10 @@ log = logging.getLogger("bitfx")
 _LAYOUTS: collections.OrderedDict[str, list] = collections.OrderedDict()
 _MAX_PENDING = 4096
 
-_PRODUCERS = (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default, torch.ops.bitfx.exp_compress.default)
+_PRODUCERS = (torch.ops.bitfx.compress.default, torch.ops.bitfx.pack_bool.default, torch.ops.bitfx.exp_compress.default,
+              torch.ops.bitfx.bitmap_exp_compress.default)
+# Restoring ops whose stride argument comes after offsets and payload.
+_STRIDE_AT_3 = (torch.ops.bitfx.decompress.default, torch.ops.bitfx.bitmap_exp_decompress.default)
 
 
 @functools.cache
@@ -144,7 +147,7 @@ def apply_forward_layouts(gm: fx.GraphModule) -> int:
         if list(val.stride()) == values:
             continue
         args = list(node.args)
-        args[3 if node.target is torch.ops.bitfx.decompress.default else 2] = strides
+        args[3 if node.target in _STRIDE_AT_3 else 2] = strides
         node.args = tuple(args)
         with val.fake_mode:
             node.meta["val"] = torch.empty_strided(val.shape, values, dtype=val.dtype, device=val.device)

@@ -18,10 +18,13 @@ op                       schema
 ``bitfx::exp_compress``  ``(Tensor x, SymInt[] stride) -> payload``
 ``bitfx::exp_decompress`` ``(payload, SymInt[] size, SymInt[] stride,
                          ScalarType dtype) -> Tensor``
+``bitfx::bitmap_exp_*``  as ``compress`` / ``decompress``
 =======================  ==================================================
 
 The ``exp_`` pair stores a dense fp32/bf16/fp16 tensor with the exponent
-codec ("Dense tensors under the exponent codec" in :mod:`bitfx.format`).
+codec ("Dense tensors under the exponent codec" in :mod:`bitfx.format`); the
+``bitmap_exp_`` pair a sparse one, its nonzero values exponent-coded behind
+the bitmap.
 It runs in Python on every device (the codec's kernels are C on CPU, Triton
 on CUDA); the bitmap ops have C++ CPU implementations for their per-call
 overhead, which the exponent ops, used on larger tensors, have not needed.
@@ -44,6 +47,7 @@ from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, gua
 
 from . import kernels
 from .format import (
+    check_bitmap_exp,
     check_encoded,
     check_exp_dtype,
     check_packed_bool,
@@ -70,9 +74,14 @@ _SCHEMAS = {
     "unpack_bool": ("(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor", ()),
     "exp_compress": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
     "exp_decompress": ("(Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor", ()),
+    "bitmap_exp_compress": ("(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", _FLEX),
+    "bitmap_exp_decompress": (
+        "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
+        (),
+    ),
 }
 # Ops with no C++ CPU implementation: their Python one serves the CPU too.
-_PYTHON_ON_CPU = ("exp_compress", "exp_decompress")
+_PYTHON_ON_CPU = ("exp_compress", "exp_decompress", "bitmap_exp_compress", "bitmap_exp_decompress")
 for _name, (_schema, _tags) in _SCHEMAS.items():
     _LIB.define(_name + _schema, tags=_tags)
     # The Python implementation under its own name: the C++ CPU kernels
@@ -270,6 +279,23 @@ def _exp_decompress(payload, size, stride, dtype):
     return target.finish()
 
 
+@_impl_for_devices("bitmap_exp_compress")
+def _bitmap_exp_compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
+    check_exp_dtype(x.dtype)
+    flat = to_flat(x, stride)
+    return kernels.bitmap_exp_compress(kernels.select(flat.device), flat)
+
+
+@_impl_for_devices("bitmap_exp_decompress")
+def _bitmap_exp_decompress(offsets, payload, size, stride, dtype):
+    layout = _layout(tuple(size), tuple(stride))
+    check_exp_dtype(dtype)
+    check_bitmap_exp(offsets, payload, math.prod(layout.stored), dtype.itemsize)
+    target = _Target(size, stride, dtype, payload.device)
+    kernels.bitmap_exp_decompress(kernels.select(payload.device), offsets, payload, target.flat)
+    return target.finish()
+
+
 def compress_fake(x: torch.Tensor, stride, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake ``(offsets, payload)`` for ``x``, given a fresh unbacked ``nbytes``."""
     _check_dtype(x)
@@ -315,6 +341,17 @@ def _exp_compress_fake(x, stride):
     shape_env = getattr(ctx, "_shape_env", None)
     nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
     return exp_compress_fake(x, stride, nbytes)
+
+
+@torch.library.register_fake("bitfx::bitmap_exp_compress")
+def _bitmap_exp_compress_fake(x, stride):
+    check_exp_dtype(x.dtype)
+    return _compress_fake(x, stride)
+
+
+@torch.library.register_fake("bitfx::bitmap_exp_decompress")
+def _bitmap_exp_decompress_fake(offsets, payload, size, stride, dtype):
+    return torch.empty_strided(size, stride, dtype=dtype, device=payload.device)
 
 
 @torch.library.register_fake("bitfx::exp_decompress")

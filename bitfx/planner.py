@@ -187,29 +187,27 @@ def _has_data(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not isinstance(t, FakeTensor)
 
 
-def _measure_densities(model, inputs, kwargs, options: Options) -> list[tuple[float, float | None]]:
-    """One real forward through the baseline pipeline; for each saved tensor, in order,
-    its density and its exponent codec ratio (stored over dense bytes, None where the codec does not apply)."""
-    from . import kernels
-    from .format import EXP_DTYPES, exp_stream_bytes, int_view_dtype
+def _measure_densities(model, inputs, kwargs, options: Options) -> list[tuple[float, float | None, float | None]]:
+    """One real forward through the baseline pipeline; for each saved tensor, in order: its density,
+    and the exponent codec's ratio (stored over raw bytes) over all its elements and over its
+    nonzeros (None where the codec does not apply)."""
+    from .format import EXP_DTYPES, int_view_dtype
     from .ops import to_flat
 
-    measured: list[tuple[float, float | None]] = []
+    measured: list[tuple[float, float | None, float | None]] = []
 
     def pack(t):
         if isinstance(t, torch.Tensor) and t.numel():
             with torch.no_grad():
                 nz = t.view(int_view_dtype(t.dtype)) if t.dtype != torch.bool else t
-                ratio = None
+                density = nz.ne(0).sum().item() / t.numel()
+                ratios = (None, None)
                 if t.dtype in EXP_DTYPES:
-                    # Pass 1 of the codec alone gives the exact stream size.
-                    flat = to_flat(t.detach(), t.stride()).view(int_view_dtype(t.dtype))  # the stored order
-                    _, width_sum = kernels.select(t.device).exp_header(flat)
-                    raw = t.numel() * t.element_size()
-                    ratio = min(exp_stream_bytes(t.numel(), t.element_size(), width_sum), raw) / raw
-                measured.append((nz.ne(0).sum().item() / t.numel(), ratio))
+                    flat = to_flat(t.detach(), t.stride())  # the stored order
+                    ratios = (_exp_ratio(flat), _exp_ratio(flat[flat.view(int_view_dtype(t.dtype)) != 0]))
+                measured.append((density, *ratios))
         else:
-            measured.append((0.0, None))
+            measured.append((0.0, None, None))
         return t
 
     compiled = torch.compile(
@@ -218,6 +216,18 @@ def _measure_densities(model, inputs, kwargs, options: Options) -> list[tuple[fl
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compiled(*inputs, **kwargs)
     return measured
+
+
+def _exp_ratio(flat: torch.Tensor) -> float | None:
+    """Stored over raw bytes of ``flat`` under the exponent codec: its pass 1 alone gives the size."""
+    from . import kernels
+    from .format import exp_stream_bytes, int_view_dtype
+
+    if not flat.numel():
+        return None
+    _, width_sum = kernels.select(flat.device).exp_header(flat.contiguous().view(int_view_dtype(flat.dtype)))
+    raw = flat.numel() * flat.element_size()
+    return min(exp_stream_bytes(flat.numel(), flat.element_size(), width_sum), raw) / raw
 
 
 def plan(
@@ -288,9 +298,9 @@ def plan(
         got = measured_by_info.get(id(info))
         if info.decision is Decision.COMPRESS:
             d = got[0] if got else densities_by_kind.get(info.kind or "relu", info.assumed_density)
-            stored = info.stored_bytes(d)
+            stored = info.stored_bytes(d, got[2] if got else None)
         elif info.decision is Decision.EXPONENT:
-            stored = info.stored_bytes(got[1] if got else None)
+            stored = info.stored_bytes(ratio=got[1] if got else None)
         else:
             stored = info.stored_bytes()
         stored_by_name[name] = stored

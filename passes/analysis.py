@@ -195,6 +195,7 @@ class SavedTensor:
     kind: str | None = None  # what made it sparse ("relu", "hardswish", "max_pool"), if anything
     assumed_density: float | None = None  # before anything runs (see assumed_density())
     assumed_ratio: float | None = None  # exponent codec: stored over dense bytes assumed (pricing.DEFAULT_EXP_RATIO)
+    values_exp: bool = False  # a COMPRESS whose nonzero values are exponent-coded too (bitmap_exp_compress)
     input_name: str | None = None  # for a graph input: its name (``layer1.0.conv1.weight``)
     source_input_name: str | None = None  # for a cast of a graph input: that input's name
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
@@ -218,23 +219,26 @@ class SavedTensor:
 
     @property
     def codec(self) -> Codec:
+        if self.decision is Decision.COMPRESS and self.values_exp:
+            return Codec.BITMAP_EXPONENT
         return {Decision.COMPRESS: Codec.BITMAP, Decision.EXPONENT: Codec.EXPONENT, Decision.PACK: Codec.BOOL}.get(
             self.decision, Codec.DENSE)
 
     def dense_bytes(self) -> int:
         return stored_bytes(self.val, Codec.DENSE)
 
-    def stored_bytes(self, density: float | None = None) -> int:
-        """Predicted bytes kept for backward; ``density`` defaults to the assumed one.
+    def stored_bytes(self, density: float | None = None, ratio: float | None = None) -> int:
+        """Predicted bytes kept for backward; ``density`` and ``ratio`` default to the assumed ones.
 
-        For an exponent-coded tensor, ``density`` is read as its ratio of
-        stored to dense bytes (what ``calibrate=True`` measures).
+        ``ratio``: stored over raw bytes of what the exponent codec codes (all
+        elements, or the nonzeros behind a bitmap), as ``calibrate=True``
+        measures it.
         """
         if self.decision is Decision.EXPONENT:
-            return stored_bytes(self.val, Codec.EXPONENT, ratio=density if density is not None else self.assumed_ratio)
+            return stored_bytes(self.val, Codec.EXPONENT, ratio=ratio if ratio is not None else self.assumed_ratio)
         if density is None:
             density = self.assumed_density if self.assumed_density is not None else DEFAULT_DENSITY["relu"]
-        return stored_bytes(self.val, self.codec, density)
+        return stored_bytes(self.val, self.codec, density, ratio)
 
 
 def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
@@ -260,9 +264,13 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     by_node: dict[fx.Node, SavedTensor] = {}
     for i, node in saved:
         info = _decide(node, i, kind, fwd_outputs, options)
-        if info.decision is Decision.EXPONENT and exponent is not None and node.name not in exponent:
-            info = SavedTensor(node, i, Decision.KEEP, "dense; the exponent codec did not fit this plan's time "
-                               f"(codec={options.codec!r})")
+        if exponent is not None and node.name not in exponent:
+            if info.decision is Decision.EXPONENT:
+                info = SavedTensor(node, i, Decision.KEEP, "dense; the exponent codec did not fit this plan's time "
+                                   f"(codec={options.codec!r})")
+            elif info.values_exp:
+                info.values_exp = False
+                info.reason = info.reason.replace("; nonzeros exponent-coded", "")
         result.append(info)
         by_node[node] = info
     return result
@@ -297,6 +305,12 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
         return info
     info = SavedTensor(node, index, Decision.COMPRESS, f"sparse: {describe(node)}", k)
     info.assumed_density = d
+    if exp_ratio(val.dtype) is not None and (
+        options.codec == "bitmap+exponent"
+        or options.codec == "auto" and exponent_pays(val, machine_for(node.graph), values_only=True)
+    ):
+        info.values_exp = True
+        info.reason += "; nonzeros exponent-coded"
     return info
 
 

@@ -49,7 +49,6 @@ from bitfx.options import Options
 
 from .analysis import Decision, SavedTensor, _decide, propagate_sparsity
 from .pricing import (
-    Codec,
     Machine,
     _flops,
     _op_types,
@@ -189,10 +188,21 @@ class JointPrices:
     def _info(self, node: fx.Node) -> SavedTensor | None:
         """How ``node`` is stored if saved, as the plan being priced would store it."""
         info = self.infos.get(node)
-        if info is not None and info.decision is Decision.EXPONENT:
-            if self.exp_off or (self.exponent is not None and node.name not in self.exponent):
-                return None
+        if info is None or not self._exp_candidate(info):
+            return info
+        if self.exp_off or (self.exponent is not None and node.name not in self.exponent):
+            return self._without_exponent(info)
         return info
+
+    @staticmethod
+    def _exp_candidate(info: SavedTensor) -> bool:
+        return info.decision is Decision.EXPONENT or info.values_exp
+
+    def _without_exponent(self, info: SavedTensor) -> SavedTensor | None:
+        """``info`` as stored without the exponent codec: dense, or the bitmap alone."""
+        if info.decision is Decision.EXPONENT:
+            return None
+        return dataclasses.replace(info, values_exp=False)
 
     def knapsack_value(self, node: fx.Node) -> float:
         """Seconds saved by keeping ``node`` instead of recomputing it."""
@@ -289,18 +299,23 @@ class JointPrices:
         ``codec="auto"``: within the time the free default has left (its
         limit less the plan's estimate); ``"bitmap+exponent"``: all of them.
         """
-        candidates = [n for n in saved if (i := self.infos.get(n)) is not None and i.decision is Decision.EXPONENT]
+        candidates = [n for n in saved if (i := self.infos.get(n)) is not None and self._exp_candidate(i)]
         if not candidates:
             self.exponent = set()
             return est
-        def gain(n):  # noqa: E306
-            info = self.infos[n]
-            return (info.dense_bytes() - info.stored_bytes()) / codec_seconds(info.val, info.codec, self.machine)
+
+        def added(n):  # (bytes it saves, seconds it costs) over the same tensor without the codec
+            info, without = self.infos[n], self._without_exponent(self.infos[n])
+            before = info.dense_bytes() if without is None else without.stored_bytes()
+            extra = codec_seconds(info.val, info.codec, self.machine) - (
+                0.0 if without is None else codec_seconds(info.val, without.codec, self.machine))
+            return before - info.stored_bytes(), max(extra, 1e-12)
+
         left = (1.0 + FREE_SLOWDOWN) * (est.step_s + est.baseline_s) - (
             est.step_s + est.recompute_s + est.store_s + est.codec_s)
         chosen = set()
-        for n in sorted(candidates, key=gain, reverse=True):
-            cost = codec_seconds(self.infos[n].val, Codec.EXPONENT, self.machine)
+        for n in sorted(candidates, key=lambda n: added(n)[0] / added(n)[1], reverse=True):
+            cost = added(n)[1]
             if self.options.codec == "bitmap+exponent" or cost <= left:
                 chosen.add(n.name)
                 left -= cost

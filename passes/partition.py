@@ -78,6 +78,8 @@ def partition(
             _trace("bitfx_backward_after", bw)
             for info in infos:
                 counters["bitfx"][info.decision.name.lower()] += 1
+                if info.values_exp:
+                    counters["bitfx"]["nonzeros_exponent"] += 1
         log.debug("bitfx partition: %s", summarize(infos))
     if not options.enabled and (options.report or on_partition is not None):
         infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense

@@ -107,7 +107,8 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
         info = by_index.get(j)
         decision = info.decision if info else Decision.KEEP
         if decision is Decision.COMPRESS:
-            parts = _insert_compress(value, emitter)
+            op = bitfx_ops.bitmap_exp_compress.default if info.values_exp else bitfx_ops.compress.default
+            parts = _insert_compress(value, emitter, op)
             info.layout_key = parts[0].args[0].meta[LAYOUT_KEY]
         elif decision is Decision.EXPONENT:
             parts = [_insert_exp_compress(value, emitter)]
@@ -141,12 +142,12 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
     gm.recompile()
 
 
-def _insert_compress(value: fx.Node, emitter: SymIntEmitter) -> list[fx.Node]:
+def _insert_compress(value: fx.Node, emitter: SymIntEmitter, op) -> list[fx.Node]:
     graph = value.graph
     stride = value.meta["val"].stride()
     val, bindings = fake_compress(value.meta["val"], stride)
     with _after(value):
-        c = graph.call_function(bitfx_ops.compress.default, (value, [emitter.arg(s) for s in stride]))
+        c = graph.call_function(op, (value, [emitter.arg(s) for s in stride]))
     c.meta["val"] = val
     _tag(c)
     if bindings:
@@ -245,9 +246,8 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
         stride = [emitter.arg(s) for s in val.stride()]
         with graph.inserting_before(_first_user(ph)):
             if info.decision is Decision.COMPRESS:
-                dense = graph.call_function(
-                    bitfx_ops.decompress.default, (*new_phs, size, stride, val.dtype)
-                )
+                op = bitfx_ops.bitmap_exp_decompress.default if info.values_exp else bitfx_ops.decompress.default
+                dense = graph.call_function(op, (*new_phs, size, stride, val.dtype))
             elif info.decision is Decision.EXPONENT:
                 dense = graph.call_function(bitfx_ops.exp_decompress.default, (*new_phs, size, stride, val.dtype))
             else:

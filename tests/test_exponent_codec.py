@@ -197,3 +197,60 @@ def test_op_opcheck_and_corrupt_payloads():
         torch.ops.bitfx.exp_decompress(payload[:-1], list(x.shape), list(x.stride()), x.dtype)
     with pytest.raises(TypeError, match="exponent codec takes"):
         torch.ops.bitfx.exp_compress(x.double(), list(x.stride()))
+
+
+# -- bitfx::bitmap_exp_compress: the bitmap, the nonzeros exponent-coded ------
+
+
+def bx_roundtrip(x):
+    offsets, payload = torch.ops.bitfx.bitmap_exp_compress(x, list(x.stride()))
+    y = torch.ops.bitfx.bitmap_exp_decompress(offsets, payload, list(x.shape), list(x.stride()), x.dtype)
+    return offsets, payload, y
+
+
+@pytest.mark.parametrize("op_device", OP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.0, 0.5, 0.97])
+@pytest.mark.parametrize("n", [1, 4099])
+def test_bitmap_exp_roundtrip(op_device, dtype, density, n):
+    gen = torch.Generator().manual_seed(n)
+    normal = torch.randn(n, generator=gen)
+    x = torch.where(torch.rand(n, generator=gen) < density, normal, 0.0).to(dtype).to(op_device)
+    offsets, payload, y = bx_roundtrip(x)
+    assert bit_equal(x, y)
+    bits = random_bits(n, dtype, density=density, gen=gen).to(op_device)  # NaN payloads, -0.0, denormals
+    assert bit_equal(bits, bx_roundtrip(bits)[2])
+
+
+@pytest.mark.parametrize("op_device", OP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_bitmap_exp_layouts(op_device, layout):
+    x = LAYOUTS[layout](torch.relu(torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(3))).to(op_device))
+    assert bit_equal(x, bx_roundtrip(x)[2])
+
+
+def test_bitmap_exp_is_smaller_than_the_bitmap_alone():
+    # bf16 ReLU output at half density: the values shrink behind the bitmap.
+    x = torch.relu(torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+    offsets, payload, _ = bx_roundtrip(x)
+    o2, p2 = torch.ops.bitfx.compress(x, [1])
+    assert offsets.nbytes + payload.nbytes < 0.85 * (o2.nbytes + p2.nbytes)
+
+
+def test_bitmap_exp_corrupt_parts_raise():
+    x = torch.relu(torch.randn(5000, generator=torch.Generator().manual_seed(0)))
+    offsets, payload = torch.ops.bitfx.bitmap_exp_compress(x, [1])
+    dec = torch.ops.bitfx.bitmap_exp_decompress
+    with pytest.raises(fmt.CorruptData):
+        dec(offsets[:-1], payload, [5000], [1], x.dtype)
+    bad = offsets.clone()
+    bad[-1] += 3000
+    with pytest.raises(fmt.CorruptData):
+        dec(bad, payload, [5000], [1], x.dtype)
+    with pytest.raises(fmt.CorruptData):
+        dec(offsets, payload[:-1], [5000], [1], x.dtype)
+    with pytest.raises(fmt.CorruptData):
+        dec(offsets, torch.cat([payload, payload]), [5000], [1], x.dtype)
+    opcheck(torch.ops.bitfx.bitmap_exp_compress.default, (x.view(50, 100), [100, 1]))
+    o, p = torch.ops.bitfx.bitmap_exp_compress(x.view(50, 100), [100, 1])
+    opcheck(torch.ops.bitfx.bitmap_exp_decompress.default, (o, p, [50, 100], [100, 1], x.dtype))

@@ -302,7 +302,12 @@ def test_exponent_codec_rewrites_dense_saved_floats():
     for dec in decs:
         val = dec.meta["val"]
         assert list(dec.args[1]) == list(val.shape) and dec.args[3] == val.dtype
-    assert [s.target for s in compressed_sources(cap)] == [torch.ops.aten.relu.default]
+    # The ReLU output keeps its bitmap; its nonzero values are exponent-coded behind it.
+    (relu,) = cap.decided(Decision.COMPRESS)
+    assert relu.values_exp and relu.node.target is torch.ops.aten.relu.default
+    (enc,) = call_nodes(cap.fw, bitfx.bitmap_exp_compress.default)
+    assert enc.args[0] is relu.node and not call_nodes(cap.fw, bitfx.compress.default)
+    assert len(call_nodes(cap.bw, bitfx.bitmap_exp_decompress.default)) == 1
 
 
 @pytest.mark.parametrize("codec", ["bitmap", "none"])

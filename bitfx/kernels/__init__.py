@@ -185,3 +185,56 @@ def exp_decompress(k: ModuleType, stream: torch.Tensor, out: torch.Tensor) -> No
     elif stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() < n * (itemsize - 1) + exp_header_bytes(n):
         raise CorruptData(f"bitfx: exponent stream of {stream.numel()} bytes is too short for {n} values")
     k.exp_decode(stream, ints)
+
+
+def bitmap_exp_compress(k: ModuleType, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, payload)`` of a flat float tensor: bitmap plus exponent-coded nonzeros (format.py).
+
+    Passes: count (sizes the bitmap, picks the encoding), compact the
+    nonzeros, the codec's header pass (sizes the stream), its writing pass.
+    """
+    check_exp_dtype(flat.dtype)
+    ints = flat.view(int_view_dtype(flat.dtype))
+    n, itemsize = ints.numel(), ints.element_size()
+    offsets, nnz = k.count(ints)
+    if not use_sparse(n, nnz, itemsize):
+        return offsets, _exp_or_raw(k, flat)
+    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+    bitmap = torch.empty(bitmap_bytes, dtype=torch.uint8, device=flat.device)
+    values = torch.empty(nnz, dtype=ints.dtype, device=flat.device)
+    k.encode(ints, offsets, bitmap, values)
+    return offsets, torch.cat([bitmap, _exp_or_raw(k, values.view(flat.dtype))])
+
+
+def _exp_or_raw(k: ModuleType, flat: torch.Tensor) -> torch.Tensor:
+    stream = exp_compress(k, flat)
+    if stream.numel() >= flat.numel() * flat.element_size():
+        return flat.view(torch.uint8).clone()
+    return stream
+
+
+def bitmap_exp_decompress(k: ModuleType, offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill the flat tensor ``out`` from :func:`bitmap_exp_compress`'s parts, with backend ``k``.
+
+    The caller has checked ``offsets`` (:func:`bitfx.format.check_bitmap_exp`).
+    """
+    ints = out.view(int_view_dtype(out.dtype))
+    n, itemsize = ints.numel(), ints.element_size()
+    nnz = int(offsets[-1])  # on a GPU, the one synchronization
+    if not use_sparse(n, nnz, itemsize):
+        _exp_or_raw_decode(k, payload, out)
+        return
+    bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
+    values = torch.empty(nnz, dtype=out.dtype, device=out.device)
+    _exp_or_raw_decode(k, payload[bitmap_bytes:], values)
+    k.decode(offsets, payload[:bitmap_bytes], values.view(ints.dtype), ints)
+
+
+def _exp_or_raw_decode(k: ModuleType, payload: torch.Tensor, out: torch.Tensor) -> None:
+    n, itemsize = out.numel(), out.element_size()
+    if payload.numel() > n * itemsize:
+        raise CorruptData(f"bitfx: payload of {payload.numel()} bytes is longer than {n} raw elements")
+    if payload.numel() == n * itemsize:
+        out.view(torch.uint8).copy_(payload)
+    else:
+        exp_decompress(k, payload, out)
