@@ -1,6 +1,6 @@
 """Bit-identity on a torchvision model, one training step: ``bittrain`` against the same plan stored dense, and against stock.
 
-    python benchmarks/heldout_exactness.py MODEL [bf16]
+    python benchmarks/heldout_exactness.py MODEL [bf16] [--codec bitmap+exponent]
 
 MODEL is a ``torchvision.models`` builder name (random init, 10 classes,
 dropout off); the input is 2x3x64x64; the loss ``square().mean()`` of the
@@ -19,8 +19,14 @@ from torch._dynamo.utils import counters
 
 import bitfx
 
-name = sys.argv[1]
-autocast = len(sys.argv) > 2
+args = sys.argv[1:]
+codec = "auto"
+if "--codec" in args:
+    i = args.index("--codec")
+    codec = args[i + 1]
+    del args[i : i + 2]
+name = args[0]
+autocast = len(args) > 1
 
 
 def run(**opt):
@@ -40,11 +46,13 @@ def run(**opt):
 
 
 counters.clear()
-a = run(enabled=True)
+a = run(enabled=True, codec=codec)
 comp = counters["bitfx"]["compress"]
-dense = run(compress=False)
+coded = counters["bitfx"]["exponent"], counters["bitfx"]["nonzeros_exponent"]
+dense = run(compress=False, codec=codec)
 b = run(enabled=False)
 same = lambda u, v: sum(torch.equal(x, y) for x, y in zip(u, v))  # noqa: E731
 print(name, "autocast" if autocast else "fp32", f"{same(a, dense)}/{len(a)} identical to dense,",
-      f"{same(a, b)}/{len(a)} to stock, compressed {comp}, largest difference from stock",
+      f"{same(a, b)}/{len(a)} to stock, compressed {comp} (codec={codec}: {coded[0]} dense tensors "
+      f"exponent-coded, {coded[1]} behind a bitmap), largest difference from stock",
       max(((x - y).abs().max().item() for x, y in zip(a, b)), default=0))

@@ -10,7 +10,10 @@ same tensor, measured in the same process with the same thread count.
 ``--codec exponent`` times the exponent codec's kernels (format.py, "The
 exponent codec") on dense normal values, as conv outputs are: encode is its
 two passes (sizing, writing) and the stream's allocation; decode includes the
-stream check.
+stream check.  ``--codec bitmap+exponent`` times the ops
+``bitfx::bitmap_exp_compress`` / ``decompress`` (the nonzeros coded behind
+the bitmap) at the given densities, with the bitmap alone's stored ratio
+beside its own.
 """
 
 from __future__ import annotations
@@ -88,6 +91,31 @@ def run_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
     }
 
 
+def run_bitmap_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
+    x = make_input(cfg, device)
+    ops = torch.ops.bitfx
+    stride = list(x.stride())
+    offsets, payload = ops.bitmap_exp_compress(x, stride)
+    assert torch.equal(ops.bitmap_exp_decompress(offsets, payload, list(x.shape), stride, x.dtype), x)
+    bitmap_only = bitfx.compress(x)
+    t_clone = _timer(device, lambda: x.clone(), reps)
+    t_comp = _timer(device, lambda: ops.bitmap_exp_compress(x, stride), reps)
+    t_decomp = _timer(device, lambda: ops.bitmap_exp_decompress(offsets, payload, list(x.shape), stride, x.dtype), reps)
+    return {
+        **asdict(cfg),
+        "dense_MB": x.nbytes / 1e6,
+        "stored_ratio": (offsets.nbytes + payload.nbytes) / x.nbytes,
+        "bitmap_only_ratio": bitmap_only.nbytes / x.nbytes,
+        "clone_us": t_clone * 1e6,
+        "compress_us": t_comp * 1e6,
+        "decompress_us": t_decomp * 1e6,
+        "compress_GBps": x.nbytes / t_comp / 1e9,
+        "decompress_GBps": x.nbytes / t_decomp / 1e9,
+        "compress_vs_clone": t_comp / t_clone,
+        "decompress_vs_clone": t_decomp / t_clone,
+    }
+
+
 def run(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     packed = bitfx.compress(x)
@@ -125,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="write JSON rows here")
-    p.add_argument("--codec", choices=("bitmap", "exponent"), default="bitmap")
+    p.add_argument("--codec", choices=("bitmap", "exponent", "bitmap+exponent"), default="bitmap")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -149,8 +177,10 @@ def main(argv=None) -> int:
     rows = []
     for i, cfg in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {cfg}", file=sys.stderr, flush=True)
-        rows.append((run_exponent if args.codec == "exponent" else run)(cfg, device, args.reps))
-    cols = ["dtype", "numel", "density", "stored_ratio", "clone_us", "compress_us", "decompress_us",
+        fn = {"exponent": run_exponent, "bitmap+exponent": run_bitmap_exponent}.get(args.codec, run)
+        rows.append(fn(cfg, device, args.reps))
+    cols = ["dtype", "numel", "density", "stored_ratio", *(["bitmap_only_ratio"] if args.codec == "bitmap+exponent" else []),
+            "clone_us", "compress_us", "decompress_us",
             "compress_GBps", "decompress_GBps", "compress_vs_clone", "decompress_vs_clone"]
     if device.type == "cuda":
         cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]

@@ -6,7 +6,10 @@ saved for backward at the end of forward (their peak), measured with
 saved_tensors_hooks.  Both at init and after ``--steps`` SGD steps on a fixed
 synthetic batch (sparsity moves as a network trains).
 
-    python benchmarks/paper_claim.py [--models resnet18,vgg16_bn,mobilenet_v2] [--steps 20]
+    python benchmarks/paper_claim.py [--models resnet18,vgg16_bn,mobilenet_v2] [--steps 20] [--dtypes fp32,bf16]
+
+``bf16``: the forward under ``torch.autocast`` (bf16), as people train;
+parameters stay fp32.
 """
 
 from __future__ import annotations
@@ -30,10 +33,20 @@ from bitfx.measure import model_saved_bytes  # noqa: E402
 SIZES = {"cifar": (16, 32), "imagenet": (8, 224)}  # (batch, resolution), as in the paper's batch 8-16
 
 
-def activations(model, x, enabled):
+class _Autocast(torch.nn.Module):
+    def __init__(self, inner, dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            return self.inner(x)
+
+
+def activations(model, x, enabled, dtype="fp32"):
     torch._dynamo.reset()
     c = torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled))
-    return model_saved_bytes(c, x)
+    return model_saved_bytes(_Autocast(c, dtype), x)
 
 
 def relu_density(model, x):
@@ -59,6 +72,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="cifar,imagenet")
     p.add_argument("--steps", type=int, default=20, help="training steps before the second measurement")
     p.add_argument("--imagenet-steps", type=int, default=3, help="the same at ImageNet size (slow on a CPU)")
+    p.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16 (autocast)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -81,24 +95,25 @@ def main(argv=None):
                         F.cross_entropy(model(x), y).backward()
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-                print(f"{name} {size} {when} ...", file=sys.stderr, flush=True)
-                off, on = activations(model, x, False), activations(model, x, True)
-                fixed = params + state + params
-                rows.append({
-                    "model": name, "input": f"{size} {batch}x3x{res}x{res}", "when": when,
-                    "relu_density": relu_density(model, x),
-                    "activations_baseline": off, "activations_bittrain": on,
-                    "footprint_baseline": fixed + off, "footprint_bittrain": fixed + on,
-                })
+                for dtype in args.dtypes.split(","):
+                    print(f"{name} {size} {when} {dtype} ...", file=sys.stderr, flush=True)
+                    off, on = activations(model, x, False, dtype), activations(model, x, True, dtype)
+                    fixed = params + state + params
+                    rows.append({
+                        "model": name, "input": f"{size} {batch}x3x{res}x{res}", "when": when, "dtype": dtype,
+                        "relu_density": relu_density(model, x),
+                        "activations_baseline": off, "activations_bittrain": on,
+                        "footprint_baseline": fixed + off, "footprint_bittrain": fixed + on,
+                    })
     print(f"torch {torch.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} threads; "
           f"command: python {' '.join(sys.argv)}")
     print(tabulate(
-        [[r["model"], r["input"], r["when"], f"{r['relu_density']:.2f}",
+        [[r["model"], r["input"], r["when"], r["dtype"], f"{r['relu_density']:.2f}",
           f"{r['activations_baseline'] / 2**20:.1f}", f"{r['activations_bittrain'] / 2**20:.1f}",
           f"{100 * (1 - r['activations_bittrain'] / r['activations_baseline']):.1f}%",
           f"{r['footprint_baseline'] / 2**20:.1f}", f"{r['footprint_bittrain'] / 2**20:.1f}",
           f"{100 * (1 - r['footprint_bittrain'] / r['footprint_baseline']):.1f}%"] for r in rows],
-        headers=["model", "input", "when", "ReLU density", "act. MiB", "act. bitfx", "act. saving",
+        headers=["model", "input", "when", "dtype", "ReLU density", "act. MiB", "act. bitfx", "act. saving",
                  "footprint MiB", "footprint bitfx", "footprint saving"], disable_numparse=True))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -6,7 +6,8 @@ memory-budget partitioner, and bitfx, side by side.
 
 Configurations: ``eager``, ``inductor``, ``bittrain`` (its defaults),
 ``bittrain-eager`` (``inner="eager"``), ``bittrain-bitmap``
-(``codec="bitmap"``: no exponent codec), and ``inductor@B`` / ``bittrain@B``:
+(``codec="bitmap"``: no exponent codec), ``bittrain-exp``
+(``codec="bitmap+exponent"``: the codec on every candidate), and ``inductor@B`` / ``bittrain@B``:
 PyTorch's ``activation_memory_budget = B`` / ``options={"memory_budget": B}``.
 ``--budgets`` adds both at every B (the two frontiers); ``--zoo heldout`` runs
 torchvision's ResNet-18, DenseNet-121, MobileNetV2 and VGG-11, a ReLU MLP and
@@ -56,7 +57,7 @@ def _budget_of(config: str) -> float | None:
 
 
 def valid_config(config: str) -> bool:
-    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap"):
+    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap", "bittrain-exp"):
         return True
     name, _, b = config.partition("@")
     try:
@@ -166,6 +167,8 @@ def build(config: str, model: nn.Module):
     options = {} if budget is None else {"memory_budget": budget}
     if config == "bittrain-bitmap":
         options["codec"] = "bitmap"
+    elif config == "bittrain-exp":
+        options["codec"] = "bitmap+exponent"
     return torch.compile(entry, backend=bitfx.backend(inner=inner, **options))
 
 
@@ -307,7 +310,7 @@ def main(argv=None) -> int:
         configs = (args.configs or ",".join(CONFIGS)).split(",")
     bad = [c for c in configs if not valid_config(c)]
     if bad:
-        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, inductor@B or bittrain@B")
+        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, bittrain-exp, inductor@B or bittrain@B")
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):

@@ -52,7 +52,7 @@ class Options:
         as ``"bitmap+exponent"``, but a dense tensor is exponent-coded only
         where that pays per unit of time: its bytes saved per estimated codec
         second at least half the codec's best (on CPU, tensors above about
-        180 KB; smaller ones cost more in per-call overhead than they save).
+        120 KB; smaller ones cost more in per-call overhead than they save).
         ``"none"``: no value is compressed (bool masks still follow
         ``pack_masks``).
     report

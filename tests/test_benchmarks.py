@@ -61,3 +61,13 @@ def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
     assert [r["dtype"] for r in rows] == ["bfloat16", "float16"]
     assert all(0 < r["stored_ratio"] < 1 and r["compress_us"] > 0 for r in rows)
     assert "exponent kernels=" in capsys.readouterr().out
+
+
+def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
+    import kernels
+
+    out = tmp_path / "k.json"
+    assert kernels.main(["--codec", "bitmap+exponent", "--sizes", "5000", "--densities", "0.5", "--dtypes",
+                         "bfloat16", "--reps", "1", "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["stored_ratio"] < row["bitmap_only_ratio"] < 1
