@@ -24,10 +24,9 @@ op                       schema
 The ``exp_`` pair stores a dense fp32/bf16/fp16 tensor with the exponent
 codec ("Dense tensors under the exponent codec" in :mod:`bitfx.format`); the
 ``bitmap_exp_`` pair a sparse one, its nonzero values exponent-coded behind
-the bitmap.
-It runs in Python on every device (the codec's kernels are C on CPU, Triton
-on CUDA); the bitmap ops have C++ CPU implementations for their per-call
-overhead, which the exponent ops, used on larger tensors, have not needed.
+the bitmap.  Like the bitmap ops, they have C++ CPU implementations
+(``kernels/ops_cpu.cpp``), so that a call inside a compiled step runs no
+Python; the Python ones here serve CUDA and the CPU fallback.
 
 ``payload`` has a data-dependent length.  Its fake value needs an unbacked
 SymInt, made by :func:`fresh_size`; the graph rewrite binds it on the node
@@ -80,8 +79,6 @@ _SCHEMAS = {
         (),
     ),
 }
-# Ops with no C++ CPU implementation: their Python one serves the CPU too.
-_PYTHON_ON_CPU = ("exp_compress", "exp_decompress", "bitmap_exp_compress", "bitmap_exp_decompress")
 for _name, (_schema, _tags) in _SCHEMAS.items():
     _LIB.define(_name + _schema, tags=_tags)
     # The Python implementation under its own name: the C++ CPU kernels
@@ -434,15 +431,12 @@ def _register() -> str | None:
     for name, fn in _PYTHON_IMPLS.items():
         torch.library.impl(_LIB, name, "CUDA")(fn)
         torch.library.impl(_LIB, f"_{name}_py", "CPU")(fn)
-        if name in _PYTHON_ON_CPU:
-            torch.library.impl(_LIB, name, "CPU")(fn)
     error = cpu_ext.load_ops()
     if error is not None:
         # One line; the compiler's output is in the log file it names.
         log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python with torch kernels: %s", error)
         for name, fn in _PYTHON_IMPLS.items():
-            if name not in _PYTHON_ON_CPU:
-                torch.library.impl(_LIB, name, "CPU")(fn)
+            torch.library.impl(_LIB, name, "CPU")(fn)
     else:
         kernels.tell_cpp_ops()
     return error

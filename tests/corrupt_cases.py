@@ -134,13 +134,26 @@ def run_exponent() -> int:
     x = torch.randn(k, generator=gen)
     stream = kernels.exp_compress(cpu_ext, x)
     raised = 0
-    for name, corrupt in EXP_CASES.items():
-        try:
-            kernels.exp_decompress(cpu_ext, corrupt(stream, k), torch.empty_like(x))
-        except ValueError:
-            raised += 1
-            continue
-        raise AssertionError(f"{name}: exponent decode accepted a corrupt stream")
+    ops = torch.ops.bitfx  # and through the C++ ops, as a compiled step calls them
+    decoders = {
+        "kernels": lambda st: kernels.exp_decompress(cpu_ext, st, torch.empty_like(x)),
+        "op": lambda st: ops.exp_decompress(st, [k], [1], x.dtype),
+        "bitmap op": lambda st: ops.bitmap_exp_decompress(offsets, torch.cat([bitmap, st]), [k], [1], x.dtype),
+    }
+    relu = torch.relu(x)
+    offsets, payload = ops.bitmap_exp_compress(relu, [1])
+    bitmap = payload[: fmt.num_blocks(k) * fmt.BITMAP_BYTES_PER_BLOCK]
+    nz = int(offsets[-1])
+    coded = {"kernels": stream, "op": ops.exp_compress(x, [1]), "bitmap op": payload[bitmap.numel():]}
+    for where, decode in decoders.items():
+        n = nz if where == "bitmap op" else k
+        for name, corrupt in EXP_CASES.items():
+            try:
+                decode(corrupt(coded[where], n))
+            except ValueError:
+                raised += 1
+                continue
+            raise AssertionError(f"{name} ({where}): exponent decode accepted a corrupt stream")
     return raised
 
 

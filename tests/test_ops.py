@@ -302,9 +302,11 @@ def test_cpu_ops_are_the_cpp_kernels_when_a_compiler_exists():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
     assert bitfx.ops.CPU_OPS_ERROR is None
-    dump = torch._C._dispatch_dump("bitfx::compress")
-    cpu_line = next(line for line in dump.splitlines() if line.startswith("CPU"))
-    assert "ops_cpu.cpp" in cpu_line
+    for op in ("compress", "decompress", "pack_bool", "unpack_bool", "exp_compress", "exp_decompress",
+               "bitmap_exp_compress", "bitmap_exp_decompress"):
+        dump = torch._C._dispatch_dump(f"bitfx::{op}")
+        cpu_line = next(line for line in dump.splitlines() if line.startswith("CPU"))
+        assert "ops_cpu.cpp" in cpu_line, op
 
 
 def test_cpp_kernels_honour_bitfx_kernels_per_call(kernels, monkeypatch):

@@ -11,7 +11,11 @@
 // Python implementation; Python tells this library through
 // bitfx_ops_use_python().
 //
-// Built with bitmap_cpu.c into one library by torch.utils.cpp_extension
+// The exponent codec's ops (exp_compress, bitmap_exp_compress and their
+// decompress) mirror bitfx.kernels.exp_compress / bitmap_exp_compress over the
+// C kernels of exponent_cpu.c.
+//
+// Built with bitmap_cpu.c and exponent_cpu.c into one library by torch.utils.cpp_extension
 // (bitfx/kernels/cpu_ext.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,6 +45,9 @@ int bitfx_decompress(const int64_t *offsets, const uint8_t *bitmap, const void *
 void bitfx_ops_use_python(int on);
 void bitfx_pack_bool(const uint8_t *src, int64_t n, uint8_t *out, int nthreads);
 void bitfx_unpack_bool(const uint8_t *packed, int64_t n, uint8_t *out, int nthreads);
+int64_t bitfx_exp_header(const void *src, int64_t k, int itemsize, uint8_t *header, int nthreads);
+int bitfx_exp_encode(const void *src, int64_t k, int itemsize, uint8_t *stream, int nthreads);
+int bitfx_exp_decode(const uint8_t *stream, int64_t k, int itemsize, void *out, int nthreads);
 }
 
 namespace {
@@ -287,6 +294,150 @@ at::Tensor unpack_bool(const at::Tensor &packed_, c10::SymIntArrayRef size, c10:
     return target.finish();
 }
 
+// -- the exponent codec (bitfx/format.py, "The exponent codec") -------------
+
+constexpr int64_t kGroup = 32;
+
+int64_t exp_itemsize(at::ScalarType dtype) {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                     "bitfx: the exponent codec takes torch.float32, torch.bfloat16, torch.float16, not ", dtype);
+    return static_cast<int64_t>(c10::elementSize(dtype));
+}
+
+// The coded stream of k values, or their raw bytes where it would not be
+// shorter (bitfx.kernels._exp_or_raw).  Two passes: header (sizing), encode.
+at::Tensor exp_or_raw(const void *src, int64_t k, int64_t isz) {
+    const int64_t ng = (k + kGroup - 1) / kGroup, head = k * (isz - 1);
+    const int nthreads = threads_for(k);
+    at::Tensor header = at::empty({2 * ng}, at::kByte);
+    const int64_t width_sum = bitfx_exp_header(src, k, static_cast<int>(isz), header.data_ptr<uint8_t>(), nthreads);
+    const int64_t bytes = head + 2 * ng + 4 * width_sum;
+    if (bytes >= k * isz) {
+        at::Tensor raw = at::empty({k * isz}, at::kByte);
+        if (k) std::memcpy(raw.data_ptr(), src, k * isz);
+        return raw;
+    }
+    at::Tensor stream = at::empty({bytes}, at::kByte);
+    uint8_t *p = stream.data_ptr<uint8_t>();
+    std::memcpy(p + head, header.data_ptr(), 2 * ng);
+    bitfx_exp_encode(src, k, static_cast<int>(isz), p, nthreads);
+    return stream;
+}
+
+// Decodes k values from `length` bytes at p: raw or a stream, checked first
+// (bitfx.format.exp_payload_is_raw and check_exp_stream; the same messages).
+void exp_or_raw_decode(const uint8_t *p, int64_t length, int64_t k, int64_t isz, void *out) {
+    TORCH_CHECK_VALUE(length <= k * isz, "bitfx: payload of ", length, " bytes is longer than ", k, " raw elements");
+    if (length == k * isz) {
+        if (k) std::memcpy(out, p, k * isz);
+        return;
+    }
+    const int64_t ng = (k + kGroup - 1) / kGroup, head = k * (isz - 1);
+    TORCH_CHECK_VALUE(length >= head + 2 * ng, "bitfx: exponent stream of ", length, " bytes is shorter than ", k,
+                      " values' planes and header");
+    int64_t width_sum = 0, widest = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        width_sum += p[head + ng + g];
+        widest = std::max<int64_t>(widest, p[head + ng + g]);
+    }
+    TORCH_CHECK_VALUE(widest <= 8, "bitfx: exponent stream has a group width above 8");
+    const int64_t want = head + 2 * ng + 4 * width_sum;
+    TORCH_CHECK_VALUE(length == want, "bitfx: exponent stream of ", length, " bytes; its widths need ", want);
+    bitfx_exp_decode(p, k, static_cast<int>(isz), out, threads_for(k));
+}
+
+at::Tensor exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride) {
+    if (python_requested()) {
+        static auto op = python_op("bitfx::_exp_compress_py").typed<at::Tensor(const at::Tensor &, c10::SymIntArrayRef)>();
+        return op.call(x, stride);
+    }
+    const int64_t isz = exp_itemsize(x.scalar_type());
+    at::Tensor flat = to_flat(x, C10_AS_INTARRAYREF_SLOW(stride));
+    return exp_or_raw(flat.data_ptr(), flat.numel(), isz);
+}
+
+at::Tensor exp_decompress(const at::Tensor &payload, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
+                          at::ScalarType dtype) {
+    if (python_requested()) {
+        static auto op = python_op("bitfx::_exp_decompress_py")
+                             .typed<at::Tensor(const at::Tensor &, c10::SymIntArrayRef, c10::SymIntArrayRef,
+                                               at::ScalarType)>();
+        return op.call(payload, size, stride, dtype);
+    }
+    const int64_t isz = exp_itemsize(dtype);
+    Layout layout(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride));
+    check_part("payload", payload, at::kByte);
+    Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
+    exp_or_raw_decode(payload.data_ptr<uint8_t>(), payload.numel(), stored_numel(layout), isz,
+                      target.flat.data_ptr());
+    return target.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride_) {
+    if (python_requested()) {
+        static auto op = python_op("bitfx::_bitmap_exp_compress_py")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor &, c10::SymIntArrayRef)>();
+        return op.call(x, stride_);
+    }
+    const int64_t isz = exp_itemsize(x.scalar_type());
+    at::Tensor flat = to_flat(x, C10_AS_INTARRAYREF_SLOW(stride_));
+    const int64_t n = flat.numel(), nblocks = (n + kBlock - 1) / kBlock;
+    at::Tensor offsets = at::empty({nblocks + 1}, at::kLong);
+    const int nthreads = threads_for(n);
+    const int64_t nnz = bitfx_count(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
+    const int64_t bitmap_bytes = nblocks * kBitmapBytesPerBlock;
+    if (!(bitmap_bytes + nnz * isz < n * isz)) return {offsets, exp_or_raw(flat.data_ptr(), n, isz)};
+    at::Tensor bitmap = at::empty({bitmap_bytes}, at::kByte);
+    at::Tensor values = at::empty({nnz * isz}, at::kByte);
+    bitfx_compress(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), bitmap.data_ptr<uint8_t>(),
+                   values.data_ptr(), nthreads);
+    at::Tensor coded = exp_or_raw(values.data_ptr(), nnz, isz);
+    at::Tensor payload = at::empty({bitmap_bytes + coded.numel()}, at::kByte);
+    std::memcpy(payload.data_ptr(), bitmap.data_ptr(), bitmap_bytes);
+    if (coded.numel()) std::memcpy(payload.data_ptr<uint8_t>() + bitmap_bytes, coded.data_ptr(), coded.numel());
+    return {offsets, payload};
+}
+
+at::Tensor bitmap_exp_decompress(const at::Tensor &offsets, const at::Tensor &payload, c10::SymIntArrayRef size,
+                                 c10::SymIntArrayRef stride, at::ScalarType dtype) {
+    if (python_requested()) {
+        static auto op = python_op("bitfx::_bitmap_exp_decompress_py")
+                             .typed<at::Tensor(const at::Tensor &, const at::Tensor &, c10::SymIntArrayRef,
+                                               c10::SymIntArrayRef, at::ScalarType)>();
+        return op.call(offsets, payload, size, stride, dtype);
+    }
+    const int64_t isz = exp_itemsize(dtype);
+    Layout layout(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride));
+    const int64_t n = stored_numel(layout), nblocks = (n + kBlock - 1) / kBlock;
+    // bitfx.format.check_bitmap_exp
+    check_part("offsets", offsets, at::kLong);
+    check_part("payload", payload, at::kByte);
+    TORCH_CHECK_VALUE(offsets.numel() == nblocks + 1, "bitfx: offsets has ", offsets.numel(), " entries; ", n,
+                      " elements need ", nblocks + 1);
+    Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
+    const int64_t *o = offsets.data_ptr<int64_t>();
+    bool steps_ok = o[0] == 0;
+    for (int64_t b = 0; steps_ok && b < nblocks; b++) {
+        const int64_t step = o[b + 1] - o[b], len = std::min(kBlock, n - b * kBlock);
+        steps_ok = step >= 0 && step <= len;
+    }
+    TORCH_CHECK_VALUE(steps_ok, "bitfx: offsets must start at 0 and grow by at most a block's length per block");
+    const int64_t nnz = o[nblocks], bitmap_bytes = nblocks * kBitmapBytesPerBlock;
+    const uint8_t *p = payload.data_ptr<uint8_t>();
+    if (!(bitmap_bytes + nnz * isz < n * isz)) {
+        exp_or_raw_decode(p, payload.numel(), n, isz, target.flat.data_ptr());
+        return target.finish();
+    }
+    TORCH_CHECK_VALUE(payload.numel() >= bitmap_bytes, "bitfx: payload of ", payload.numel(), " bytes; ", nnz,
+                      " nonzeros of ", n, " need ", bitmap_bytes, " to ", bitmap_bytes + nnz * isz);
+    at::Tensor values = at::empty({nnz * isz}, at::kByte);
+    exp_or_raw_decode(p + bitmap_bytes, payload.numel() - bitmap_bytes, nnz, isz, values.data_ptr());
+    const int status = bitfx_decompress(o, p, values.data_ptr(), n, static_cast<int>(isz), target.flat.data_ptr(),
+                                        threads_for(n));
+    TORCH_CHECK_VALUE(status == 0, "bitfx: the bitmap's set bits do not match the offsets");
+    return target.finish();
+}
+
 at::Tensor to_flat_op(const at::Tensor &x, at::IntArrayRef stride) { return to_flat(x, stride).clone(); }
 
 }  // namespace
@@ -304,4 +455,8 @@ TORCH_LIBRARY_IMPL(bitfx, CPU, m) {
     m.impl("decompress", &decompress);
     m.impl("pack_bool", &pack_bool);
     m.impl("unpack_bool", &unpack_bool);
+    m.impl("exp_compress", &exp_compress);
+    m.impl("exp_decompress", &exp_decompress);
+    m.impl("bitmap_exp_compress", &bitmap_exp_compress);
+    m.impl("bitmap_exp_decompress", &bitmap_exp_decompress);
 }
