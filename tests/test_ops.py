@@ -426,3 +426,20 @@ def test_bitfx_kernels_env_is_read_once(monkeypatch):
     monkeypatch.setenv("BITFX_KERNELS", "no-such-kernels")
     assert kernels_mod.requested() == before
     bitfx.compress(torch.relu(torch.randn(10)))  # no ValueError: the variable is not re-read
+
+
+def test_building_does_not_change_the_build_key(monkeypatch, tmp_path):
+    """cpp_extension.load appends torch's flags to the lists it is given; bitfx's own must not
+    change, or the next key would differ and a second library would load into the process
+    (a duplicate op registration aborts it)."""
+    import torch.utils.cpp_extension as ce
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, **kwargs):
+        extra_cflags.append("-DADDED")
+        extra_ldflags.append("-ladded")
+        return str(tmp_path / "lib.so")
+
+    monkeypatch.setattr(ce, "load", fake_load)
+    before = cpu_ext._build_key("c++")
+    cpu_ext._cpp_extension_load("bitfx_cpu_test", tmp_path)
+    assert cpu_ext._build_key("c++") == before

@@ -152,8 +152,10 @@ def _cpp_extension_load(name: str, build_dir: Path) -> str:
             path = load(
                 name,
                 [str(s) for s in _SOURCES],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=_LDFLAGS,
+                # Copies: load() appends torch's own flags to the lists it is
+                # given, which would change _build_key for the rest of the process.
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,
