@@ -67,6 +67,26 @@ def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
     return torch.where(keep, x, 0.0).to(device=device, dtype=getattr(torch, cfg.dtype))
 
 
+def _timed_row(cfg: Config, x: torch.Tensor, device: torch.device, reps: int, stored_bytes: int,
+               compress, decompress) -> dict:
+    """Median times of ``compress()`` and ``decompress()`` against ``x.clone()``, as one row."""
+    t_clone = _timer(device, lambda: x.clone(), reps)
+    t_comp = _timer(device, compress, reps)
+    t_decomp = _timer(device, decompress, reps)
+    return {
+        **asdict(cfg),
+        "dense_MB": x.nbytes / 1e6,
+        "stored_ratio": stored_bytes / x.nbytes,
+        "clone_us": t_clone * 1e6,
+        "compress_us": t_comp * 1e6,
+        "decompress_us": t_decomp * 1e6,
+        "compress_GBps": x.nbytes / t_comp / 1e9,  # GB/s of dense input
+        "decompress_GBps": x.nbytes / t_decomp / 1e9,
+        "compress_vs_clone": t_comp / t_clone,
+        "decompress_vs_clone": t_decomp / t_clone,
+    }
+
+
 def run_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     k = kernels.select(device)
@@ -74,73 +94,33 @@ def run_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
     out = torch.empty_like(x)
     kernels.exp_decompress(k, stream, out)
     assert torch.equal(out.view(torch.uint8), x.view(torch.uint8))
-    t_clone = _timer(device, lambda: x.clone(), reps)
-    t_comp = _timer(device, lambda: kernels.exp_compress(k, x), reps)
-    t_decomp = _timer(device, lambda: kernels.exp_decompress(k, stream, out), reps)
-    return {
-        **asdict(cfg),
-        "dense_MB": x.nbytes / 1e6,
-        "stored_ratio": stream.numel() / x.nbytes,
-        "clone_us": t_clone * 1e6,
-        "compress_us": t_comp * 1e6,
-        "decompress_us": t_decomp * 1e6,
-        "compress_GBps": x.nbytes / t_comp / 1e9,
-        "decompress_GBps": x.nbytes / t_decomp / 1e9,
-        "compress_vs_clone": t_comp / t_clone,
-        "decompress_vs_clone": t_decomp / t_clone,
-    }
+    return _timed_row(cfg, x, device, reps, stream.numel(),
+                      lambda: kernels.exp_compress(k, x), lambda: kernels.exp_decompress(k, stream, out))
 
 
 def run_bitmap_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     ops = torch.ops.bitfx
-    stride = list(x.stride())
+    size, stride = list(x.shape), list(x.stride())
     offsets, payload = ops.bitmap_exp_compress(x, stride)
-    assert torch.equal(ops.bitmap_exp_decompress(offsets, payload, list(x.shape), stride, x.dtype), x)
-    bitmap_only = bitfx.compress(x)
-    t_clone = _timer(device, lambda: x.clone(), reps)
-    t_comp = _timer(device, lambda: ops.bitmap_exp_compress(x, stride), reps)
-    t_decomp = _timer(device, lambda: ops.bitmap_exp_decompress(offsets, payload, list(x.shape), stride, x.dtype), reps)
-    return {
-        **asdict(cfg),
-        "dense_MB": x.nbytes / 1e6,
-        "stored_ratio": (offsets.nbytes + payload.nbytes) / x.nbytes,
-        "bitmap_only_ratio": bitmap_only.nbytes / x.nbytes,
-        "clone_us": t_clone * 1e6,
-        "compress_us": t_comp * 1e6,
-        "decompress_us": t_decomp * 1e6,
-        "compress_GBps": x.nbytes / t_comp / 1e9,
-        "decompress_GBps": x.nbytes / t_decomp / 1e9,
-        "compress_vs_clone": t_comp / t_clone,
-        "decompress_vs_clone": t_decomp / t_clone,
-    }
+    assert torch.equal(ops.bitmap_exp_decompress(offsets, payload, size, stride, x.dtype), x)
+    row = _timed_row(cfg, x, device, reps, offsets.nbytes + payload.nbytes,
+                     lambda: ops.bitmap_exp_compress(x, stride),
+                     lambda: ops.bitmap_exp_decompress(offsets, payload, size, stride, x.dtype))
+    row["bitmap_only_ratio"] = bitfx.compress(x).nbytes / x.nbytes
+    return row
 
 
 def run(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     packed = bitfx.compress(x)
     assert torch.equal(bitfx.decompress(packed), x)
-    t_clone = _timer(device, lambda: x.clone(), reps)
-    t_comp = _timer(device, lambda: bitfx.compress(x), reps)
-    t_decomp = _timer(device, lambda: bitfx.decompress(packed), reps)
-    gbs = lambda t: x.nbytes / t / 1e9  # noqa: E731  (GB/s of dense input)
-    row = {
-        **asdict(cfg),
-        "dense_MB": x.nbytes / 1e6,
-        "stored_ratio": packed.nbytes / x.nbytes,
-        "clone_us": t_clone * 1e6,
-        "compress_us": t_comp * 1e6,
-        "decompress_us": t_decomp * 1e6,
-        "compress_GBps": gbs(t_comp),
-        "decompress_GBps": gbs(t_decomp),
-        "compress_vs_clone": t_comp / t_clone,
-        "decompress_vs_clone": t_decomp / t_clone,
-    }
+    row = _timed_row(cfg, x, device, reps, packed.nbytes, lambda: bitfx.compress(x), lambda: bitfx.decompress(packed))
     if device.type == "cuda":
         # clone moves 2 bytes per dense byte: that is the copy bandwidth.
-        copy_bw = 2 * x.nbytes / t_clone
-        row["compress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / t_comp / copy_bw
-        row["decompress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / t_decomp / copy_bw
+        copy_bw = 2 * x.nbytes / (row["clone_us"] / 1e6)
+        row["compress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / (row["compress_us"] / 1e6) / copy_bw
+        row["decompress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / (row["decompress_us"] / 1e6) / copy_bw
     return row
 
 

@@ -145,11 +145,7 @@ def check_encoded(offsets: torch.Tensor, payload: torch.Tensor, n: int, itemsize
     GPU that would cost a host synchronization, and the GPU kernels bound
     every read instead.
     """
-    _check_part("offsets", offsets, torch.int64, payload.device)
-    _check_part("payload", payload, torch.uint8, offsets.device)
-    nblocks = num_blocks(n)
-    if offsets.numel() != nblocks + 1:
-        raise CorruptData(f"bitfx: offsets has {offsets.numel()} entries; {n} elements need {nblocks + 1}")
+    nblocks = _check_offsets_shape(offsets, payload, n)
     dense_bytes = n * itemsize
     length = payload.numel()
     bitmap_bytes = nblocks * BITMAP_BYTES_PER_BLOCK
@@ -159,14 +155,9 @@ def check_encoded(offsets: torch.Tensor, payload: torch.Tensor, n: int, itemsize
             f"bitfx: payload of {length} bytes fits neither encoding of {n} elements of {itemsize} bytes "
             f"(dense: {dense_bytes}; sparse: {bitmap_bytes} bitmap bytes plus a multiple of {itemsize})"
         )
-    if offsets.device.type != "cpu" or nblocks == 0:
+    nnz = _checked_total(offsets, n)
+    if nnz is None:
         return dense
-    steps = offsets.diff()
-    lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)
-    lengths[-1] = n - (nblocks - 1) * BLOCK
-    if int(offsets[0]) != 0 or bool((steps < 0).any()) or bool((steps > lengths).any()):
-        raise CorruptData("bitfx: offsets must start at 0 and grow by at most a block's length per block")
-    nnz = int(offsets[-1])
     if dense:
         if use_sparse(n, nnz, itemsize):
             raise CorruptData(f"bitfx: payload has the dense length, but offsets count {nnz} nonzeros of {n}")
@@ -183,6 +174,30 @@ def check_packed_bool(packed: torch.Tensor, n: int) -> None:
     _check_part("packed", packed, torch.uint8, packed.device)
     if packed.numel() != packed_bool_bytes(n):
         raise CorruptData(f"bitfx: packed mask has {packed.numel()} bytes; {n} elements need {packed_bool_bytes(n)}")
+
+
+def _check_offsets_shape(offsets: torch.Tensor, payload: torch.Tensor, n: int) -> int:
+    """Dtypes, contiguity and devices of both parts, and the offsets' length; the number of blocks."""
+    _check_part("offsets", offsets, torch.int64, payload.device)
+    _check_part("payload", payload, torch.uint8, offsets.device)
+    nblocks = num_blocks(n)
+    if offsets.numel() != nblocks + 1:
+        raise CorruptData(f"bitfx: offsets has {offsets.numel()} entries; {n} elements need {nblocks + 1}")
+    return nblocks
+
+
+def _checked_total(offsets: torch.Tensor, n: int) -> int | None:
+    """The nonzero total, once the offsets' values are checked; None where they are not read
+    (off the CPU: a host synchronization; no blocks: nothing to check)."""
+    nblocks = num_blocks(n)
+    if offsets.device.type != "cpu" or nblocks == 0:
+        return None
+    steps = offsets.diff()
+    lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)
+    lengths[-1] = n - (nblocks - 1) * BLOCK
+    if int(offsets[0]) != 0 or bool((steps < 0).any()) or bool((steps > lengths).any()):
+        raise CorruptData("bitfx: offsets must start at 0 and grow by at most a block's length per block")
+    return int(offsets[-1])
 
 
 def _check_part(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
@@ -282,19 +297,10 @@ def check_bitmap_exp(offsets: torch.Tensor, payload: torch.Tensor, n: int, items
     The offsets as for the bitmap format (on the CPU); the payload's
     length against what they imply: at least the bitmap, at most its raw size.
     """
-    _check_part("offsets", offsets, torch.int64, payload.device)
-    _check_part("payload", payload, torch.uint8, offsets.device)
-    nblocks = num_blocks(n)
-    if offsets.numel() != nblocks + 1:
-        raise CorruptData(f"bitfx: offsets has {offsets.numel()} entries; {n} elements need {nblocks + 1}")
-    if offsets.device.type != "cpu" or nblocks == 0:
+    nblocks = _check_offsets_shape(offsets, payload, n)
+    nnz = _checked_total(offsets, n)
+    if nnz is None:
         return
-    steps = offsets.diff()
-    lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)
-    lengths[-1] = n - (nblocks - 1) * BLOCK
-    if int(offsets[0]) != 0 or bool((steps < 0).any()) or bool((steps > lengths).any()):
-        raise CorruptData("bitfx: offsets must start at 0 and grow by at most a block's length per block")
-    nnz = int(offsets[-1])
     if use_sparse(n, nnz, itemsize):
         lo, hi = nblocks * BITMAP_BYTES_PER_BLOCK, sparse_payload_bytes(n, nnz, itemsize)
     else:

@@ -317,12 +317,16 @@ def fresh_size(shape_env) -> torch.SymInt:
     return size
 
 
-@torch.library.register_fake("bitfx::compress")
-def _compress_fake(x, stride):
+def _fake_payload_size() -> torch.SymInt:
+    """The payload length of a compress op under a fake implementation: a fresh unbacked SymInt."""
     ctx = torch.library.get_ctx()
     shape_env = getattr(ctx, "_shape_env", None)
-    nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
-    return compress_fake(x, stride, nbytes)
+    return ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
+
+
+@torch.library.register_fake("bitfx::compress")
+def _compress_fake(x, stride):
+    return compress_fake(x, stride, _fake_payload_size())
 
 
 def exp_compress_fake(x: torch.Tensor, stride, nbytes) -> torch.Tensor:
@@ -334,10 +338,7 @@ def exp_compress_fake(x: torch.Tensor, stride, nbytes) -> torch.Tensor:
 
 @torch.library.register_fake("bitfx::exp_compress")
 def _exp_compress_fake(x, stride):
-    ctx = torch.library.get_ctx()
-    shape_env = getattr(ctx, "_shape_env", None)
-    nbytes = ctx.new_dynamic_size() if shape_env is None else fresh_size(shape_env)
-    return exp_compress_fake(x, stride, nbytes)
+    return exp_compress_fake(x, stride, _fake_payload_size())
 
 
 @torch.library.register_fake("bitfx::bitmap_exp_compress")

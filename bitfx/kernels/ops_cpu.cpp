@@ -179,19 +179,20 @@ void check_part(const char *name, const at::Tensor &t, at::ScalarType dtype) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), "bitfx: ", name, " must be on the CPU, got ", t.device());
 }
 
-bool check_encoded(const at::Tensor &offsets, const at::Tensor &payload, int64_t n, int64_t isz) {
+// Mirror bitfx.format._check_offsets_shape and _checked_total.
+int64_t check_offsets_shape(const at::Tensor &offsets, const at::Tensor &payload, int64_t n) {
     check_part("offsets", offsets, at::kLong);
     check_part("payload", payload, at::kByte);
     const int64_t nblocks = (n + kBlock - 1) / kBlock;
     TORCH_CHECK_VALUE(offsets.numel() == nblocks + 1, "bitfx: offsets has ", offsets.numel(), " entries; ", n,
                       " elements need ", nblocks + 1);
-    const int64_t length = payload.numel(), dense_bytes = n * isz, bitmap_bytes = nblocks * kBitmapBytesPerBlock;
-    const bool dense = length == dense_bytes;
-    TORCH_CHECK_VALUE(dense || (length >= bitmap_bytes && (length - bitmap_bytes) % isz == 0 && length <= dense_bytes),
-                      "bitfx: payload of ", length, " bytes fits neither encoding of ", n, " elements of ", isz,
-                      " bytes (dense: ", dense_bytes, "; sparse: ", bitmap_bytes, " bitmap bytes plus a multiple of ",
-                      isz, ")");
-    if (nblocks == 0) return dense;
+    return nblocks;
+}
+
+// The nonzero total, after checking the offsets' values (with no elements:
+// that offsets[0] is 0).
+int64_t checked_total(const at::Tensor &offsets, int64_t n) {
+    const int64_t nblocks = (n + kBlock - 1) / kBlock;
     const int64_t *o = offsets.data_ptr<int64_t>();
     bool steps_ok = o[0] == 0;
     for (int64_t b = 0; steps_ok && b < nblocks; b++) {
@@ -199,7 +200,19 @@ bool check_encoded(const at::Tensor &offsets, const at::Tensor &payload, int64_t
         steps_ok = step >= 0 && step <= len;
     }
     TORCH_CHECK_VALUE(steps_ok, "bitfx: offsets must start at 0 and grow by at most a block's length per block");
-    const int64_t nnz = o[nblocks], sparse_bytes = bitmap_bytes + nnz * isz;
+    return o[nblocks];
+}
+
+bool check_encoded(const at::Tensor &offsets, const at::Tensor &payload, int64_t n, int64_t isz) {
+    const int64_t nblocks = check_offsets_shape(offsets, payload, n);
+    const int64_t length = payload.numel(), dense_bytes = n * isz, bitmap_bytes = nblocks * kBitmapBytesPerBlock;
+    const bool dense = length == dense_bytes;
+    TORCH_CHECK_VALUE(dense || (length >= bitmap_bytes && (length - bitmap_bytes) % isz == 0 && length <= dense_bytes),
+                      "bitfx: payload of ", length, " bytes fits neither encoding of ", n, " elements of ", isz,
+                      " bytes (dense: ", dense_bytes, "; sparse: ", bitmap_bytes, " bitmap bytes plus a multiple of ",
+                      isz, ")");
+    if (nblocks == 0) return dense;
+    const int64_t nnz = checked_total(offsets, n), sparse_bytes = bitmap_bytes + nnz * isz;
     if (dense) {
         TORCH_CHECK_VALUE(!(sparse_bytes < dense_bytes), "bitfx: payload has the dense length, but offsets count ",
                           nnz, " nonzeros of ", n);
@@ -408,21 +421,12 @@ at::Tensor bitmap_exp_decompress(const at::Tensor &offsets, const at::Tensor &pa
     }
     const int64_t isz = exp_itemsize(dtype);
     Layout layout(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride));
-    const int64_t n = stored_numel(layout), nblocks = (n + kBlock - 1) / kBlock;
+    const int64_t n = stored_numel(layout);
     // bitfx.format.check_bitmap_exp
-    check_part("offsets", offsets, at::kLong);
-    check_part("payload", payload, at::kByte);
-    TORCH_CHECK_VALUE(offsets.numel() == nblocks + 1, "bitfx: offsets has ", offsets.numel(), " entries; ", n,
-                      " elements need ", nblocks + 1);
+    const int64_t nblocks = check_offsets_shape(offsets, payload, n);
+    const int64_t nnz = checked_total(offsets, n), bitmap_bytes = nblocks * kBitmapBytesPerBlock;
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
     const int64_t *o = offsets.data_ptr<int64_t>();
-    bool steps_ok = o[0] == 0;
-    for (int64_t b = 0; steps_ok && b < nblocks; b++) {
-        const int64_t step = o[b + 1] - o[b], len = std::min(kBlock, n - b * kBlock);
-        steps_ok = step >= 0 && step <= len;
-    }
-    TORCH_CHECK_VALUE(steps_ok, "bitfx: offsets must start at 0 and grow by at most a block's length per block");
-    const int64_t nnz = o[nblocks], bitmap_bytes = nblocks * kBitmapBytesPerBlock;
     const uint8_t *p = payload.data_ptr<uint8_t>();
     if (!(bitmap_bytes + nnz * isz < n * isz)) {
         exp_or_raw_decode(p, payload.numel(), n, isz, target.flat.data_ptr());
