@@ -314,8 +314,9 @@ class JointPrices:
         left = (1.0 + FREE_SLOWDOWN) * (est.step_s + est.baseline_s) - (
             est.step_s + est.recompute_s + est.store_s + est.codec_s)
         chosen = set()
-        for n in sorted(candidates, key=lambda n: added(n)[0] / added(n)[1], reverse=True):
-            cost = added(n)[1]
+        priced = {n: added(n) for n in candidates}
+        for n in sorted(candidates, key=lambda n: priced[n][0] / priced[n][1], reverse=True):
+            cost = priced[n][1]
             if self.options.codec == "bitmap+exponent" or cost <= left:
                 chosen.add(n.name)
                 left -= cost
