@@ -87,6 +87,27 @@ def test_free_default_recomputes_parameter_casts_under_autocast():
     assert not casts_saved()
 
 
+def test_recomputed_casts_save_the_weights_themselves_under_inductor():
+    """Inductor's layout optimization would save a channels-last fp32 copy of each weight whose cast
+    bitfx recomputes: twice the bytes of the bf16 casts stock saves, and a copy kernel per step."""
+    torch._dynamo.reset()
+    model, x = cnn(), torch.randn(4, 3, 32, 32)
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x).float().sum().backward()  # compile
+        got = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: got.append(t) or t, lambda t: t):
+            out = compiled(x).float().sum()
+    ptrs = {t.untyped_storage().data_ptr() for t in got}
+    assert all(w.untyped_storage().data_ptr() in ptrs for w in weights), "the weights themselves are saved"
+    copies = [t for t in got if t.dtype == torch.float32 and any(t.shape == w.shape for w in weights)
+              and t.untyped_storage().data_ptr() not in {w.untyped_storage().data_ptr() for w in weights}]
+    assert not copies
+    assert not [t for t in got if t.dtype == torch.bfloat16 and any(t.shape == w.shape for w in weights)]
+    out.backward()
+
+
 def test_sparse_tensors_survive_budgets_compressed():
     """Priced at their stored bytes, ReLU outputs stay saved under a budget; stock recomputes nothing here."""
     m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(64, 64)
