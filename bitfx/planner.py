@@ -279,8 +279,9 @@ def plan(
     measured_by_info = {}
     if calibrate:
         # The same plan stored dense: it saves exactly comp's tensors, in
-        # comp's order (names can differ: the swap pass renames nodes).
-        dense = Options.from_dict({**backend_options, "enabled": True, "compress": False})
+        # comp's order (names can differ: the swap pass renames nodes).  For
+        # the sweep's stock frontier (_stock), that is stock's own plan.
+        dense = Options.from_dict({**backend_options, "enabled": not _stock, "compress": False})
         measured = _measure_densities(model, example_inputs, kwargs, dense)
         if len(measured) != len(comp.infos):
             raise RuntimeError(f"bitfx.plan: {len(measured)} tensors saved at run time, {len(comp.infos)} in the graph")

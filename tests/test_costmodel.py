@@ -219,3 +219,29 @@ def test_sweep_predicts_measured_saved_bytes():
         assert p.saved_bytes == pytest.approx(saved(m, x, **options), rel=0.05), p
     assert s.recommended is not None and s.recommended.pipeline == "bittrain"
     assert "recommended within 1.05x" in str(s)
+
+
+def test_calibrated_sweep_measures_each_pipelines_own_plan(monkeypatch):
+    """calibrate=True on the stock frontier runs stock's plan, not bitfx's stored dense.
+
+    (On VGG-11 the two save different numbers of tensors, and the calibrated
+    sweep failed with "28 tensors saved at run time, 30 in the graph".)
+    """
+    from bitfx import planner
+
+    measured_with = []
+    real = planner._measure_densities
+
+    def spy(model, inputs, kwargs, options):
+        measured_with.append(options.enabled)
+        return real(model, inputs, kwargs, options)
+
+    monkeypatch.setattr(planner, "_measure_densities", spy)
+    m, x = vgg_like(), torch.randn(2, 3, 32, 32)
+    s = planner.sweep(m, x, budgets=(None, 0.5), inner="eager", calibrate=True)
+    assert measured_with == [p.pipeline == "bittrain" for p in s.points]
+    for p in s.points:
+        options = {"memory_budget": p.budget} if p.budget is not None else {}
+        if p.pipeline == "stock":
+            options = {"enabled": False, "memory_budget": p.budget or 1.0}
+        assert p.saved_bytes == pytest.approx(saved(m, x, **options), rel=0.02), p

@@ -326,10 +326,19 @@ def test_auto_codec_skips_tensors_too_small_to_pay():
     assert conv.decision is Decision.KEEP and "too small for the exponent codec" in conv.reason
 
 
-def test_auto_codec_codes_large_dense_tensors():
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 3))
-    cap, _ = compile_and_capture(model, torch.randn(4, 3, 64, 64), codec="auto")  # conv output: 2 MiB
-    assert cap.decided(Decision.EXPONENT)
+def test_auto_codec_codes_large_dense_tensors_within_the_time_left():
+    """``auto`` adds the codec where its estimated time fits 2% of the step (here a fraction, 1.0)."""
+    # Conv outputs of 2 MiB each; the first model's convolutions cost ~100x the second's FLOPs.
+    heavy = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU(), nn.Conv2d(256, 8, 3))
+    coded = lambda cap: call_nodes(cap.fw, bitfx.exp_compress.default) + call_nodes(  # noqa: E731
+        cap.fw, bitfx.bitmap_exp_compress.default)
+    cap, _ = compile_and_capture(heavy, torch.randn(2, 256, 32, 32), codec="auto")
+    assert coded(cap)
+    light = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 3))
+    x = torch.randn(4, 3, 64, 64)
+    cap, _ = compile_and_capture(light, x, codec="auto")
+    assert not coded(cap), "codec time over 2% of this step's"
+    cap, _ = compile_and_capture(light, x, codec="bitmap+exponent")
     assert call_nodes(cap.fw, bitfx.exp_compress.default)
 
 
