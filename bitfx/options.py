@@ -52,7 +52,9 @@ class Options:
         as ``"bitmap+exponent"``, but a dense tensor is exponent-coded only
         where that pays per unit of time: its bytes saved per estimated codec
         second at least half the codec's best (on CPU, tensors above about
-        120 KB; smaller ones cost more in per-call overhead than they save).
+        120 KB; smaller ones cost more in per-call overhead than they save),
+        and, under the free default or a fraction, only as far as the plan's
+        estimated step time stays within 2% (most bytes per second first).
         ``"none"``: no value is compressed (bool masks still follow
         ``pack_masks``).
     report
