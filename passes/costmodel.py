@@ -257,7 +257,13 @@ class JointPrices:
                 saved, self.chosen = solve(t.value) if t.kind == "fraction" else self._free(solve, step_s + baseline)
             finally:
                 self.exp_off = False
-            self.chosen = self._add_exponent(saved, self.chosen)
+            est = self.chosen
+            if t.kind == "free":  # its limit less the plan's estimate
+                left = (1.0 + FREE_SLOWDOWN) * (step_s + baseline) - (
+                    step_s + est.recompute_s + est.store_s + est.codec_s)
+            else:  # the budget sets the cut; the codec may add FREE_SLOWDOWN of stock's step on top
+                left = FREE_SLOWDOWN * (step_s + baseline)
+            self.chosen = self._add_exponent(saved, est, left)
         else:
             saved, self.chosen = self._fit(solve)
         counters["bitfx"]["plans_priced"] += len(self.candidates)
@@ -297,13 +303,11 @@ class JointPrices:
         # the codec alone costs more than the limit, what is saved is compressed.
         return min(fits, key=lambda p: (p[1].saved_bytes, p[1].slowdown)) if fits else plans[0]
 
-    def _add_exponent(self, saved: list[fx.Node], est: Estimate) -> Estimate:
+    def _add_exponent(self, saved: list[fx.Node], est: Estimate, left: float) -> Estimate:
         """Exponent-code the saved tensors of the chosen cut, most bytes per codec second first.
 
-        ``codec="auto"``: within the time the plan may still take.  Free
-        default: its limit less the plan's estimate.  A fraction: the budget
-        sets the cut, and the codec may add up to FREE_SLOWDOWN of stock's
-        step on top of it.  ``"bitmap+exponent"``: all of them.
+        ``codec="auto"``: within ``left`` estimated seconds (what the plan may
+        still take, set by the caller per target); ``"bitmap+exponent"``: all of them.
         """
         candidates = [n for n in saved if (i := self.infos.get(n)) is not None and self._exp_candidate(i)]
         if not candidates:
@@ -317,11 +321,6 @@ class JointPrices:
                 0.0 if without is None else codec_seconds(info.val, without.codec, self.machine))
             return before - info.stored_bytes(), max(extra, 1e-12)
 
-        if self.target.kind == "free":
-            left = (1.0 + FREE_SLOWDOWN) * (est.step_s + est.baseline_s) - (
-                est.step_s + est.recompute_s + est.store_s + est.codec_s)
-        else:
-            left = FREE_SLOWDOWN * (est.step_s + est.baseline_s)
         chosen = set()
         priced = {n: added(n) for n in candidates}
         for n in sorted(candidates, key=lambda n: priced[n][0] / priced[n][1], reverse=True):
@@ -371,7 +370,8 @@ class JointPrices:
             if not isinstance(node.meta.get("val"), torch.Tensor) or node in self.static:
                 continue
             size = self.size_of(node)
-            total += partitioners._size_of(node) if size is None else size
+            # Stock's own size where bitfx has no price (the patched _size_of would ask size_of again).
+            total += _stock["_size_of"](node) if size is None else size
         return total
 
     def _store_s(self, saved: list[fx.Node]) -> float:
