@@ -40,7 +40,10 @@ class Options:
         estimated step time stays within 2% of stock's default plan (or
         follows ``torch._functorch.config.activation_memory_budget`` when
         that is below 1).  A number in [0, 1]: PyTorch's fraction (0 saves
-        the least, 1 is min-cut's plan), priced in bytes as bitfx stores them.
+        the least, 1 is min-cut's plan).  bitfx saves at most what PyTorch's
+        partitioner saves at that fraction, and takes the smallest plan whose
+        estimated step time stays within 2% of that plan's; at 1, min-cut's
+        plan at bitfx's prices.
         A size (``"1.5GiB"``, ``"800MB"``, or an int of bytes above 1): the
         fastest plan whose saved activations fit it, per compiled graph, or
         an error naming the smallest plan.

@@ -16,10 +16,11 @@ PyTorch's min-cut partitioner decides what forward saves in
   a compressed tensor costs.  It goes through PyTorch's extension point,
   ``torch._functorch.config.activation_memory_budget_runtime_estimator``.
 * ``choose_saved_values_set`` solves for the budget bitfx chose
-  (:class:`Target`): a fraction (PyTorch's meaning, priced in stored bytes),
-  an absolute byte count (the fastest plan that fits), or the free default:
-  the smallest plan whose estimated step time stays within
-  :data:`FREE_SLOWDOWN` of stock's default plan.
+  (:class:`Target`): the free default, the smallest plan whose estimated
+  step time stays within :data:`FREE_SLOWDOWN` of stock's default plan; a
+  fraction ``b``, the smallest plan that saves at most what stock's own
+  plan at ``b`` saves, within :data:`FREE_SLOWDOWN` of that plan's time; or
+  an absolute byte count, the fastest plan that fits.
 
 The two private functions are replaced only while some thread is inside
 :func:`priced`, and a thread that is not sees the stock functions: the
@@ -103,7 +104,7 @@ def resolve_target(options: Options, torch_budget: float) -> Target:
 class Estimate:
     """One candidate plan, priced.  Seconds are roofline estimates (see pricing)."""
 
-    budget: float | None  # the fraction it was solved at; None: the free default's time knapsack
+    budget: float | None  # the fraction its cut was solved at; None: bitfx's time knapsack
     saved_bytes: int  # priced: stored bytes of what forward keeps, parameters excluded
     recompute_s: float  # forward ops that backward runs again
     store_s: float  # writing saved values that Inductor would otherwise keep inside a fused kernel
@@ -121,9 +122,14 @@ class Estimate:
         return label
 
     @property
+    def total_s(self) -> float:
+        """Estimated seconds of one step with this plan."""
+        return self.step_s + self.recompute_s + self.store_s + self.codec_s
+
+    @property
     def slowdown(self) -> float:
         """Estimated step time against stock's default plan."""
-        return (self.step_s + self.recompute_s + self.store_s + self.codec_s) / (self.step_s + self.baseline_s)
+        return self.total_s / (self.step_s + self.baseline_s)
 
     def as_dict(self) -> dict:
         return {"budget": self.budget, "saved_bytes": self.saved_bytes, "recompute_s": self.recompute_s,
@@ -153,7 +159,7 @@ class JointPrices:
     # candidate, as decided: an absolute target prices them in the cut).
     exp_off: bool = False
     exponent: set[str] | None = None
-    _stock_sizes: bool = False
+    _stock_mode: bool = False  # solving stock's own plan: stock sizes, runtime estimator and solver
     _cuts: dict = field(default_factory=dict)  # solve_min_cut results of this graph, by its arguments
 
     def _price_graph(self, joint: fx.Graph) -> None:
@@ -179,7 +185,7 @@ class JointPrices:
 
     def size_of(self, node: fx.Node) -> int | None:
         """bitfx's price of saving ``node``, or None for stock's."""
-        if self._stock_sizes or not self.options.enabled:
+        if self._stock_mode or not self.options.enabled:
             return None
         if node in self.static:
             return 0
@@ -219,34 +225,42 @@ class JointPrices:
         self._price_graph(joint_graph)
         self.static = set(getattr(node_info, "static_lifetime_input_nodes", ()))
         step_s = math.fsum(op_seconds(n, self.machine) for n in joint_graph.nodes)
-        self._stock_sizes = True
-        try:
-            stock_default = stock_choose(joint_graph, node_info, memory_budget=1.0)
-        finally:
-            self._stock_sizes = False
+
+        def stock_plan(budget: float) -> list[fx.Node]:
+            """PyTorch's own plan at ``budget``: stock sizes, runtime estimator and knapsack solver."""
+            self._stock_mode = True
+            try:
+                # Budget 0 would return the graph inputs alone, recomputing RNG
+                # ops too (pytorch#190758): the knapsack at ~0 keeps them saved.
+                return stock_choose(joint_graph, node_info, memory_budget=_KNAPSACK if budget == 0 else budget)
+            finally:
+                self._stock_mode = False
+
+        stock_default = stock_plan(1.0)
         baseline = self._recompute_s(stock_default, node_info) + self._store_s(stock_default)
+
+        def estimate(budget: float | None, saved: list[fx.Node]) -> Estimate:
+            est = Estimate(budget, self._saved_bytes(saved), self._recompute_s(saved, node_info),
+                           self._store_s(saved), self._codec_s(saved), step_s, baseline)
+            self.candidates.append(est)
+            return est
 
         def solve(budget: float | None, slack_s: float | None = None) -> tuple[list[fx.Node], Estimate]:
             self.slack_s = slack_s
-            # Budget 0 would return the graph inputs alone, recomputing RNG
-            # ops too (pytorch#190758): the knapsack at ~0 keeps them saved.
             cap = _KNAPSACK if slack_s is not None or budget == 0 else budget
             try:
                 saved = stock_choose(joint_graph, node_info, memory_budget=cap)
             finally:
                 self.slack_s = None
-            est = Estimate(budget, self._saved_bytes(saved), self._recompute_s(saved, node_info),
-                           self._store_s(saved), self._codec_s(saved), step_s, baseline)
-            self.candidates.append(est)
-            return saved, est
+            return saved, estimate(budget, saved)
 
         t = self.target
-        if t.kind == "fraction" and t.value == 1.0 and not self.options.enabled:
-            saved = stock_default  # stock's own plan: no second solve
-            self.chosen = Estimate(1.0, self._saved_bytes(saved), self._recompute_s(saved, node_info),
-                                   self._store_s(saved), 0.0, step_s, baseline)
-            self.candidates.append(self.chosen)
-        elif t.kind in ("fraction", "free"):
+        if not self.options.enabled and t.kind != "bytes":
+            saved = stock_default if t.value == 1.0 else stock_plan(t.value)  # stock's own plan
+            self.chosen = estimate(t.value, saved)
+        elif t.kind == "bytes":
+            saved, self.chosen = self._fit(solve)
+        else:
             # The cut is chosen with the exponent codec left out; the codec is
             # then added where time allows (_add_exponent).  Priced inside the
             # cut, it would be traded against recompute by bytes alone: under
@@ -254,18 +268,17 @@ class JointPrices:
             # of stock's plan at the same fraction (MobileNetV2, CPU).
             self.exp_off = True
             try:
-                saved, self.chosen = solve(t.value) if t.kind == "fraction" else self._free(solve, step_s + baseline)
+                if t.kind == "free":
+                    limit = (1.0 + FREE_SLOWDOWN) * (step_s + baseline)
+                    saved, self.chosen = self._smallest_within(solve, limit, [solve(1.0)])
+                elif t.value == 1.0:
+                    saved, self.chosen = solve(1.0)  # stock's cut at bitfx's prices: nothing more recomputed
+                    limit = self.chosen.total_s + FREE_SLOWDOWN * (step_s + baseline)
+                else:
+                    saved, self.chosen, limit = self._fraction(solve, stock_plan(t.value), estimate)
             finally:
                 self.exp_off = False
-            est = self.chosen
-            if t.kind == "free":  # its limit less the plan's estimate
-                left = (1.0 + FREE_SLOWDOWN) * (step_s + baseline) - (
-                    step_s + est.recompute_s + est.store_s + est.codec_s)
-            else:  # the budget sets the cut; the codec may add FREE_SLOWDOWN of stock's step on top
-                left = FREE_SLOWDOWN * (step_s + baseline)
-            self.chosen = self._add_exponent(saved, est, left)
-        else:
-            saved, self.chosen = self._fit(solve)
+            self.chosen = self._add_exponent(saved, self.chosen, limit - self.chosen.total_s)
         counters["bitfx"]["plans_priced"] += len(self.candidates)
         log.debug("bitfx plan: %s -> %s, %d bytes saved, estimated slowdown %.3f",
                   self.target, self.chosen.label, self.chosen.saved_bytes, self.chosen.slowdown)
@@ -273,35 +286,67 @@ class JointPrices:
 
     # -- choosing the budget ------------------------------------------------------
 
-    def _free(self, solve, stock_step_s: float):
-        """The smallest plan whose estimated step time is within FREE_SLOWDOWN of stock's.
+    def _smallest_within(self, solve, limit_s: float, plans: list, max_bytes: float = math.inf):
+        """The smallest plan whose estimated step time is within ``limit_s`` seconds.
 
         PyTorch's knapsack maximizes the recompute time it avoids within a
-        memory cap.  The free default turns it around: recompute what frees
-        the most bytes within a time slack (:meth:`solve_slack`, through
+        memory cap.  bitfx turns it around: recompute what frees the most
+        bytes within a time slack (:meth:`solve_slack`, through
         ``activation_memory_budget_solver``), on top of the aggressive cut
         that recomputes every cheap pointwise chain.  The slack is bisected
         when the whole plan, priced, exceeds the limit (the knapsack sees
-        each node alone, not what recomputing it drags along).
+        each node alone, not what recomputing it drags along).  ``plans``
+        are candidates already solved; the first is the fallback when no
+        plan fits.  Plans over ``max_bytes`` are not taken.
         """
-        limit = 1.0 + FREE_SLOWDOWN
-        plans = [solve(1.0)]
-        hi = FREE_SLOWDOWN * stock_step_s
-        plans.append(solve(None, hi))
-        if plans[-1][1].slowdown > limit:
+        hi = limit_s - (plans[0][1].step_s + plans[0][1].baseline_s)
+        plans = list(plans)
+        plans.append(solve(None, max(hi, 0.0)))
+        if plans[-1][1].total_s > limit_s and hi > 0:
             # Bisect the slack: the largest whose whole plan fits.
             lo_plan = solve(None, 0.0)
             plans.append(lo_plan)
-            if lo_plan[1].slowdown <= limit:
+            if lo_plan[1].total_s <= limit_s:
                 lo = 0.0
                 for _ in range(3):
                     mid = (lo + hi) / 2
                     plans.append(solve(None, mid))
-                    lo, hi = (mid, hi) if plans[-1][1].slowdown <= limit else (lo, mid)
-        fits = [p for p in plans if p[1].slowdown <= limit]
-        # Budget 1.0 (stock's cut at bitfx's prices) is the floor: even where
-        # the codec alone costs more than the limit, what is saved is compressed.
-        return min(fits, key=lambda p: (p[1].saved_bytes, p[1].slowdown)) if fits else plans[0]
+                    lo, hi = (mid, hi) if plans[-1][1].total_s <= limit_s else (lo, mid)
+        fits = [p for p in plans if p[1].total_s <= limit_s and p[1].saved_bytes <= max_bytes]
+        # The first plan is the floor: even where the codec alone costs more
+        # than the limit, what is saved is compressed.
+        return min(fits, key=lambda p: (p[1].saved_bytes, p[1].total_s)) if fits else plans[0]
+
+    def _fraction(self, solve, stock_saved: list[fx.Node], estimate):
+        """A fraction ``b``: at most the bytes PyTorch's plan at ``b`` saves, in its time.
+
+        Stock's plan at ``b`` (its sizes, estimator and knapsack) sets the
+        memory, ``S_b`` dense bytes, and the time, ``T_b``.  bitfx takes the
+        smallest plan within ``FREE_SLOWDOWN`` of ``T_b`` that saves at most
+        ``S_b``: the free default is the case ``b = 1``.  Candidates are
+        stock's cut itself (compressed: never more than ``S_b``), bitfx's cut
+        at ``b`` on its own prices, and the time knapsack's plans.  Where
+        none is within the time, the fastest of those within ``S_b``.
+
+        Solving the fraction on bitfx's prices alone went further than stock
+        where stock's fraction does little: on the held-out ReLU MLP stock's
+        budget saves as much as budget 1.0 at every fraction, while bitfx's
+        cut recomputed the matmuls, at 1.17-1.24x stock's step time (CPU).
+        """
+        b = self.target.value
+        self._stock_mode = True
+        try:
+            stock_bytes = self._saved_bytes(stock_saved)
+        finally:
+            self._stock_mode = False
+        stock = (stock_saved, estimate(b, stock_saved))
+        limit = (1.0 + FREE_SLOWDOWN) * (stock[1].step_s + stock[1].recompute_s + stock[1].store_s)
+        plans = [stock, solve(b)]
+        saved, est = self._smallest_within(solve, limit, plans, max_bytes=stock_bytes)
+        if est.total_s > limit:  # nothing fits the time: the fastest within stock's bytes
+            within = [p for p in plans if p[1].saved_bytes <= stock_bytes] or [stock]
+            saved, est = min(within, key=lambda p: (p[1].total_s, p[1].saved_bytes))
+        return saved, est, limit
 
     def _add_exponent(self, saved: list[fx.Node], est: Estimate, left: float) -> Estimate:
         """Exponent-code the saved tensors of the chosen cut, most bytes per codec second first.
@@ -446,7 +491,7 @@ def _solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban=None):
     stock = _stock["solve_min_cut"]
     if prices is None:
         return stock(joint_graph, node_info, min_cut_options, dont_ban)
-    key = (prices._stock_sizes, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
+    key = (prices._stock_mode, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
     if key not in prices._cuts:
         prices._cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
     saved, banned = prices._cuts[key]
@@ -464,13 +509,14 @@ def _choose_saved_values_set(joint_graph, node_info, memory_budget: float = 1):
 class RooflineEstimator(CustomRuntimeEstimator):
     """``activation_memory_budget_runtime_estimator`` while bitfx partitions.
 
-    In a bitfx partition: :meth:`JointPrices.knapsack_value`.  In any other
-    thread meanwhile: what was configured before (``"flops"`` by default).
+    In a bitfx partition: :meth:`JointPrices.knapsack_value`.  While it
+    solves stock's own plan, and in any other thread meanwhile: what was
+    configured before (``"flops"`` by default).
     """
 
     def __call__(self, node: fx.Node) -> float:
         prices = _active()
-        if prices is not None:
+        if prices is not None and not prices._stock_mode:
             return prices.knapsack_value(node)
         prior = _stock["estimator"]
         if isinstance(prior, CustomRuntimeEstimator):
@@ -488,14 +534,14 @@ class RooflineEstimator(CustomRuntimeEstimator):
 class SlackKnapsack(CustomKnapsackSolver):
     """``activation_memory_budget_solver`` while bitfx partitions.
 
-    The free default's time knapsack (:meth:`JointPrices.solve_slack`) when
-    it is solving; otherwise the solver configured before, ``"dp"`` by
-    default, on the runtime estimate in force.
+    bitfx's time knapsack (:meth:`JointPrices.solve_slack`) when it is
+    solving (the free default, fractions); otherwise the solver configured
+    before, ``"dp"`` by default, on the runtime estimate in force.
     """
 
     def __call__(self, memory, joint_graph, max_memory, node_info, nodes):
         prices = _active()
-        if prices is not None and prices.slack_s is not None:
+        if prices is not None and not prices._stock_mode and prices.slack_s is not None:
             return prices.solve_slack(memory, nodes)
         return self._prior(memory, joint_graph, max_memory, node_info, nodes)
 
