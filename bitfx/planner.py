@@ -237,7 +237,6 @@ def plan(
     calibrate: bool = False,
     density: dict[str, float] | float | None = None,
     optimizer: str = "none",
-    _stock: bool = False,
     **backend_options,
 ) -> MemoryPlan:
     """Predict what ``torch.compile(model, backend="bittrain")`` saves and peaks at.
@@ -251,14 +250,14 @@ def plan(
     measures each tensor's density with one real forward instead.
     ``optimizer``: ``none``, ``sgd``, ``momentum`` or ``adam``.
     ``backend_options``: as for :func:`bitfx.backend` (``inner``, ``min_bytes``, ...).
+    ``enabled=False`` prices PyTorch's own plan at ``memory_budget`` (the
+    sweep's stock frontier): the report's "bittrain" column is then that plan.
     """
     if optimizer not in OPTIMIZER_STATE:
         raise ValueError(f"optimizer={optimizer!r} is not valid; choose one of {list(OPTIMIZER_STATE)}")
     kwargs = dict(inputs_kwargs or {})
-    backend_options.pop("enabled", None)
-    # "bittrain" is the plan priced; with _stock (the sweep's stock frontier)
-    # it is PyTorch's own partitioner at the given memory_budget.
-    on = Options.from_dict({**backend_options, "enabled": not _stock})
+    enabled = backend_options.pop("enabled", True)
+    on = Options.from_dict({**backend_options, "enabled": enabled})
     off = Options.from_dict({**backend_options, "enabled": False, "memory_budget": None})
     densities_by_kind: dict[str, float] = {}  # the user's; else each tensor's assumed density
     if isinstance(density, (int, float)) and not isinstance(density, bool):
@@ -279,9 +278,9 @@ def plan(
     measured_by_info = {}
     if calibrate:
         # The same plan stored dense: it saves exactly comp's tensors, in
-        # comp's order (names can differ: the swap pass renames nodes).  For
-        # the sweep's stock frontier (_stock), that is stock's own plan.
-        dense = Options.from_dict({**backend_options, "enabled": not _stock, "compress": False})
+        # comp's order (names can differ: the swap pass renames nodes).  With
+        # enabled=False, that is stock's own plan.
+        dense = Options.from_dict({**backend_options, "enabled": enabled, "compress": False})
         measured = _measure_densities(model, example_inputs, kwargs, dense)
         if len(measured) != len(comp.infos):
             raise RuntimeError(f"bitfx.plan: {len(measured)} tensors saved at run time, {len(comp.infos)} in the graph")
@@ -390,6 +389,9 @@ def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown
     """
     if not (isinstance(max_slowdown, (int, float)) and max_slowdown >= 1.0):
         raise ValueError(f"max_slowdown must be a number >= 1, got {max_slowdown!r}")
+    for key in ("enabled", "memory_budget"):
+        if key in plan_kwargs:
+            raise TypeError(f"sweep() sets {key} itself for each point; do not pass it")
     points = []
     for budget in budgets:
         for pipeline in ("stock", "bittrain"):
@@ -399,7 +401,7 @@ def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown
                 budget_for = budget
             if pipeline == "stock" and budget is None and any(b == 1.0 for b in budgets):
                 continue  # the same plan as stock at 1.0
-            p = plan(model, *example_inputs, memory_budget=budget_for, _stock=pipeline == "stock", **plan_kwargs)
+            p = plan(model, *example_inputs, memory_budget=budget_for, enabled=pipeline != "stock", **plan_kwargs)
             points.append(SweepPoint(pipeline, budget, p.saved_bytes["bittrain"], p.peak_bytes["bittrain"],
                                      p.estimate.get("slowdown", 1.0)))
     ok = [p for p in points if p.pipeline == "bittrain" and p.slowdown <= max_slowdown]
