@@ -22,6 +22,10 @@ torch.profiler memory events, above the level before the step), median step
 time over several steps after warm-up (the configurations of a model are timed
 in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
+On CPU, ``--keep-freed-memory`` stops glibc from returning freed memory to the
+OS between allocations (:func:`keep_freed_memory`): otherwise page faults on
+fresh memory, which vary with each configuration's allocation pattern, move
+step times by up to 20% between plans that are the same.
 """
 
 from __future__ import annotations
