@@ -326,7 +326,7 @@ class JointPrices:
         ``S_b``: the free default is the case ``b = 1``.  Candidates are
         stock's cut itself (compressed: never more than ``S_b``), bitfx's cut
         at ``b`` on its own prices, and the time knapsack's plans.  Where
-        none is within the time, the fastest of those within ``S_b``.
+        none is within the time: the faster of the first two within ``S_b``.
 
         Solving the fraction on bitfx's prices alone went further than stock
         where stock's fraction does little: on the held-out ReLU MLP stock's
@@ -550,6 +550,9 @@ class SlackKnapsack(CustomKnapsackSolver):
         prior = _stock["solver"]
         if isinstance(prior, CustomKnapsackSolver):
             return prior(memory, joint_graph, max_memory, node_info, nodes)
+        # PyTorch dispatches on the name inside _optimize_runtime_with_given_memory,
+        # reading the global config; calling it with the config set back would
+        # hand the stock solver to bitfx partitions in other threads meanwhile.
         stock = {"dp": "dp_knapsack", "greedy": "greedy_knapsack", "ilp": "ilp_knapsack",
                  "dp_knapsack_sliding_hirschberg": "dp_knapsack_sliding_hirschberg"}.get(prior)
         if stock is None:
