@@ -323,7 +323,8 @@ class JointPrices:
         Stock's plan at ``b`` (its sizes, estimator and knapsack) sets the
         memory, ``S_b`` dense bytes, and the time, ``T_b``.  bitfx takes the
         smallest plan within ``FREE_SLOWDOWN`` of ``T_b`` that saves at most
-        ``S_b``: the free default is the case ``b = 1``.  Candidates are
+        ``S_b``: the free default is this rule on stock's default plan
+        (an explicit ``b = 1`` is min-cut at bitfx's prices).  Candidates are
         stock's cut itself (compressed: never more than ``S_b``), bitfx's cut
         at ``b`` on its own prices, and the time knapsack's plans.  Where
         none is within the time: the faster of the first two within ``S_b``.
