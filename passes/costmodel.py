@@ -181,6 +181,15 @@ class JointPrices:
                 if info.decision is not Decision.KEEP:
                     self.infos[node] = info
 
+    @contextlib.contextmanager
+    def _as_stock(self):
+        """Price and solve as stock does: its sizes, runtime estimator and knapsack solver."""
+        self._stock_mode = True
+        try:
+            yield
+        finally:
+            self._stock_mode = False
+
     # -- what the patched partitioner functions ask -------------------------
 
     def size_of(self, node: fx.Node) -> int | None:
@@ -228,13 +237,10 @@ class JointPrices:
 
         def stock_plan(budget: float) -> list[fx.Node]:
             """PyTorch's own plan at ``budget``: stock sizes, runtime estimator and knapsack solver."""
-            self._stock_mode = True
-            try:
+            with self._as_stock():
                 # Budget 0 would return the graph inputs alone, recomputing RNG
                 # ops too (pytorch#190758): the knapsack at ~0 keeps them saved.
                 return stock_choose(joint_graph, node_info, memory_budget=_KNAPSACK if budget == 0 else budget)
-            finally:
-                self._stock_mode = False
 
         stock_default = stock_plan(1.0)
         baseline = self._recompute_s(stock_default, node_info) + self._store_s(stock_default)
@@ -335,11 +341,8 @@ class JointPrices:
         cut recomputed the matmuls, at 1.17-1.24x stock's step time (CPU).
         """
         b = self.target.value
-        self._stock_mode = True
-        try:
+        with self._as_stock():
             stock_bytes = self._saved_bytes(stock_saved)
-        finally:
-            self._stock_mode = False
         stock = (stock_saved, estimate(b, stock_saved))
         limit = (1.0 + FREE_SLOWDOWN) * (stock[1].step_s + stock[1].recompute_s + stock[1].store_s)
         plans = [stock, solve(b)]

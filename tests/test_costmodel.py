@@ -126,6 +126,7 @@ def test_fraction_takes_stocks_memory_at_stocks_time():
     at 1.17-1.24x stock's step time on the held-out MLP (CPU).
     """
     m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(16, 64)
+
     def mms(gm):
         return len(call_nodes(gm, aten.mm.default)) + len(call_nodes(gm, aten.addmm.default))
 
