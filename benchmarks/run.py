@@ -291,9 +291,10 @@ def keep_freed_memory() -> None:
     By default glibc serves large allocations from fresh mappings, or trims
     the heap top when frees leave more than twice the largest freed chunk
     there; either way the next allocation of that memory page-faults on
-    first touch.  On the squared-ReLU FFN (2-core CPU, torch 2.14.1) that was
-    523 faults per step under ``inductor`` and 1261 under ``bittrain``,
-    whose codec allocates and frees more per step; with this setting, none.
+    first touch.  On the squared-ReLU FFN (``step_faults.py --zoo heldout``,
+    2-core CPU, torch 2.14.1) that was 49 faults per step under ``inductor``
+    and 281 under ``bittrain``, whose codec allocates and frees more per
+    step; with this setting, 0 and 25.
     Raising both thresholds makes glibc reuse memory as jemalloc and tcmalloc
     do (PyTorch's CPU performance guide recommends those allocators).
     Resident memory then stays at its high-water mark; the allocator-level
