@@ -134,7 +134,14 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default=None, help="write JSON rows here")
     p.add_argument("--codec", choices=("bitmap", "exponent", "bitmap+exponent"), default="bitmap")
+    p.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
+                   help="CPU bitmap kernels up to this ISA (default: the best the CPU has)")
     args = p.parse_args(argv)
+    isa = None
+    if args.isa:
+        from bitfx.kernels import cpu_ext
+
+        isa = cpu_ext.set_isa(args.isa)
 
     device = torch.device(args.device)
     mb = 1 << 20
@@ -152,6 +159,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "kernels": backend,
         "codec": args.codec,
+        "isa": isa,  # item size -> CPU kernel ISA, where --isa chose it
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     rows = []
@@ -164,7 +172,8 @@ def main(argv=None) -> int:
             "compress_GBps", "decompress_GBps", "compress_vs_clone", "decompress_vs_clone"]
     if device.type == "cuda":
         cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]
-    print(f"bitfx {args.codec} kernels={backend} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
+    isa_note = f" isa={args.isa}" if args.isa else ""
+    print(f"bitfx {args.codec} kernels={backend}{isa_note} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".2f"))
     if args.out:
         with open(args.out, "w") as f:

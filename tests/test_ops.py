@@ -17,15 +17,20 @@ import corrupt_cases
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SIZES = [0, 1, 7, 8, 9, 1023, 1024, 1025, 3 * 1024 * 1024 + 5]
 # (BITFX_KERNELS, device): every backend runs the same tests.
-# Item sizes with AVX-512 kernels on this CPU (the others run scalar kernels).
-_AVX512 = cpu_ext.set_isa("avx512") if cpu_ext.available() else []
+# The ISA each item size runs on this CPU at each level (the library loads at the top one).
+_ISA = {name: cpu_ext.set_isa(name) for name in cpu_ext.ISAS} if cpu_ext.available() else {}
 KERNELS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
     pytest.param(("cpu", "cpu", "scalar"), id="cpu-scalar"),
     pytest.param(
+        ("cpu", "cpu", "avx2"),
+        id="cpu-avx2",
+        marks=pytest.mark.skipif("avx2" not in _ISA.get("avx2", {}).values(), reason="CPU without AVX2"),
+    ),
+    pytest.param(
         ("cpu", "cpu", "avx512"),
         id="cpu-avx512",
-        marks=pytest.mark.skipif(not _AVX512, reason="CPU without AVX-512"),
+        marks=pytest.mark.skipif("avx512" not in _ISA.get("avx512", {}).values(), reason="CPU without AVX-512"),
     ),
     pytest.param(
         ("triton", DEVICE),
@@ -263,6 +268,19 @@ def test_kernels_produce_the_reference_bytes(device, dtype):
     assert torch.equal(torch_ref.pack_bool(m), torch.ops.bitfx.pack_bool(m.to(device), [1]).cpu())
 
 
+@pytest.mark.parametrize("device", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.9, 0.998])
+def test_kernels_at_extreme_densities(device, dtype, density):
+    # Nearly empty and nearly full blocks: the vector kernels' last partial
+    # group of a block (fewer than 8 values left) is then most or least of it.
+    x = random_bits(3 * 1024 + 13, dtype, density=density, gen=torch.Generator().manual_seed(7))
+    ref = kernels_mod.compress(torch_ref, x)
+    got = torch.ops.bitfx.compress(x.to(device), [1])
+    assert torch.equal(ref[0], got[0].cpu()) and torch.equal(ref[1], got[1].cpu())
+    assert bit_equal(torch.ops.bitfx.decompress(got[0], got[1], [x.numel()], [1], dtype).cpu(), x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_device_identity(dtype):
@@ -326,11 +344,16 @@ def test_cpp_kernels_honour_bitfx_kernels_per_call(kernels, monkeypatch):
 
 
 def test_cpu_isa_choice():
-    assert cpu_ext.set_isa("scalar") == []
     try:
-        assert set(cpu_ext.set_isa("avx512")) <= {1, 2, 4, 8}
+        assert cpu_ext.set_isa("scalar") == dict.fromkeys((1, 2, 4, 8), "scalar")
+        avx2 = cpu_ext.set_isa("avx2")
+        # AVX2 kernels exist for 2- and 4-byte elements only.
+        assert avx2[1] == avx2[8] == "scalar" and avx2[2] in ("scalar", "avx2") and avx2[2] == avx2[4]
+        best = cpu_ext.set_isa("avx512")
+        # Each level keeps what the one below it runs, where it has nothing better.
+        assert all(best[s] == "avx512" or best[s] == avx2[s] for s in best)
         with pytest.raises(ValueError, match="unknown ISA"):
-            cpu_ext.set_isa("avx2")
+            cpu_ext.set_isa("sse2")
     finally:
         cpu_ext.set_isa("avx512")
 

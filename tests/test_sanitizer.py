@@ -1,13 +1,13 @@
 """Corrupted inputs under AddressSanitizer: no out-of-bounds read, a ValueError each.
 
 Builds the CPU kernels with ``BITFX_SANITIZE=address`` into a fresh cache and
-runs ``tests/corrupt_cases.py`` (every corrupt case, scalar and AVX-512
-kernels; the exponent codec's round trips and corrupt streams) in a Python with libasan preloaded.  By hand::
+runs ``tests/corrupt_cases.py`` (every corrupt case, with the scalar, AVX2
+and AVX-512 kernels where the CPU has them; the exponent codec's round trips and corrupt streams) in a Python with libasan preloaded.  By hand::
 
     BITFX_SANITIZE=address BITFX_CACHE=/tmp/bitfx-asan \\
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
     ASAN_OPTIONS=detect_leaks=0 \\
-    python tests/corrupt_cases.py scalar avx512
+    python tests/corrupt_cases.py scalar avx2 avx512
 """
 
 import os
@@ -49,11 +49,11 @@ def test_corrupt_inputs_under_asan(tmp_path):
         "BITFX_KERNELS": "cpu",
     }
     out = subprocess.run(
-        [sys.executable, str(HERE / "corrupt_cases.py"), "scalar", "avx512"],
+        [sys.executable, str(HERE / "corrupt_cases.py"), "scalar", "avx2", "avx512"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert "AddressSanitizer" not in out.stderr, out.stderr[-4000:]
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.split("\n")
-    assert any(line.startswith("scalar ") for line in lines) and any(line.startswith("avx512 ") for line in lines)
+    assert all(any(line.startswith(f"{isa} ") for line in lines) for isa in ("scalar", "avx2", "avx512"))
     assert f"exponent codec: {3 * len(corrupt_cases.EXP_CASES)} corrupt" in out.stdout

@@ -7,11 +7,11 @@
  * Blocks of BLOCK elements are independent, so every pass is an OpenMP loop
  * over blocks; element data is moved as same-width unsigned integers.
  *
- * Each block kernel has a portable scalar version and, on x86-64, an AVX-512
- * version built with a target attribute and chosen at load time from what the
- * CPU reports (the library itself is compiled for baseline x86-64, so one
- * build runs everywhere).  Both versions write the same bytes;
- * bitfx_set_isa() lets the tests run each.
+ * Each block kernel has a portable scalar version and, on x86-64, AVX-512
+ * (every width) and AVX2 (2- and 4-byte elements) versions built with target
+ * attributes and chosen at load time from what the CPU reports (the library
+ * itself is compiled for baseline x86-64, so one build runs everywhere).  All
+ * versions write the same bytes; bitfx_set_isa() lets the tests run each.
  */
 #include <stdint.h>
 #include <string.h>
@@ -25,8 +25,12 @@ extern "C" {
 #define BLOCK 1024
 #define BM_BYTES (BLOCK / 8)
 
-typedef void (*compress_block_fn)(const void *src, int64_t len, uint8_t *bm, void *dst);
-typedef void (*decompress_block_fn)(const uint8_t *bm, const void *vals, int64_t len, void *out);
+/* nnz: the block's nonzero count (from the count pass, or checked against
+ * its bitmap before decoding), so vector kernels know how far they may store
+ * or load whole registers without touching the next block's values. */
+typedef int64_t (*count_block_fn)(const void *src, int64_t len);
+typedef void (*compress_block_fn)(const void *src, int64_t len, int64_t nnz, uint8_t *bm, void *dst);
+typedef void (*decompress_block_fn)(const uint8_t *bm, const void *vals, int64_t len, int64_t nnz, void *out);
 
 static inline int64_t block_len(int64_t b, int64_t n) {
     int64_t rest = n - b * BLOCK;
@@ -58,13 +62,15 @@ static uint64_t SPREAD[256]; /* byte m -> 8 bytes, byte t = bit t of m (little-e
  * stores per byte and was the bottleneck.  All-zero and all-nonzero groups,
  * common in sparse activations, move no single elements. */
 #define DEFINE_SCALAR(T)                                                           \
-static int64_t count_##T(const T *src, int64_t len) {                             \
+static int64_t count_scalar_##T(const void *src_, int64_t len) {                  \
+    const T *src = (const T *)src_;                                                \
     int64_t c = 0;                                                                 \
     for (int64_t i = 0; i < len; i++) c += src[i] != 0;                            \
     return c;                                                                      \
 }                                                                                  \
-static void compress_scalar_##T(const void *src_, int64_t len, uint8_t *bm,       \
-                                void *dst) {                                       \
+static void compress_scalar_##T(const void *src_, int64_t len, int64_t nnz,      \
+                                uint8_t *bm, void *dst) {                          \
+    (void)nnz;                                                                     \
     const T *src = (const T *)src_;                                                \
     T local[BLOCK]; /* compaction overwrites one slot past k: stay private */      \
     int64_t k = 0, i = 0;                                                          \
@@ -93,7 +99,8 @@ static void compress_scalar_##T(const void *src_, int64_t len, uint8_t *bm,     
     memcpy(dst, local, (size_t)k * sizeof(T));                                     \
 }                                                                                  \
 static void decompress_scalar_##T(const uint8_t *bm, const void *vals_,           \
-                                  int64_t len, void *out_) {                       \
+                                  int64_t len, int64_t nnz, void *out_) {          \
+    (void)nnz;                                                                     \
     const T *vals = (const T *)vals_;                                              \
     T *out = (T *)out_;                                                            \
     int64_t k = 0, i = 0;                                                          \
@@ -126,6 +133,8 @@ DEFINE_SCALAR(uint16_t)
 DEFINE_SCALAR(uint32_t)
 DEFINE_SCALAR(uint64_t)
 
+static const count_block_fn COUNT_SCALAR[4] = {
+    count_scalar_uint8_t, count_scalar_uint16_t, count_scalar_uint32_t, count_scalar_uint64_t};
 static const compress_block_fn COMPRESS_SCALAR[4] = {
     compress_scalar_uint8_t, compress_scalar_uint16_t, compress_scalar_uint32_t, compress_scalar_uint64_t};
 static const decompress_block_fn DECOMPRESS_SCALAR[4] = {
@@ -135,7 +144,7 @@ static const decompress_block_fn DECOMPRESS_SCALAR[4] = {
 /* ---- AVX-512 ------------------------------------------------------------ */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BITFX_HAVE_AVX512 1
+#define BITFX_HAVE_X86_VECTOR 1
 #include <immintrin.h>
 
 /* A group of LANES elements is one mask register, LANES/8 bitmap bytes
@@ -149,8 +158,9 @@ static const decompress_block_fn DECOMPRESS_SCALAR[4] = {
 
 #define DEFINE_AVX512(T, LANES, MASK_T, SUF, TARGET)                               \
 __attribute__((target(TARGET)))                                                    \
-static void compress_avx512_##T(const void *src_, int64_t len, uint8_t *bm,       \
-                                void *dst_) {                                      \
+static void compress_avx512_##T(const void *src_, int64_t len, int64_t nnz,      \
+                                uint8_t *bm, void *dst_) {                         \
+    (void)nnz;                                                                     \
     const T *src = (const T *)src_;                                                \
     T *dst = (T *)dst_;                                                            \
     int64_t k = 0;                                                                 \
@@ -168,7 +178,8 @@ static void compress_avx512_##T(const void *src_, int64_t len, uint8_t *bm,     
 }                                                                                  \
 __attribute__((target(TARGET)))                                                    \
 static void decompress_avx512_##T(const uint8_t *bm, const void *vals_,           \
-                                  int64_t len, void *out_) {                       \
+                                  int64_t len, int64_t nnz, void *out_) {          \
+    (void)nnz;                                                                     \
     const T *vals = (const T *)vals_;                                              \
     T *out = (T *)out_;                                                            \
     int64_t k = 0;                                                                 \
@@ -187,43 +198,218 @@ DEFINE_AVX512(uint8_t, 64, __mmask64, epi8, "avx512f,avx512bw,avx512vbmi2")
 DEFINE_AVX512(uint16_t, 32, __mmask32, epi16, "avx512f,avx512bw,avx512vbmi2")
 DEFINE_AVX512(uint32_t, 16, __mmask16, epi32, "avx512f")
 DEFINE_AVX512(uint64_t, 8, __mmask8, epi64, "avx512f")
+
+/* ---- AVX2 --------------------------------------------------------------- */
+
+/* AVX2 has no compress or expand instruction, so a group of 8 elements (one
+ * bitmap byte) is moved by a shuffle looked up by the byte: vpermd for 4-byte
+ * elements, pshufb over 16 bytes for 2-byte ones.  Whole registers are stored
+ * (compress) or loaded (decompress) while at least 8 of the block's values
+ * remain, so no write reaches the next block's values (another thread's) and
+ * no read leaves the buffer; the last partial group goes through a stack
+ * copy.  A block's tail of fewer than 8 elements runs the scalar loop. */
+
+/* COMPACT[m][j]: the position of the j-th set bit of m (0 past the last). */
+static uint8_t COMPACT[256][8];
+/* pshufb controls for 8 two-byte lanes: COMPACT16 gathers the set lanes to the
+ * front, EXPAND16 scatters the front lanes to the set ones (0x80: zero). */
+static uint8_t COMPACT16[256][16];
+static uint8_t EXPAND16[256][16];
+
+#define TAIL_COMPRESS(T)                                                           \
+    for (; i < len; i++) {                                                         \
+        int nz = src[i] != 0;                                                      \
+        bm[i >> 3] |= (uint8_t)(nz << (i & 7));                                    \
+        if (nz) dst[k++] = src[i];                                                 \
+    }
+#define TAIL_DECOMPRESS(T)                                                         \
+    for (; i < len; i++) {                                                         \
+        int bit = (bm[i >> 3] >> (i & 7)) & 1;                                     \
+        out[i] = bit ? vals[k] : (T)0;                                             \
+        k += bit;                                                                  \
+    }
+
+/* Zero lanes are counted by subtracting the compare's all-ones lanes; a lane
+ * sees at most BLOCK / lanes of them, so 16-bit lanes cannot overflow. */
+__attribute__((target("avx2,popcnt")))
+static int64_t count_avx2_uint32_t(const void *src_, int64_t len) {
+    const uint32_t *src = (const uint32_t *)src_;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i zeros = zero;
+    int64_t i = 0, c = 0;
+    for (; i + 8 <= len; i += 8)
+        zeros = _mm256_sub_epi32(zeros, _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(src + i)), zero));
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, zeros);
+    for (int t = 0; t < 8; t++) c -= lanes[t];
+    for (; i < len; i++) c -= src[i] == 0;
+    return len + c;
+}
+
+__attribute__((target("avx2,popcnt")))
+static int64_t count_avx2_uint16_t(const void *src_, int64_t len) {
+    const uint16_t *src = (const uint16_t *)src_;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i zeros = zero;
+    int64_t i = 0, c = 0;
+    for (; i + 16 <= len; i += 16)
+        zeros = _mm256_sub_epi16(zeros, _mm256_cmpeq_epi16(_mm256_loadu_si256((const __m256i *)(src + i)), zero));
+    uint16_t lanes[16];
+    _mm256_storeu_si256((__m256i *)lanes, zeros);
+    for (int t = 0; t < 16; t++) c -= lanes[t];
+    for (; i < len; i++) c -= src[i] == 0;
+    return len + c;
+}
+
+__attribute__((target("avx2,popcnt")))
+static void compress_avx2_uint32_t(const void *src_, int64_t len, int64_t nnz, uint8_t *bm,
+                                   void *dst_) {
+    const uint32_t *src = (const uint32_t *)src_;
+    uint32_t *dst = (uint32_t *)dst_;
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t k = 0, i = 0;
+    memset(bm, 0, BM_BYTES);
+    for (; i + 8 <= len; i += 8) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(src + i));
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(v, zero))) & 0xFFu;
+        bm[i >> 3] = (uint8_t)m;
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)COMPACT[m]));
+        __m256i packed = _mm256_permutevar8x32_epi32(v, idx);
+        int pc = __builtin_popcount(m);
+        if (k + 8 <= nnz) {
+            _mm256_storeu_si256((__m256i *)(dst + k), packed);
+        } else {
+            uint32_t tmp[8];
+            _mm256_storeu_si256((__m256i *)tmp, packed);
+            memcpy(dst + k, tmp, (size_t)pc * sizeof(uint32_t));
+        }
+        k += pc;
+    }
+    TAIL_COMPRESS(uint32_t)
+}
+
+__attribute__((target("avx2,popcnt")))
+static void decompress_avx2_uint32_t(const uint8_t *bm, const void *vals_, int64_t len, int64_t nnz,
+                                     void *out_) {
+    const uint32_t *vals = (const uint32_t *)vals_;
+    uint32_t *out = (uint32_t *)out_;
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    int64_t k = 0, i = 0;
+    for (; i + 8 <= len; i += 8) {
+        unsigned m = bm[i >> 3];
+        int pc = __builtin_popcount(m);
+        __m256i v;
+        if (k + 8 <= nnz) {
+            v = _mm256_loadu_si256((const __m256i *)(vals + k));
+        } else {
+            uint32_t tmp[8] = {0};
+            memcpy(tmp, vals + k, (size_t)pc * sizeof(uint32_t));
+            v = _mm256_loadu_si256((const __m256i *)tmp);
+        }
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)GATHER[m]));
+        __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)m), lane_bit);
+        __m256i set = _mm256_cmpeq_epi32(bits, lane_bit);
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            _mm256_and_si256(_mm256_permutevar8x32_epi32(v, idx), set));
+        k += pc;
+    }
+    TAIL_DECOMPRESS(uint32_t)
+}
+
+__attribute__((target("avx2,popcnt")))
+static void compress_avx2_uint16_t(const void *src_, int64_t len, int64_t nnz, uint8_t *bm,
+                                   void *dst_) {
+    const uint16_t *src = (const uint16_t *)src_;
+    uint16_t *dst = (uint16_t *)dst_;
+    const __m128i zero = _mm_setzero_si128();
+    int64_t k = 0, i = 0;
+    memset(bm, 0, BM_BYTES);
+    for (; i + 8 <= len; i += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i eq = _mm_packs_epi16(_mm_cmpeq_epi16(v, zero), zero); /* lane flags as bytes */
+        unsigned m = ~(unsigned)_mm_movemask_epi8(eq) & 0xFFu;
+        bm[i >> 3] = (uint8_t)m;
+        __m128i packed = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)COMPACT16[m]));
+        int pc = __builtin_popcount(m);
+        if (k + 8 <= nnz) {
+            _mm_storeu_si128((__m128i *)(dst + k), packed);
+        } else {
+            uint16_t tmp[8];
+            _mm_storeu_si128((__m128i *)tmp, packed);
+            memcpy(dst + k, tmp, (size_t)pc * sizeof(uint16_t));
+        }
+        k += pc;
+    }
+    TAIL_COMPRESS(uint16_t)
+}
+
+__attribute__((target("avx2,popcnt")))
+static void decompress_avx2_uint16_t(const uint8_t *bm, const void *vals_, int64_t len, int64_t nnz,
+                                     void *out_) {
+    const uint16_t *vals = (const uint16_t *)vals_;
+    uint16_t *out = (uint16_t *)out_;
+    int64_t k = 0, i = 0;
+    for (; i + 8 <= len; i += 8) {
+        unsigned m = bm[i >> 3];
+        int pc = __builtin_popcount(m);
+        __m128i v;
+        if (k + 8 <= nnz) {
+            v = _mm_loadu_si128((const __m128i *)(vals + k));
+        } else {
+            uint16_t tmp[8] = {0};
+            memcpy(tmp, vals + k, (size_t)pc * sizeof(uint16_t));
+            v = _mm_loadu_si128((const __m128i *)tmp);
+        }
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)EXPAND16[m])));
+        k += pc;
+    }
+    TAIL_DECOMPRESS(uint16_t)
+}
 #endif
 
 /* ---- dispatch ----------------------------------------------------------- */
 
-enum { ISA_SCALAR = 0, ISA_AVX512 = 1 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
+static count_block_fn COUNT[4];
 static compress_block_fn COMPRESS[4];
 static decompress_block_fn DECOMPRESS[4];
-static int ISA_AVAILABLE_WIDTHS; /* bit w: width index w has an AVX-512 kernel here */
+/* AVAILABLE[w]: the best ISA with a kernel for width index w on this CPU. */
+static int AVAILABLE[4];
 
-/* isa ISA_SCALAR: scalar kernels everywhere; ISA_AVX512: AVX-512 for every
- * width the CPU supports, scalar for the rest.  Returns the bit set of widths
- * that now run AVX-512 kernels, or -1 for an unknown isa. */
+/* Use, for each element width, the best kernel the CPU runs among ISAs up to
+ * isa (ISA_SCALAR: scalar everywhere).  Returns the ISA now used by width
+ * index w in bits 2w..2w+1, or -1 for an unknown isa. */
 int bitfx_set_isa(int isa) {
-    if (isa != ISA_SCALAR && isa != ISA_AVX512) return -1;
+    if (isa < ISA_SCALAR || isa > ISA_AVX512) return -1;
     int used = 0;
     for (int w = 0; w < 4; w++) {
+        int pick = AVAILABLE[w] < isa ? AVAILABLE[w] : isa;
+        COUNT[w] = COUNT_SCALAR[w];
         COMPRESS[w] = COMPRESS_SCALAR[w];
         DECOMPRESS[w] = DECOMPRESS_SCALAR[w];
-    }
-#ifdef BITFX_HAVE_AVX512
-    if (isa == ISA_AVX512) {
-        static const compress_block_fn c[4] = {
+#ifdef BITFX_HAVE_X86_VECTOR
+        static const compress_block_fn c512[4] = {
             compress_avx512_uint8_t, compress_avx512_uint16_t, compress_avx512_uint32_t,
             compress_avx512_uint64_t};
-        static const decompress_block_fn d[4] = {
+        static const decompress_block_fn d512[4] = {
             decompress_avx512_uint8_t, decompress_avx512_uint16_t, decompress_avx512_uint32_t,
             decompress_avx512_uint64_t};
-        for (int w = 0; w < 4; w++) {
-            if (ISA_AVAILABLE_WIDTHS & (1 << w)) {
-                COMPRESS[w] = c[w];
-                DECOMPRESS[w] = d[w];
-                used |= 1 << w;
-            }
+        static const count_block_fn n2[4] = {0, count_avx2_uint16_t, count_avx2_uint32_t, 0};
+        static const compress_block_fn c2[4] = {0, compress_avx2_uint16_t, compress_avx2_uint32_t, 0};
+        static const decompress_block_fn d2[4] = {0, decompress_avx2_uint16_t, decompress_avx2_uint32_t, 0};
+        if (pick == ISA_AVX512) {
+            COMPRESS[w] = c512[w];
+            DECOMPRESS[w] = d512[w];
+        } else if (pick == ISA_AVX2) {
+            COUNT[w] = n2[w];
+            COMPRESS[w] = c2[w];
+            DECOMPRESS[w] = d2[w];
         }
-    }
 #endif
+        used |= pick << (2 * w);
+    }
     return used;
 }
 
@@ -240,12 +426,29 @@ __attribute__((constructor)) static void init(void) {
         for (int t = 0; t < 8; t++) spread |= (uint64_t)((m >> t) & 1) << (8 * t);
         SPREAD[m] = spread;
     }
-#ifdef BITFX_HAVE_AVX512
+#ifdef BITFX_HAVE_X86_VECTOR
+    for (int m = 0; m < 256; m++) {
+        int j = 0;
+        memset(COMPACT[m], 0, 8);
+        memset(COMPACT16[m], 0x80, 16);
+        memset(EXPAND16[m], 0x80, 16);
+        for (int t = 0; t < 8; t++) {
+            if (!((m >> t) & 1)) continue;
+            COMPACT[m][j] = (uint8_t)t;
+            COMPACT16[m][2 * j] = (uint8_t)(2 * t);
+            COMPACT16[m][2 * j + 1] = (uint8_t)(2 * t + 1);
+            EXPAND16[m][2 * t] = (uint8_t)(2 * j);
+            EXPAND16[m][2 * t + 1] = (uint8_t)(2 * j + 1);
+            j++;
+        }
+    }
     __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
+        AVAILABLE[1] = AVAILABLE[2] = ISA_AVX2;
     if (__builtin_cpu_supports("avx512f")) {
-        ISA_AVAILABLE_WIDTHS |= (1 << 2) | (1 << 3);
+        AVAILABLE[2] = AVAILABLE[3] = ISA_AVX512;
         if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2"))
-            ISA_AVAILABLE_WIDTHS |= (1 << 0) | (1 << 1);
+            AVAILABLE[0] = AVAILABLE[1] = ISA_AVX512;
     }
 #endif
     bitfx_set_isa(ISA_AVX512);
@@ -256,19 +459,12 @@ __attribute__((constructor)) static void init(void) {
 /* offsets[b] = nonzeros before block b; returns the total. */
 int64_t bitfx_count(const void *src, int64_t n, int itemsize, int64_t *offsets, int nthreads) {
     int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-    if (width_index(itemsize) < 0) return -1;
+    int w = width_index(itemsize);
+    if (w < 0) return -1;
+    count_block_fn fn = COUNT[w];
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < nblocks; b++) {
-        int64_t len = block_len(b, n);
-        int64_t c = 0;
-        switch (itemsize) {
-            case 1: c = count_uint8_t((const uint8_t *)src + b * BLOCK, len); break;
-            case 2: c = count_uint16_t((const uint16_t *)src + b * BLOCK, len); break;
-            case 4: c = count_uint32_t((const uint32_t *)src + b * BLOCK, len); break;
-            case 8: c = count_uint64_t((const uint64_t *)src + b * BLOCK, len); break;
-        }
-        offsets[b + 1] = c;
-    }
+    for (int64_t b = 0; b < nblocks; b++)
+        offsets[b + 1] = fn((const char *)src + b * BLOCK * itemsize, block_len(b, n));
     offsets[0] = 0;
     for (int64_t b = 0; b < nblocks; b++) offsets[b + 1] += offsets[b];
     return offsets[nblocks];
@@ -282,8 +478,8 @@ int bitfx_compress(const void *src, int64_t n, int itemsize, const int64_t *offs
     compress_block_fn fn = COMPRESS[w];
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
-        fn((const char *)src + b * BLOCK * itemsize, block_len(b, n), bitmap + b * BM_BYTES,
-           (char *)values + offsets[b] * itemsize);
+        fn((const char *)src + b * BLOCK * itemsize, block_len(b, n), offsets[b + 1] - offsets[b],
+           bitmap + b * BM_BYTES, (char *)values + offsets[b] * itemsize);
     }
     return 0;
 }
@@ -321,7 +517,8 @@ int bitfx_decompress(const int64_t *offsets, const uint8_t *bitmap, const void *
             corrupt = 1;
             continue;
         }
-        fn(bm, (const char *)values + offsets[b] * itemsize, len, (char *)out + b * BLOCK * itemsize);
+        fn(bm, (const char *)values + offsets[b] * itemsize, len, offsets[b + 1] - offsets[b],
+           (char *)out + b * BLOCK * itemsize);
     }
     return corrupt ? -2 : 0;
 }

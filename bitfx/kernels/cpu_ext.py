@@ -205,19 +205,21 @@ def use_python_ops(on: bool) -> None:
     _lib().bitfx_ops_use_python(int(on))
 
 
-ISAS = {"scalar": 0, "avx512": 1}
+ISAS = ("scalar", "avx2", "avx512")  # in the C library's order: each level includes those before it
 
 
-def set_isa(name: str) -> list[int]:
-    """Use the ``"scalar"`` kernels, or the ``"avx512"`` ones where the CPU has them.
+def set_isa(name: str) -> dict[int, str]:
+    """Use, for each element size, the best bitmap kernels the CPU runs up to ISA ``name``.
 
-    The library picks ``"avx512"`` when it loads; both write the same bytes.
-    Returns the item sizes that now run AVX-512 kernels.
+    ``"scalar"`` everywhere; ``"avx2"`` adds 2- and 4-byte elements; ``"avx512"``
+    (what the library picks when it loads) every size, where the CPU has
+    AVX-512 (and AVX512-VBMI2 for 1 and 2 bytes).  All write the same bytes.
+    Returns the ISA each item size (1, 2, 4, 8) now runs.
     """
     if name not in ISAS:
         raise ValueError(f"unknown ISA {name!r}; choose one of {', '.join(ISAS)}")
-    widths = _lib().bitfx_set_isa(ISAS[name])
-    return [1 << w for w in range(4) if widths & (1 << w)]
+    used = _lib().bitfx_set_isa(ISAS.index(name))
+    return {1 << w: ISAS[(used >> (2 * w)) & 3] for w in range(4)}
 
 
 @functools.cache
