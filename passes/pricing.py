@@ -136,6 +136,7 @@ class Machine:
     bandwidth: float  # bytes/s moved (read plus write) by a memory-bound op
     encode: float  # dense bytes/s bitfx::compress reads
     decode: float  # dense bytes/s bitfx::decompress writes
+    bitmap_call: float  # seconds per compress or decompress call beyond its bytes (dispatch, allocation)
     exp_encode: float  # dense bytes/s bitfx::exp_compress reads
     exp_decode: float  # dense bytes/s bitfx::exp_decompress writes
     exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes (Python dispatch)
@@ -144,23 +145,26 @@ class Machine:
         return nbytes / self.bandwidth
 
 
-# CPU: measured on this project's CI machine (AMD EPYC, 2 cores, AVX-512,
-# torch 2.14.1): fp32 conv 90 GFLOP/s and matmul 73 GFLOP/s (bf16 175);
-# clone moves 7 GB/s when every buffer is page-faulted in (16M elements) and
-# 145 GB/s in cache (1M); activations lie between.  encode/decode from
-# benchmarks/kernels.py on the same machine (README, Kernels; fp32, 50%
-# density): compress reads 24 GB/s at 1M elements and 3.6 GB/s at 16M,
-# decompress writes 43 and 2.8 GB/s.
-# The exponent codec (benchmarks/kernels.py --codec exponent, 1M elements,
-# same machine): encode reads 3.8 (fp32), 4.5 (bf16), 3.4 (fp16) GB/s, decode
-# writes 6.6, 5.6, 5.6 GB/s; a call of its Python ops costs 60 us at 64K
-# elements where clone costs 5 us, so about 25 us per call beyond the bytes.
+# CPU: measured on an AMD EPYC without AVX-512 (Zen 3), 2 cores, torch 2.14.1:
+# fp32 matmul 107 and conv 110 GFLOP/s; clone of 16 MiB moves 19 GB/s (read
+# plus write).  Codec constants: `python benchmarks/codec_costs.py` (and
+# `--dtype bfloat16`) on that machine, which fits per-call seconds and dense
+# bytes/s to the bitfx:: ops as a graph calls them (AVX2 bitmap kernels),
+# 16K-1M elements, ReLU outputs at density 0.5:
+#   compress 24 us + 12.8 GB/s, decompress 27 us + 15.9 GB/s (fp32);
+#   17 us + 8.2 GB/s and 23 us + 11.2 GB/s (bf16);
+#   exp_compress 35 us + 3.3 GB/s, exp_decompress 34 us + 5.1 GB/s (fp32);
+#   19 us + 2.1 GB/s and 24 us + 3.8 GB/s (bf16).
+# The constants below round these; bf16 is slower per dense byte than priced.
+# A call's fixed cost is mostly dispatch from Python and allocation: clone
+# fits 5 us per call the same way.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
-# assumed: 60 TFLOP/s, 3 TB/s, and codecs at a third of the bandwidth.
+# assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
+# per call (the bitmap encoder reads its nonzero count on the host).
 MACHINES = {
-    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=20e9, decode=30e9,
-                   exp_encode=4e9, exp_decode=6e9, exp_call=25e-6),
-    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12,
+    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
+                   exp_encode=3e9, exp_decode=5e9, exp_call=30e-6),
+    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }
 
@@ -180,10 +184,10 @@ def codec_seconds(val: torch.Tensor, codec: Codec, machine: Machine) -> float:
         return 0.0
     dense = dense_bytes(val)
     if codec is Codec.BOOL:  # one pass over a byte-per-element mask each way
-        return 2 * machine.seconds_moving(2 * dense)
+        return 2 * machine.seconds_moving(2 * dense) + 2 * machine.bitmap_call
     if codec is Codec.EXPONENT:
         return dense / machine.exp_encode + dense / machine.exp_decode + 2 * machine.exp_call
-    bitmap = dense / machine.encode + dense / machine.decode
+    bitmap = dense / machine.encode + dense / machine.decode + 2 * machine.bitmap_call
     if codec is Codec.BITMAP_EXPONENT:  # and the codec over the values (half, at the default density)
         values = dense * DEFAULT_DENSITY["relu"]
         return bitmap + values / machine.exp_encode + values / machine.exp_decode + 2 * machine.exp_call
@@ -195,7 +199,7 @@ def exponent_pays(val: torch.Tensor, machine: Machine, values_only: bool = False
     at least half the codec's best (what its throughput gives, with no per-call cost).
 
     That is, when the two calls cost no more than the bytes: dense bytes of at
-    least ``2 * exp_call`` times the combined throughput (about 120 KB on CPU).
+    least ``2 * exp_call`` times the combined throughput (about 110 KB on CPU).
     ``values_only``: the nonzero values behind a bitmap, at the default density.
     """
     dense = dense_bytes(val) * (DEFAULT_DENSITY["relu"] if values_only else 1)  # behind a bitmap: the nonzeros
