@@ -45,6 +45,8 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     mx = sum(x for x, _ in points) / n
     my = sum(y for _, y in points) / n
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    if slope <= 0:
+        raise SystemExit(f"timings do not grow with size ({points}): too noisy to fit; raise --reps")
     return max(my - slope * mx, 0.0), 1 / slope
 
 

@@ -71,3 +71,17 @@ def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
                          "bfloat16", "--reps", "1", "--device", "cpu", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["stored_ratio"] < row["bitmap_only_ratio"] < 1
+
+
+def test_codec_costs_fits_every_op_the_pricing_charges(tmp_path, capsys):
+    import codec_costs
+
+    out = tmp_path / "c.json"
+    assert codec_costs.main(["--sizes", "20000,400000", "--reps", "5", "--out", str(out)]) == 0
+    fits = json.loads(out.read_text())["fits"]
+    assert {"compress", "decompress", "exp_compress", "exp_decompress", "bitmap_exp_compress",
+            "bitmap_exp_decompress", "clone"} == set(fits)
+    assert all(f["GBps"] > 0 and f["per_call_us"] >= 0 for f in fits.values())
+    assert "pricing: us / GB/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        codec_costs.main(["--sizes", "70000"])  # one size cannot fit two terms

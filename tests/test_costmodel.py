@@ -108,6 +108,35 @@ def test_recomputed_casts_save_the_weights_themselves_under_inductor():
     out.backward()
 
 
+class _SquaredReLUFFN(nn.Module):
+    def __init__(self, dim=64, hidden=256, blocks=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden)) for _ in range(blocks))
+        self.downs = nn.ModuleList(nn.Linear(hidden, dim) for _ in range(blocks))
+
+    def forward(self, x):
+        for up, down in zip(self.blocks, self.downs):
+            x = x + down(torch.relu(up(x)) ** 2)
+        return x
+
+
+def test_free_default_takes_the_fastest_plan_when_none_is_within_the_time():
+    """On a graph this small the codec's calls alone cost more than FREE_SLOWDOWN of the step.
+
+    Then the fastest candidate: the cut that recomputes the square from the
+    compressed ReLU output (one compressed tensor per block).  Taking the
+    first candidate instead, min-cut at bitfx's prices, compressed the square
+    as well: twice the codec calls, and more bytes.
+    """
+    torch.manual_seed(0)
+    m, x = _SquaredReLUFFN(), torch.randn(4, 16, 64)
+    part = capture(m, x)
+    assert part.estimate.slowdown > 1 + costmodel.FREE_SLOWDOWN, "nothing fits the time here"
+    compressed = [i for i in part.infos if i.decision.name == "COMPRESS"]
+    assert [i.node.target for i in compressed] == [aten.relu.default] * 2
+    assert all(c.total_s >= part.estimate.total_s for c in part.candidates)
+
+
 def test_sparse_tensors_survive_budgets_compressed():
     """Priced at their stored bytes, ReLU outputs stay saved under a budget; stock recomputes nothing here."""
     m, x = models.relu_mlp(dim=64, hidden=256, depth=3, num_classes=10), torch.randn(64, 64)
