@@ -136,10 +136,10 @@ class Machine:
     bandwidth: float  # bytes/s moved (read plus write) by a memory-bound op
     encode: float  # dense bytes/s bitfx::compress reads
     decode: float  # dense bytes/s bitfx::decompress writes
-    bitmap_call: float  # seconds per compress or decompress call beyond its bytes (dispatch, allocation)
+    bitmap_call: float  # seconds per compress/decompress (or pack_bool/unpack_bool) call beyond its bytes
     exp_encode: float  # dense bytes/s bitfx::exp_compress reads
     exp_decode: float  # dense bytes/s bitfx::exp_decompress writes
-    exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes (Python dispatch)
+    exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes
 
     def seconds_moving(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
