@@ -18,25 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from tabulate import tabulate
 
 import bitfx  # noqa: F401  (registers the bitfx:: ops)
 from bitfx.passes.pricing import DEFAULT_DENSITY, MACHINES
-
-
-def _median_s(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from kernels import _timer as median_s  # kernels.py's timer: median after one warm-up
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -75,7 +64,7 @@ def measure(sizes: list[int], dtype: torch.dtype, reps: int) -> dict[str, list[t
             "clone": lambda: sparse.clone(),
         }
         for name, fn in timed.items():
-            out.setdefault(name, []).append((nbytes, _median_s(fn, reps)))
+            out.setdefault(name, []).append((nbytes, median_s(torch.device("cpu"), fn, reps)))
     return out
 
 
