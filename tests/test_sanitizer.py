@@ -38,6 +38,7 @@ def _preload() -> str | None:
 
 
 @pytest.mark.skipif(_preload() is None, reason="gcc with libasan not found")
+@pytest.mark.slow
 def test_corrupt_inputs_under_asan(tmp_path):
     env = {
         **os.environ,

@@ -26,7 +26,11 @@ model = nn.Sequential(
     nn.Conv2d(16, 32, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
 )
 x = torch.randn(4, 3, 16, 16)
-compiled = torch.compile(model, backend="bittrain")
+# memory_budget=1: min-cut's plan at bitfx's prices, which compresses the
+# second ReLU.  On this toy graph the free default may compress nothing (on
+# machine B two codec calls cost more than 2% of its step), and there would
+# be no compressed layout to cache.
+compiled = torch.compile(model, backend="bittrain", options={"memory_budget": 1.0})
 compiled(x).square().sum().backward()
 torch.save([p.grad for p in model.parameters()], sys.argv[1])
 print(json.dumps({
@@ -58,6 +62,7 @@ def same_grads(tmp_path, a, b) -> bool:
     return len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
+@pytest.mark.slow
 def test_warm_restart_hits_inductor_caches(tmp_path):
     cold = run(tmp_path, "cold")
     assert cold["compressed"] > 0 and cold["fx_miss"] == 2 and cold["aot_hit"] == 0
