@@ -72,7 +72,6 @@ def triton_usable() -> bool:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-
 # Tests marked ``slow`` compile whole models (most under Inductor, whose C++
 # compile dominates on a CPU).  Plain ``pytest`` runs all of them.  CI runs
 # the others on both supported torch versions and splits these between the

@@ -201,6 +201,12 @@ def test_cli_json():
     assert set(d["peak_bytes"]) == {"baseline", "bittrain"} and d["tensors"]
 
 
+def assert_one_line_error(code: int, err: str, message: str):
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -226,10 +232,7 @@ def test_cli_errors_are_one_line_exit_2(args, message, capsys, monkeypatch):
     from bitfx.__main__ import main
 
     monkeypatch.chdir(ROOT / "benchmarks")
-    assert main(["plan", *args, "--inner", "eager"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert_one_line_error(main(["plan", *args, "--inner", "eager"]), capsys.readouterr().err, message)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -239,9 +242,7 @@ def test_cli_errors_are_one_line_exit_2(args, message, capsys, monkeypatch):
 def test_cli_errors_are_one_line_exit_2_in_a_new_process(args, message):
     """As a user sees them: torch's own logging, left as a new process has it, prints nothing more."""
     r = run_cli(*args, "--inner", "eager")
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_line_error(r.returncode, r.stderr, message)
 
 
 def test_cli_help():
