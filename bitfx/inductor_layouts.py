@@ -110,7 +110,12 @@ def _layout_as_if_saved(x, node: fx.Node):
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(x, ir.TensorBox) and isinstance(x.data, ir.BaseView):
+    if isinstance(x, ir.TensorBox):
+        # Realize the producer's own buffer, as run_node does for a saved
+        # output, so that the strides below fix it in place.  Left unrealized,
+        # require_exact_strides copies it into a second buffer while the
+        # producer's other users realize the original: the fused kernel then
+        # stores the activation twice, and both copies live until compress.
         x.realize()
     if isinstance(val, torch.Tensor) and val.dim() and not free_unbacked_symbols(val.stride()):
         strides = val.stride()

@@ -165,6 +165,39 @@ def test_inductor_layout_reaches_backward(monkeypatch):
     assert not any(d.meta["bitfx_layout_key"] in inductor_layouts._LAYOUTS for d in decomp)
 
 
+def test_inductor_compresses_the_activation_it_keeps():
+    """Under Inductor, compress reads the buffer the next layer reads: no second copy of the activation.
+
+    The activation is stored once, as stock Inductor stores a saved output.
+    When bitfx's lowering of compress fixed the strides of an unrealized
+    pointwise node, Inductor copied it into a buffer of its own, so the fused
+    ReLU kernel stored every compressed activation twice and both copies
+    lived until compress.
+    """
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    def forward_code(**options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+        compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", memory_budget=1.0, **options))
+        x = torch.randn(32, 64)
+        _, (fwd, *_) = run_and_get_code(lambda: compiled(x).sum().backward())
+        return fwd.split("def call(", 1)[1]
+
+    counters.clear()
+    code = forward_code()
+    compressed = re.findall(r"torch\.ops\.bitfx\.compress\.default\((buf\d+)", code)
+    assert len(compressed) == 2
+    for buf in compressed:
+        after = code.split(f"torch.ops.bitfx.compress.default({buf}", 1)[1]
+        assert re.search(rf"extern_kernels\.addmm\([^\n]*\b{buf}\b", after), f"the next layer does not read {buf}"
+    torch._dynamo.reset()
+    stock = forward_code(compress=False)
+    assert code.count("empty_strided_cpu(") <= stock.count("empty_strided_cpu(")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cuda_cnn_bit_identical_inductor(autocast):
