@@ -23,7 +23,8 @@ def points(rows, model):
             continue
         name, _, budget = r["config"].partition("@")
         out.setdefault(name, []).append((budget or ("1.0" if name == "inductor" else "default"),
-                                         r["step_ms"] / ref["step_ms"],
+                                         # paired by round where run.py recorded it (older files: medians)
+                                         r.get("step_x_inductor", r["step_ms"] / ref["step_ms"]),
                                          r["saved_activation_bytes"] / ref["saved_activation_bytes"]))
     return out
 

@@ -21,7 +21,8 @@ sees, parameters and buffers excluded), peak memory of one full training step
 torch.profiler memory events, above the level before the step), median step
 time over several steps after warm-up (the configurations of a model are timed
 in interleaved rounds), and compile time (the first step).
-Ratios are against ``inductor``.  Progress goes to stderr, the table to stdout.
+Ratios are against ``inductor``; step-time ratios are the median of each
+round's ratio (:func:`paired_ratio`), and the JSON keeps every step's time.  Progress goes to stderr, the table to stdout.
 On CPU, ``--keep-freed-memory`` stops glibc from returning freed memory to the
 OS between allocations (:func:`keep_freed_memory`): otherwise page faults on
 fresh memory, which vary with each configuration's allocation pattern, move
@@ -242,6 +243,17 @@ class Run:
         }
 
 
+def paired_ratio(times: list[float], ref: list[float]) -> float:
+    """Median over rounds of a configuration's step time over the reference's in the same round.
+
+    Steps of one round run back to back, so a drift of the machine (on the
+    2-core development VMs, a third of the time can be stolen by the host)
+    scales both sides of each ratio alike; a ratio of the two medians takes
+    its numerator and denominator from different rounds.
+    """
+    return statistics.median(t / r for t, r in zip(times, ref, strict=True))
+
+
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
               autocast: torch.dtype | None = None) -> list[dict]:
     """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
@@ -249,7 +261,11 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
     Interleaving puts every configuration through the same drifts of a shared
     machine, so step-time ratios hold even when absolute times wander (on the
     development machine, timings of one configuration measured minutes apart
-    differed by up to 2x).  No compiled code is shared: see :func:`_entry`.
+    differed by up to 2x).  Each round starts at the next configuration, so
+    that none always runs right after the same other one (whose step leaves
+    the caches full of its own tensors).  Step ratios against ``inductor``
+    are paired by round (:func:`paired_ratio`).  No compiled code is shared:
+    see :func:`_entry`.
     """
     torch._dynamo.reset()
     runs = []
@@ -257,13 +273,18 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
         progress(f"{w.name} {config}: compile")
         runs.append(Run(w, config, device, autocast))
     progress(f"{w.name}: {steps} interleaved timing rounds")
-    for _ in range(steps):
-        for run in runs:
+    for i in range(steps):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
             run.timed_step()
+    ref = next((run.times for run in runs if run.config == "inductor"), None)
     rows = []
     for run in runs:
         progress(f"{w.name} {run.config}: memory")
-        rows.append(run.row(*run.memory()))
+        row = run.row(*run.memory())
+        row["step_times_ms"] = [1e3 * t for t in run.times]
+        if ref is not None:
+            row["step_x_inductor"] = paired_ratio(run.times, ref)
+        rows.append(row)
     del runs
     torch._dynamo.reset()
     return rows
@@ -275,11 +296,12 @@ def table(rows):
     for r in rows:
         b = ref.get(r["model"])
         ratio = lambda k: f"{r[k] / b[k]:.2f}" if b and b[k] else ""  # noqa: E731
+        step_x = f"{r['step_x_inductor']:.2f}" if "step_x_inductor" in r else ""
         out.append([r["model"], r["config"], f"{r['saved_activation_bytes'] / 2**20:.1f}", ratio("saved_activation_bytes"),
-                    f"{r['peak_bytes'] / 2**20:.1f}", ratio("peak_bytes"), f"{r['step_ms']:.1f}", ratio("step_ms"),
+                    f"{r['peak_bytes'] / 2**20:.1f}", ratio("peak_bytes"), f"{r['step_ms']:.1f}", step_x,
                     f"{r['compile_s']:.1f}"])
     return tabulate(out, headers=["model", "config", "saved MiB", "x inductor", "peak MiB", "x inductor",
-                                  "step ms", "x inductor", "compile s"], disable_numparse=True)
+                                  "step ms", "x inductor (paired)", "compile s"], disable_numparse=True)
 
 
 _TRIM, _MMAP = 2**30, 32 * 2**20

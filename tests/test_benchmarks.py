@@ -12,6 +12,12 @@ def tiny():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def test_paired_ratio_pairs_steps_of_one_round():
+    # A drift that doubles both configurations' times in round 2 cancels.
+    assert run.paired_ratio([1.1, 2.2, 1.1], [1.0, 2.0, 1.0]) == pytest.approx(1.1)
+    assert run.paired_ratio([1.0, 3.0], [2.0, 2.0]) == pytest.approx(1.0)
+
+
 def test_run_model_rows_and_table():
     w = run.Workload("tiny", tiny, (16, 32))
     rows = run.run_model(w, ["eager", "inductor", "bittrain-eager", "bittrain@0.5"], run.torch.device("cpu"), 2, lambda m: None)
@@ -21,6 +27,13 @@ def test_run_model_rows_and_table():
         assert r["step_ms"] > 0 and r["peak_bytes"] > 0
     saved = {r["config"]: r["saved_activation_bytes"] for r in rows}
     assert saved["bittrain-eager"] < saved["inductor"]
+    for r in rows:  # every step kept, and the ratio paired by round
+        assert len(r["step_times_ms"]) == 2
+    ind = rows[1]["step_times_ms"]
+    for r in rows:
+        want = sorted(a / b for a, b in zip(r["step_times_ms"], ind))
+        assert r["step_x_inductor"] == pytest.approx((want[0] + want[1]) / 2)
+    assert rows[1]["step_x_inductor"] == 1.0
     text = run.table(rows)
     assert "x inductor" in text and "bittrain-eager" in text
     json.dumps(rows)
