@@ -98,3 +98,16 @@ def test_codec_costs_fits_every_op_the_pricing_charges(tmp_path, capsys):
     assert "pricing: us / GB/s" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         codec_costs.main(["--sizes", "70000"])  # one size cannot fit two terms
+
+
+def test_codec_in_step_times_each_call_and_restores_the_ops():
+    import codec_in_step
+
+    compress = run.torch.ops.bitfx.compress.default
+    w = run.Workload("tiny", tiny, (64, 32))
+    rows = codec_in_step.measure(w, 2)
+    # Two ReLU outputs stored compressed (the free default packs nothing else
+    # here): one compress and one decompress each per step.
+    assert [r[1:3] for r in rows] == [["compress", 2], ["decompress", 2]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert run.torch.ops.bitfx.compress.default is compress
