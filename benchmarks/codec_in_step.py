@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402
 
-OPS = ("compress", "decompress", "bitmap_exp_compress", "bitmap_exp_decompress", "exp_compress", "exp_decompress",
-       "pack_bool", "unpack_bool")
+import bitfx.ops  # noqa: E402
+
+# Every public bitfx:: op, in the order bitfx.ops defines them.
+OPS = tuple(bitfx.ops._SCHEMAS)
 
 
 def timed(times: dict, name: str, real):
