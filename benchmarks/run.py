@@ -22,7 +22,10 @@ torch.profiler memory events, above the level before the step), median step
 time over several steps after warm-up (the configurations of a model are timed
 in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``; step-time ratios are the median of each
-round's ratio (:func:`paired_ratio`), and the JSON keeps every step's time.  Progress goes to stderr, the table to stdout.
+round's ratio (:func:`paired_ratio`), and the JSON keeps every step's time.
+With budgets, a second table pairs ``bittrain@B`` with ``inductor@B``.
+``--summarize FILE`` prints the tables of a saved ``--out`` file.  Progress
+goes to stderr, the tables to stdout.
 On CPU, ``--keep-freed-memory`` stops glibc from returning freed memory to the
 OS between allocations (:func:`keep_freed_memory`): otherwise page faults on
 fresh memory, which vary with each configuration's allocation pattern, move
@@ -254,6 +257,18 @@ def paired_ratio(times: list[float], ref: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, ref, strict=True))
 
 
+def same_budget_ratios(rows) -> list[list]:
+    """``[model, budget, x]``: ``bittrain@B``'s step time over ``inductor@B``'s, paired by round."""
+    by = {(r["model"], r["config"]): r for r in rows}
+    out = []
+    for r in rows:
+        name, _, budget = r["config"].partition("@")
+        stock = by.get((r["model"], f"inductor@{budget}"))
+        if name == "bittrain" and stock is not None:
+            out.append([r["model"], budget, paired_ratio(r["step_times_ms"], stock["step_times_ms"])])
+    return out
+
+
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
               autocast: torch.dtype | None = None) -> list[dict]:
     """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
@@ -304,6 +319,15 @@ def table(rows):
                                   "step ms", "x inductor (paired)", "compile s"], disable_numparse=True)
 
 
+def print_tables(rows) -> None:
+    print(table(rows))
+    same = same_budget_ratios(rows)
+    if same:
+        print()
+        print(tabulate([[m, b, f"{x:.3f}"] for m, b, x in same],
+                       headers=["model", "budget", "bittrain@B x inductor@B (paired)"], disable_numparse=True))
+
+
 _TRIM, _MMAP = 2**30, 32 * 2**20
 
 
@@ -345,7 +369,16 @@ def main(argv=None) -> int:
                    help="leave Inductor's FX-graph and AOTAutograd caches on (faster; compile s is then not cold)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: glibc malloc keeps freed memory in the process (mallopt), as jemalloc and tcmalloc do")
+    p.add_argument("--summarize", metavar="JSON", default=None,
+                   help="print the tables of a saved --out file (run nothing)")
     args = p.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            data = json.load(f)
+        env = data["env"]
+        print(f"torch {env['torch']}, {env['device']}, malloc: {env['malloc']}; command: python {' '.join(env['argv'])}")
+        print_tables(data["rows"])
+        return 0
     malloc = "glibc, default"
     if args.keep_freed_memory:
         keep_freed_memory()
@@ -381,7 +414,7 @@ def main(argv=None) -> int:
                      f"{r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, malloc: {malloc}; command: python {' '.join(sys.argv)}")
-    print(table(rows))
+    print_tables(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": {"torch": torch.__version__, "device": where, "malloc": malloc, "argv": sys.argv},

@@ -111,3 +111,20 @@ def test_codec_in_step_times_each_call_and_restores_the_ops():
     assert [r[1:3] for r in rows] == [["compress", 2], ["decompress", 2]]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert run.torch.ops.bitfx.compress.default is compress
+
+
+def test_same_budget_ratios_and_summarize(tmp_path, capsys):
+    def row(config, times):
+        return {"model": "m", "label": "", "config": config, "autocast": "", "saved_activation_bytes": 1,
+                "peak_bytes": 1, "step_ms": times[0], "compile_s": 0.0, "step_times_ms": times}
+
+    rows = [row("inductor", [1.0, 2.0, 1.0]), row("inductor@0.5", [1.0, 2.0, 2.0]),
+            row("bittrain@0.5", [1.1, 2.2, 2.2]), row("bittrain@0.3", [1.0, 1.0, 1.0])]
+    # Paired with stock at the same budget only; no stock @0.3, no ratio.
+    (((model, budget, x),)) = run.same_budget_ratios(rows)
+    assert (model, budget) == ("m", "0.5") and x == pytest.approx(1.1)
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"env": {"torch": "t", "device": "d", "malloc": "m", "argv": ["run.py"]}, "rows": rows}))
+    assert run.main(["--summarize", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "bittrain@B x inductor@B (paired)" in out and "1.100" in out
