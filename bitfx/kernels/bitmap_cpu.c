@@ -215,6 +215,10 @@ static uint8_t COMPACT[256][8];
  * front, EXPAND16 scatters the front lanes to the set ones (0x80: zero). */
 static uint8_t COMPACT16[256][16];
 static uint8_t EXPAND16[256][16];
+/* EXPAND32[m][t]: the rank of lane t among m's set bits if bit t is set, else 7.
+ * LOAD_FIRST[c]: a load mask of the first c lanes. */
+static int32_t EXPAND32[256][8];
+static int32_t LOAD_FIRST[9][8];
 
 #define TAIL_COMPRESS(T)                                                           \
     for (; i < len; i++) {                                                         \
@@ -288,29 +292,23 @@ static void compress_avx2_uint32_t(const void *src_, int64_t len, int64_t nnz, u
     TAIL_COMPRESS(uint32_t)
 }
 
+/* The byte's pc values are loaded with a masked load, which reads nothing
+ * past them (so no branch for a block's last values) and zeroes the other
+ * lanes; EXPAND32 sends each clear bit's lane to lane 7, which is one of
+ * those zeros whenever a bit is clear (pc < 8). */
 __attribute__((target("avx2,popcnt")))
 static void decompress_avx2_uint32_t(const uint8_t *bm, const void *vals_, int64_t len, int64_t nnz,
                                      void *out_) {
+    (void)nnz;
     const uint32_t *vals = (const uint32_t *)vals_;
     uint32_t *out = (uint32_t *)out_;
-    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     int64_t k = 0, i = 0;
     for (; i + 8 <= len; i += 8) {
         unsigned m = bm[i >> 3];
         int pc = __builtin_popcount(m);
-        __m256i v;
-        if (k + 8 <= nnz) {
-            v = _mm256_loadu_si256((const __m256i *)(vals + k));
-        } else {
-            uint32_t tmp[8] = {0};
-            memcpy(tmp, vals + k, (size_t)pc * sizeof(uint32_t));
-            v = _mm256_loadu_si256((const __m256i *)tmp);
-        }
-        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)GATHER[m]));
-        __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)m), lane_bit);
-        __m256i set = _mm256_cmpeq_epi32(bits, lane_bit);
+        __m256i v = _mm256_maskload_epi32((const int *)(vals + k), _mm256_loadu_si256((const __m256i *)LOAD_FIRST[pc]));
         _mm256_storeu_si256((__m256i *)(out + i),
-                            _mm256_and_si256(_mm256_permutevar8x32_epi32(v, idx), set));
+                            _mm256_permutevar8x32_epi32(v, _mm256_loadu_si256((const __m256i *)EXPAND32[m])));
         k += pc;
     }
     TAIL_DECOMPRESS(uint32_t)
@@ -367,6 +365,27 @@ static void decompress_avx2_uint16_t(const uint8_t *bm, const void *vals_, int64
     TAIL_DECOMPRESS(uint16_t)
 }
 #endif
+
+/* Set bits among the first len bits of a block's bitmap.  The library is
+ * built for baseline x86-64, where __builtin_popcountll is a libgcc call per
+ * word: the popcnt version is chosen at load time where the CPU has it. */
+#define DEFINE_BITMAP_COUNT(NAME, ATTR)                                            \
+ATTR static int64_t NAME(const uint8_t *bm, int64_t len) {                         \
+    int64_t c = 0, full = len / 64;                                                \
+    for (int64_t j = 0; j < full; j++) {                                           \
+        uint64_t word;                                                             \
+        memcpy(&word, bm + 8 * j, 8);                                              \
+        c += __builtin_popcountll(word);                                           \
+    }                                                                              \
+    for (int64_t i = full * 64; i < len; i++) c += (bm[i >> 3] >> (i & 7)) & 1;   \
+    return c;                                                                      \
+}
+DEFINE_BITMAP_COUNT(bitmap_count_portable, )
+#ifdef BITFX_HAVE_X86_VECTOR
+DEFINE_BITMAP_COUNT(bitmap_count_popcnt, __attribute__((target("popcnt"))))
+#endif
+
+static int64_t (*bitmap_count)(const uint8_t *, int64_t) = bitmap_count_portable;
 
 /* ---- dispatch ----------------------------------------------------------- */
 
@@ -427,8 +446,11 @@ __attribute__((constructor)) static void init(void) {
         SPREAD[m] = spread;
     }
 #ifdef BITFX_HAVE_X86_VECTOR
+    for (int c = 0; c <= 8; c++)
+        for (int t = 0; t < 8; t++) LOAD_FIRST[c][t] = t < c ? -1 : 0;
     for (int m = 0; m < 256; m++) {
         int j = 0;
+        for (int t = 0; t < 8; t++) EXPAND32[m][t] = 7;
         memset(COMPACT[m], 0, 8);
         memset(COMPACT16[m], 0x80, 16);
         memset(EXPAND16[m], 0x80, 16);
@@ -439,10 +461,12 @@ __attribute__((constructor)) static void init(void) {
             COMPACT16[m][2 * j + 1] = (uint8_t)(2 * t + 1);
             EXPAND16[m][2 * t] = (uint8_t)(2 * j);
             EXPAND16[m][2 * t + 1] = (uint8_t)(2 * j + 1);
+            EXPAND32[m][t] = j;
             j++;
         }
     }
     __builtin_cpu_init();
+    if (__builtin_cpu_supports("popcnt")) bitmap_count = bitmap_count_popcnt;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
         AVAILABLE[1] = AVAILABLE[2] = ISA_AVX2;
     if (__builtin_cpu_supports("avx512f")) {
@@ -482,18 +506,6 @@ int bitfx_compress(const void *src, int64_t n, int itemsize, const int64_t *offs
            bitmap + b * BM_BYTES, (char *)values + offsets[b] * itemsize);
     }
     return 0;
-}
-
-/* Set bits among the first len bits of a block's bitmap. */
-static int64_t bitmap_count(const uint8_t *bm, int64_t len) {
-    int64_t c = 0, full = len / 64;
-    for (int64_t j = 0; j < full; j++) {
-        uint64_t word;
-        memcpy(&word, bm + 8 * j, 8);
-        c += __builtin_popcountll(word);
-    }
-    for (int64_t i = full * 64; i < len; i++) c += (bm[i >> 3] >> (i & 7)) & 1;
-    return c;
 }
 
 /* The caller has checked the offsets (0, non-decreasing, each step at most the
