@@ -197,6 +197,24 @@ def test_inductor_compresses_the_activation_it_keeps():
     assert code.count("empty_strided_cpu(") <= stock.count("empty_strided_cpu(")
 
 
+def test_inductor_runs_no_output_checks_on_compress():
+    """The step makes no Python calls to check compress's outputs (Inductor's size and alignment asserts).
+
+    Each cost tens of microseconds inside a step on the development machine;
+    the fake kernels they guard against are checked by opcheck instead.
+    """
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    assert config.size_asserts and config.alignment_asserts  # Inductor's defaults: they would be emitted
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
+    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", memory_budget=1.0))
+    _, (fwd, *_) = run_and_get_code(lambda: compiled(torch.randn(32, 64)).sum().backward())
+    assert fwd.count("torch.ops.bitfx.compress.default(") == 1
+    assert "'torch.ops.bitfx.compress.default')" not in fwd  # the op name closes every assert's arguments
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cuda_cnn_bit_identical_inductor(autocast):
