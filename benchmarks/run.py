@@ -270,7 +270,7 @@ def same_budget_ratios(rows) -> list[list]:
 
 
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
-              autocast: torch.dtype | None = None) -> list[dict]:
+              autocast: torch.dtype | None = None, min_seconds: float = 0.0) -> list[dict]:
     """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
 
     Interleaving puts every configuration through the same drifts of a shared
@@ -281,16 +281,23 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
     the caches full of its own tensors).  Step ratios against ``inductor``
     are paired by round (:func:`paired_ratio`).  No compiled code is shared:
     see :func:`_entry`.
+
+    ``steps`` rounds at least; more while the rounds have taken less than
+    ``min_seconds`` in all, so that a model whose step takes milliseconds
+    gets enough rounds for its ratios to settle (on the development VM, 20
+    rounds of a 20 ms step left the same plan anywhere from 1.04x to 1.10x).
     """
     torch._dynamo.reset()
     runs = []
     for config in configs:
         progress(f"{w.name} {config}: compile")
         runs.append(Run(w, config, device, autocast))
-    progress(f"{w.name}: {steps} interleaved timing rounds")
-    for i in range(steps):
+    progress(f"{w.name}: interleaved timing rounds ({steps} at least, {min_seconds:g} s at least)")
+    start, i = time.perf_counter(), 0
+    while i < steps or time.perf_counter() - start < min_seconds:
         for run in runs[i % len(runs):] + runs[:i % len(runs)]:
             run.timed_step()
+        i += 1
     ref = next((run.times for run in runs if run.config == "inductor"), None)
     rows = []
     for run in runs:
@@ -361,7 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help=f"comma-separated (default {','.join(CONFIGS)})")
     p.add_argument("--budgets", default=None, help="inductor, bittrain and both at each of these budgets")
     p.add_argument("--zoo", default="default", choices=["default", "heldout"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (rounds), at least")
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help="per model, keep timing rounds until they have taken this long (at least --steps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write JSON rows here")
     p.add_argument("--autocast", choices=["bf16"], default=None, help="forward under torch.autocast in this dtype")
@@ -408,7 +417,7 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(names)}] {msg}", file=sys.stderr, flush=True)
 
         rows += run_model(all_w[name], configs, device, args.steps, progress,
-                          torch.bfloat16 if args.autocast == "bf16" else None)
+                          torch.bfloat16 if args.autocast == "bf16" else None, args.min_seconds)
         for r in rows[-len(configs):]:
             progress(f"  {r['config']}: saved {r['saved_activation_bytes'] / 2**20:.1f} MiB, peak {r['peak_bytes'] / 2**20:.1f} MiB, "
                      f"{r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s")

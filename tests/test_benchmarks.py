@@ -39,6 +39,16 @@ def test_run_model_rows_and_table():
     json.dumps(rows)
 
 
+def test_run_model_times_rounds_for_min_seconds():
+    """``min_seconds`` adds whole rounds past ``steps``: every configuration gets as many."""
+    w = run.Workload("tiny", tiny, (16, 32))
+    t0 = run.time.perf_counter()
+    rows = run.run_model(w, ["eager", "inductor"], run.torch.device("cpu"), 1, lambda m: None, min_seconds=0.2)
+    counts = {len(r["step_times_ms"]) for r in rows}
+    assert len(counts) == 1 and counts.pop() > 1
+    assert run.time.perf_counter() - t0 >= 0.2
+
+
 def tiny_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
