@@ -271,7 +271,7 @@ def same_budget_ratios(rows) -> list[list]:
 
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
               autocast: torch.dtype | None = None, min_seconds: float = 0.0) -> list[dict]:
-    """Compile every configuration (first step), time them in interleaved rounds, then measure memory.
+    """Compile every configuration (first step), measure memory, then time them in interleaved rounds.
 
     Interleaving puts every configuration through the same drifts of a shared
     machine, so step-time ratios hold even when absolute times wander (on the
@@ -288,10 +288,16 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
     rounds of a 20 ms step left the same plan anywhere from 1.04x to 1.10x).
     """
     torch._dynamo.reset()
-    runs = []
+    runs, memory = [], []
     for config in configs:
         progress(f"{w.name} {config}: compile")
         runs.append(Run(w, config, device, autocast))
+    for run in runs:
+        # Before the timing rounds: the model trains as it steps, so bytes
+        # measured after them would depend on how many rounds ran (the ReLU
+        # MLP's density drifted 5% over 250 of them).
+        progress(f"{w.name} {run.config}: memory")
+        memory.append(run.memory())
     progress(f"{w.name}: interleaved timing rounds ({steps} at least, {min_seconds:g} s at least)")
     start, i = time.perf_counter(), 0
     while i < steps or time.perf_counter() - start < min_seconds:
@@ -300,9 +306,8 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
         i += 1
     ref = next((run.times for run in runs if run.config == "inductor"), None)
     rows = []
-    for run in runs:
-        progress(f"{w.name} {run.config}: memory")
-        row = run.row(*run.memory())
+    for run, (saved, peak) in zip(runs, memory, strict=True):
+        row = run.row(saved, peak)
         row["step_times_ms"] = [1e3 * t for t in run.times]
         if ref is not None:
             row["step_x_inductor"] = paired_ratio(run.times, ref)

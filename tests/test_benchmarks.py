@@ -138,3 +138,12 @@ def test_same_budget_ratios_and_summarize(tmp_path, capsys):
     assert run.main(["--summarize", str(path)]) == 0
     out = capsys.readouterr().out
     assert "bittrain@B x inductor@B (paired)" in out and "1.100" in out
+
+
+def test_op_overhead_cold_rows():
+    """``op_overhead.py --cold``: every call timed hot and after evicting the caches."""
+    import op_overhead
+
+    rows = op_overhead.cold_rows([[64]], 3)
+    assert [r[2] for r in rows] == ["torch.empty_like", "Tensor.add", "bitfx::compress", "bitfx::decompress"]
+    assert all(r[1] == 64 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
