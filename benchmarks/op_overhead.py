@@ -30,21 +30,14 @@ from tabulate import tabulate
 import bitfx.ops
 
 
-def median_us(fn, iters: int) -> float:
+def median_us(fn, iters: int, before=None) -> float:
+    """Median µs of ``fn()`` after 50 warm-up calls; ``before()``, if given, runs untimed before each timed call."""
     for _ in range(50):
         fn()
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
-
-
-def cold_us(fn, evict, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        evict()
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -68,7 +61,7 @@ def cold_rows(shapes: list[list[int]], iters: int) -> list[list]:
         }
         for name, fn in calls.items():
             hot = median_us(fn, iters)
-            cold = cold_us(fn, lambda: dst.copy_(big), iters)
+            cold = median_us(fn, iters, before=lambda: dst.copy_(big))
             rows.append(["x".join(map(str, shape)), x.numel(), name, f"{hot:.1f}", f"{cold:.1f}"])
     return rows
 
