@@ -1,6 +1,6 @@
 """What each ``bitfx::`` call costs inside a compiled training step.
 
-    python benchmarks/codec_in_step.py --models relu_mlp,sqrelu_ffn [--steps 100]
+    python benchmarks/codec_in_step.py --models relu_mlp,sqrelu_ffn [--steps 100] [--config bittrain@0.5]
 
 ``codec_costs.py`` times the ops in a loop, where their data stays in cache;
 the pricing is fitted to that.  Here the model trains under ``bittrain``
@@ -8,8 +8,8 @@ the pricing is fitted to that.  Here the model trains under ``bittrain``
 compress or decompress op is timed as the compiled graphs make it, then
 repeated twice on the same arguments: the repeats run with the data and the
 output allocation warm, so the difference is what the step's cold data
-costs.  Per op: calls per step, and the median microseconds of the call and
-of the repeats.  The repeats change no result (the ops are pure; the graph
+costs.  Per op: calls per step, the median microseconds of the call and of
+the repeats, and their sums per step.  The repeats change no result (the ops are pure; the graph
 gets the first call's output), but they do add time, so this script's step
 time means nothing.
 """
@@ -49,9 +49,9 @@ def timed(times: dict, name: str, real):
     return call
 
 
-def measure(w: run.Workload, steps: int) -> list[list]:
+def measure(w: run.Workload, steps: int, config: str = "bittrain") -> list[list]:
     torch._dynamo.reset()
-    r = run.Run(w, "bittrain", torch.device("cpu"))
+    r = run.Run(w, config, torch.device("cpu"))
     for _ in range(5):
         r.step()
     times: dict = collections.defaultdict(list)
@@ -74,7 +74,8 @@ def measure(w: run.Workload, steps: int) -> list[list]:
             continue
         repeat = times[name, 1] + times[name, 2]
         rows.append([w.name, name, len(first) // steps, f"{statistics.median(first) / 1e3:.0f}",
-                     f"{statistics.median(repeat) / 1e3:.0f}"])
+                     f"{statistics.median(repeat) / 1e3:.0f}", f"{sum(first) / steps / 1e3:.0f}",
+                     f"{sum(repeat) / 2 / steps / 1e3:.0f}"])
     return rows
 
 
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="relu_mlp,sqrelu_ffn", help="comma-separated, from run.py --zoo heldout")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--config", default="bittrain", help="a bittrain config of run.py, e.g. bittrain@0.5")
     args = p.parse_args(argv)
     run.keep_freed_memory()  # as in the frontier runs: no page faults on reused memory
     torch._inductor.config.fx_graph_cache = False
@@ -91,9 +93,10 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         if name not in zoo:
             p.error(f"unknown model {name!r}; choose from {list(zoo)}")
-        rows += measure(zoo[name], args.steps)
+        rows += measure(zoo[name], args.steps, args.config)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; command: python {' '.join(sys.argv)}")
-    print(tabulate(rows, headers=["model", "op", "calls/step", "in step µs", "repeated µs"], disable_numparse=True))
+    print(tabulate(rows, headers=["model", "op", "calls/step", "in step µs", "repeated µs", "in step µs/step",
+                                  "repeated µs/step"], disable_numparse=True))
     return 0
 
 

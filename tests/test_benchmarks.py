@@ -120,6 +120,8 @@ def test_codec_in_step_times_each_call_and_restores_the_ops():
     # here): one compress and one decompress each per step.
     assert [r[1:3] for r in rows] == [["compress", 2], ["decompress", 2]]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    # Per step: the calls' sum, at least the median call's time per call (rounding aside).
+    assert all(float(r[5]) >= r[2] * float(r[3]) / 2 and float(r[6]) > 0 for r in rows)
     assert run.torch.ops.bitfx.compress.default is compress
 
 
