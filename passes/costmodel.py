@@ -19,7 +19,8 @@ PyTorch's min-cut partitioner decides what forward saves in
   (:class:`Target`): the free default, the smallest plan whose estimated
   step time stays within :data:`FREE_SLOWDOWN` of stock's default plan; a
   fraction ``b``, the smallest plan that saves at most what stock's own
-  plan at ``b`` saves, within :data:`FREE_SLOWDOWN` of that plan's time; or
+  plan at ``b`` saves and recomputes no more, within :data:`FREE_SLOWDOWN`
+  of that plan's time; or
   an absolute byte count, the fastest plan that fits.
 
 The two private functions are replaced only while some thread is inside
