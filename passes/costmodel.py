@@ -461,8 +461,9 @@ class JointPrices:
         """``saved`` as bitfx will store it: after the swap of passes/swap.py.
 
         The swap runs on the partitioned graphs: where backward uses a saved
-        ``x`` only to recompute ``relu(x)`` (through reshapes), forward saves
-        ``relu(x)`` instead, compressed.  Priced as the cut itself, such a
+        ``x`` only to recompute ``relu(x)`` (through reshapes) and forward
+        computes ``relu(x)`` too, forward saves ``relu(x)`` instead,
+        compressed.  Priced as the cut itself, such a
         plan looked dense and free of codec time; the exponent codec was then
         added on top, and the swap's bitmap codec came after the estimate.
         Stock's own plans (``_stock_mode``) are never rewritten.
@@ -475,7 +476,7 @@ class JointPrices:
         out = []
         for x in saved:
             act = None if x.op == "placeholder" else _recomputed_relu(x, runs, recomputed)
-            if act is None:
+            if act is None or not node_info.is_required_fw(act):  # the swap needs its forward twin
                 out.append(x)
             elif act not in keep:
                 keep.add(act)
