@@ -49,8 +49,7 @@ from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomRuntim
 
 from bitfx.options import Options
 
-from .analysis import Decision, SavedTensor, _decide, _relu_source, propagate_sparsity
-from .opsets import RESHAPES
+from .analysis import Decision, SavedTensor, _decide, propagate_sparsity
 from .pricing import (
     Machine,
     _flops,
@@ -61,6 +60,7 @@ from .pricing import (
     recompute_seconds,
     store_seconds,
 )
+from .swap import relu_chain
 
 log = logging.getLogger("bitfx")
 
@@ -502,17 +502,11 @@ def _recomputed(saved: list[fx.Node], node_info) -> set[fx.Node]:
 def _recomputed_relu(x: fx.Node, runs: set[fx.Node], recomputed: set[fx.Node]) -> fx.Node | None:
     """The recomputed ReLU-family node that is backward's only use of ``x`` (through reshapes).
 
-    The joint-graph form of the swap's match (passes/swap.py): there, the
-    saved ``x`` has one user in backward, a chain of reshapes ending in that op.
+    The swap's own match (passes/swap.py), on the uses backward makes of
+    ``x`` in the joint graph, each of them recomputed.
     """
-    cur = x
-    while True:
-        users = [u for u in cur.users if u in runs]
-        if len(users) != 1 or users[0] not in recomputed or users[0].args[0] is not cur:
-            return None
-        if users[0].target not in RESHAPES:
-            return users[0] if _relu_source(users[0]) else None
-        cur = users[0]
+    chain = relu_chain(x, lambda n: [u for u in n.users if u in runs])
+    return chain[-1] if chain and all(n in recomputed for n in chain) else None
 
 
 def _pin_rng(joint: fx.Graph) -> None:

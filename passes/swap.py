@@ -42,18 +42,30 @@ def _same_call(a: fx.Node, b: fx.Node, arg0_a, arg0_b) -> bool:
     )
 
 
+def relu_chain(x: fx.Node, users_of) -> list[fx.Node] | None:
+    """``[reshapes..., relu]`` if the only use of ``x`` is a ReLU-family op, through reshapes.
+
+    ``users_of(node)`` lists the uses that count: here, a backward graph's;
+    the cost model passes the uses backward makes in the joint graph, to
+    price the plan this pass will make of a cut.
+    """
+    chain, prev = [], x
+    while True:
+        users = users_of(prev)
+        if len(users) != 1:
+            return None
+        cur = users[0]
+        if cur.op != "call_function" or cur.args[0] is not prev:
+            return None
+        chain.append(cur)
+        if cur.target not in RESHAPES:
+            return chain if _relu_source(cur) else None
+        prev = cur
+
+
 def _recompute_chain(ph: fx.Node) -> list[fx.Node] | None:
     """``[views..., relu]`` if backward uses ``ph`` only to recompute a ReLU-family op."""
-    if len(ph.users) != 1:
-        return None
-    chain, prev = [], ph
-    cur = next(iter(ph.users))
-    while cur.op == "call_function" and cur.target in RESHAPES and cur.args[0] is prev and len(cur.users) == 1:
-        chain.append(cur)
-        prev, cur = cur, next(iter(cur.users))
-    if cur.op == "call_function" and _relu_source(cur) and cur.args[0] is prev:
-        return [*chain, cur]
-    return None
+    return relu_chain(ph, lambda n: list(n.users))
 
 
 def _forward_twin(x: fx.Node, chain: list[fx.Node], ph: fx.Node) -> fx.Node | None:
