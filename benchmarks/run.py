@@ -7,7 +7,9 @@ memory-budget partitioner, and bitfx, side by side.
 Configurations: ``eager``, ``inductor``, ``bittrain`` (its defaults),
 ``bittrain-eager`` (``inner="eager"``), ``bittrain-bitmap``
 (``codec="bitmap"``: no exponent codec), ``bittrain-exp``
-(``codec="bitmap+exponent"``: the codec on every candidate), and ``inductor@B`` / ``bittrain@B``:
+(``codec="bitmap+exponent"``: the codec on every candidate), ``bittrain-dense``
+(``compress=False``: bitfx's plan, stored dense, which separates the plan's
+cost from the codec's), and ``inductor@B`` / ``bittrain@B``:
 PyTorch's ``activation_memory_budget = B`` / ``options={"memory_budget": B}``.
 ``--budgets`` adds both at every B (the two frontiers); ``--zoo heldout`` runs
 torchvision's ResNet-18, DenseNet-121, MobileNetV2 and VGG-11, a ReLU MLP and
@@ -65,7 +67,7 @@ def _budget_of(config: str) -> float | None:
 
 
 def valid_config(config: str) -> bool:
-    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap", "bittrain-exp"):
+    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap", "bittrain-exp", "bittrain-dense"):
         return True
     name, _, b = config.partition("@")
     try:
@@ -177,6 +179,8 @@ def build(config: str, model: nn.Module):
         options["codec"] = "bitmap"
     elif config == "bittrain-exp":
         options["codec"] = "bitmap+exponent"
+    elif config == "bittrain-dense":
+        options["compress"] = False
     return torch.compile(entry, backend=bitfx.backend(inner=inner, **options))
 
 
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
         configs = (args.configs or ",".join(CONFIGS)).split(",")
     bad = [c for c in configs if not valid_config(c)]
     if bad:
-        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, bittrain-exp, inductor@B or bittrain@B")
+        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, bittrain-exp, bittrain-dense, inductor@B or bittrain@B")
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):
