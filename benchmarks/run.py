@@ -66,8 +66,19 @@ def _budget_of(config: str) -> float | None:
     return float(config.split("@", 1)[1]) if "@" in config else None
 
 
+# bitfx's named configurations: the backend's keyword arguments (a budget
+# ``bittrain@B`` adds memory_budget to the first).
+BITTRAIN = {
+    "bittrain": {},
+    "bittrain-eager": {"inner": "eager"},
+    "bittrain-bitmap": {"codec": "bitmap"},
+    "bittrain-exp": {"codec": "bitmap+exponent"},
+    "bittrain-dense": {"compress": False},
+}
+
+
 def valid_config(config: str) -> bool:
-    if config in ("eager", "inductor", "bittrain", "bittrain-eager", "bittrain-bitmap", "bittrain-exp", "bittrain-dense"):
+    if config in ("eager", "inductor") or config in BITTRAIN:
         return True
     name, _, b = config.partition("@")
     try:
@@ -172,16 +183,11 @@ def build(config: str, model: nn.Module):
     entry = _entry(model, config)
     if config.startswith("inductor"):
         return torch.compile(entry)
-    inner = "eager" if config == "bittrain-eager" else "inductor"
     budget = _budget_of(config)
-    options = {} if budget is None else {"memory_budget": budget}
-    if config == "bittrain-bitmap":
-        options["codec"] = "bitmap"
-    elif config == "bittrain-exp":
-        options["codec"] = "bitmap+exponent"
-    elif config == "bittrain-dense":
-        options["compress"] = False
-    return torch.compile(entry, backend=bitfx.backend(inner=inner, **options))
+    options = {"inner": "inductor", **BITTRAIN.get(config, {})}
+    if budget is not None:
+        options["memory_budget"] = budget
+    return torch.compile(entry, backend=bitfx.backend(**options))
 
 
 def budget_ctx(config: str):
@@ -419,7 +425,7 @@ def main(argv=None) -> int:
         configs = (args.configs or ",".join(CONFIGS)).split(",")
     bad = [c for c in configs if not valid_config(c)]
     if bad:
-        p.error(f"unknown config(s) {bad}; use eager, inductor, bittrain, bittrain-eager, bittrain-bitmap, bittrain-exp, bittrain-dense, inductor@B or bittrain@B")
+        p.error(f"unknown config(s) {bad}; use eager, inductor, {', '.join(BITTRAIN)}, inductor@B or bittrain@B")
     rows = []
     for i, name in enumerate(names):
         def progress(msg, i=i):
