@@ -231,20 +231,54 @@ def op_seconds(node: fx.Node, machine: Machine) -> float:
 def recompute_seconds(node: fx.Node, machine: Machine) -> float:
     """Extra time of running forward ``node`` again in backward.
 
-    Free for fusible ops, as PyTorch's partitioner assumes: Inductor fuses
-    them into the backward kernels, and where the value must be in memory
-    the recompute writes it where the saving plan reads it back.  (Measured
-    on CPU, torch 2.14.1: PyTorch's budget-0.9 plans, which recompute
-    BatchNorm+ReLU chains, step at 0.96-0.99x of the default plan on
-    DenseNet-121, MobileNetV2, ResNet-18 and a squared-ReLU FFN.)  The same
-    holds for ``cat``: Inductor has its inputs write into slices of the output.
+    Free for fusible pointwise ops, as PyTorch's partitioner assumes:
+    Inductor fuses them into the backward kernels, and where the value must
+    be in memory the recompute writes it where the saving plan reads it
+    back.  (Measured on CPU, torch 2.14.1: PyTorch's budget-0.9 plans, which
+    recompute BatchNorm+ReLU chains, step at 0.96-0.99x of the default plan
+    on DenseNet-121, MobileNetV2, ResNet-18 and a squared-ReLU FFN.)  The
+    same holds for ``cat``: Inductor has its inputs write into slices of the
+    output.
+
+    A fusible *reduction* (BatchNorm's ``var_mean``, LayerNorm's statistics)
+    is not free: its consumers need the whole result before they start, so
+    recomputing it is one more pass that reads its inputs.  Priced free,
+    the free default on DenseNet-121 recomputed the batch statistics of 88
+    BatchNorms that stock's budget-0.5 plan keeps (a few KiB each), and
+    stepped at 1.03-1.05x ``inductor`` against that plan's 1.02-1.03x
+    (machine B, 2c9816b).
     """
-    if node.op == "call_function" and (
-        node.target is torch.ops.aten.cat.default  # Inductor's ConcatKernel: producers write into its slices
-        or not _flops(node, node.meta.get("val")) and _op_types().is_fusible(node)
-    ):
+    if node.op != "call_function":
         return 0.0
+    if node.target is torch.ops.aten.cat.default:  # Inductor's ConcatKernel: producers write into its slices
+        return 0.0
+    val = node.meta.get("val")
+    if not _flops(node, val) and _op_types().is_fusible(node):
+        return machine.seconds_moving(_inputs_bytes(node)) if _reduces(node) else 0.0
     return op_seconds(node, machine)
+
+
+def _inputs_bytes(node: fx.Node) -> int:
+    return sum(dense_bytes(a.meta.get("val")) for a in node.all_input_nodes)
+
+
+def _reduces(node: fx.Node) -> bool:
+    """Whether ``node`` has fewer output elements than some input: a reduction.
+
+    Views (slices, selects) and ``getitem`` also have fewer, and read nothing.
+    """
+    if node.target is operator.getitem or node.target in ALIAS_VIEWS or _op_types().is_view(node):
+        return False
+
+    def numel(val) -> int:
+        if isinstance(val, torch.Tensor):
+            return hint(val.numel())
+        if isinstance(val, (list, tuple)):
+            return sum(numel(v) for v in val)
+        return 0
+
+    out = numel(node.meta.get("val"))
+    return any(numel(a.meta.get("val")) > out for a in node.all_input_nodes)
 
 
 def store_seconds(node: fx.Node, machine: Machine) -> float:

@@ -208,21 +208,48 @@ def _mobilenet_like():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.1])
+@pytest.mark.parametrize("budget", [0.5, 0.3, 0.1])
 def test_fraction_recomputes_no_more_than_stock(budget):
     """At a fraction bitfx adds compression to stock's plan, never recompute.
 
     Here bitfx's own cuts saved 0.58-0.59x stock's bytes by recomputing
     more convolutions, estimated within FREE_SLOWDOWN; on the held-out
-    MobileNetV2 such plans stepped at 1.05-1.08x stock's (CPU).
+    MobileNetV2 such plans stepped at 1.05-1.08x stock's (CPU).  Nor does
+    it trade the BatchNorm statistics stock recomputes for convolutions of
+    the same estimated seconds.
     """
     x = torch.randn(4, 3, 32, 32)
     stock = capture(_mobilenet_like(), x, enabled=False, memory_budget=budget)
     torch._dynamo.reset()
     ours = capture(_mobilenet_like(), x, memory_budget=budget)
     assert ours.estimate.recompute_s <= stock.estimate.recompute_s
+    assert ours.estimate.recompute_flop_s <= stock.estimate.recompute_flop_s
     assert ours.estimate.saved_bytes <= stock.estimate.saved_bytes
     assert any(c.saved_bytes < ours.estimate.saved_bytes for c in ours.candidates), "a smaller plan was refused"
+
+
+def test_fraction_keeps_stocks_recompute_of_statistics_over_convolutions():
+    """Under a fraction's recompute cap, convolutions do not replace what stock recomputes.
+
+    Stock's plans recompute BatchNorm statistics (a read pass each).  With
+    the cap on total seconds alone, a cut that recomputes convolutions of
+    the same estimated seconds fit it: on MobileNetV2 at 0.3 such a cut
+    saved 0.36x stock's bytes, and plans recomputing more convolutions
+    stepped at 1.05-1.08x stock's (CPU), where the roofline underprices them.
+    """
+    def plan(name, saved, recompute_s, flop_s):
+        return [name], costmodel.Estimate(0.3, saved, recompute_s, 0.0, 0.0, 1.0, 0.0, recompute_flop_s=flop_s)
+
+    stock, convs = plan("stock", 100, 0.01, 0.0), plan("convs", 36, 0.01, 0.01)
+    prices = costmodel.JointPrices(1, Options.from_dict({}))
+
+    def choose(**caps):
+        got, _ = prices._smallest_within(lambda budget, slack=None: convs, 1.02, [stock, convs], max_bytes=100,
+                                         max_recompute_s=0.01, **caps)
+        return got
+
+    assert choose() == ["convs"]  # within the time, and fewer bytes
+    assert choose(max_flop_recompute_s=0.0) == ["stock"]
 
 
 def test_fraction_option_is_torchs_budget():
@@ -354,3 +381,27 @@ def test_calibrated_sweep_measures_each_pipelines_own_plan(monkeypatch):
         if p.pipeline == "stock":
             options = {"enabled": False, "memory_budget": p.budget or 1.0}
         assert p.saved_bytes == pytest.approx(saved(m, x, **options), rel=0.02), p
+
+
+def test_recomputing_a_reduction_reads_its_input():
+    """Recomputed BatchNorm statistics cost one pass over the input; pointwise ops and views stay free.
+
+    Priced free, the free default on DenseNet-121 recomputed the statistics
+    of 88 BatchNorms that stock's budget-0.5 plan keeps (CPU, machine B).
+    """
+    import operator
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=0, keepdim=True)
+        return torch.relu((x - mean) * torch.rsqrt(var + 1e-5))[:, :2]
+
+    x = torch.randn(4, 8, 16, 16)
+    gm = make_fx(f, tracing_mode="fake")(x)
+    node = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
+    cpu = pricing.MACHINES["cpu"]
+    assert pricing.recompute_seconds(node[aten.var_mean.correction], cpu) == pytest.approx(
+        x.numel() * x.element_size() / cpu.bandwidth)
+    for free in (operator.getitem, aten.sub.Tensor, aten.rsqrt.default, aten.relu.default, aten.slice.Tensor):
+        assert pricing.recompute_seconds(node[free], cpu) == 0.0, free
