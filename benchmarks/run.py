@@ -184,7 +184,7 @@ def build(config: str, model: nn.Module):
     if config.startswith("inductor"):
         return torch.compile(entry)
     budget = _budget_of(config)
-    options = {"inner": "inductor", **BITTRAIN.get(config, {})}
+    options = {"inner": "inductor", **BITTRAIN[config.partition("@")[0]]}
     if budget is not None:
         options["memory_budget"] = budget
     return torch.compile(entry, backend=bitfx.backend(**options))

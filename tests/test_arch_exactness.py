@@ -86,9 +86,9 @@ def test_exact_against_dense_and_close_to_stock(arch, autocast):
     # In bf16 a recomputed value rounds differently from a saved one: priced
     # as a read of its input (passes/pricing.py), a recomputed BatchNorm
     # statistic changed ResNet-D bf16's plan, which put one BatchNorm bias
-    # gradient 0.109 (relative) from stock's, while
-    # every bf16 run (eager, stock, stock at budget 0.5, bitfx) was 0.389-0.394
-    # from the fp32 gradients (machine B, torch 2.14.1).
+    # gradient 0.109 (relative) from stock's, while every bf16 run (eager,
+    # stock, stock at budget 0.5, bitfx) was 0.389-0.394 from the fp32
+    # gradients (machine B, torch 2.14.1).
     truth = run_eager(make, x, autocast=False)
     stock_err = max_rel_diff(off, truth)
     assert max_rel_diff(on, off) <= stock_err or max_rel_diff(on, truth) <= stock_err
