@@ -20,10 +20,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/library.h>
@@ -112,6 +111,14 @@ int64_t stored_numel(const Layout &layout) {
     return n;
 }
 
+// Inside a training step these ops run right after GEMMs have evicted the
+// caches, when each call's own code and bookkeeping come back from memory
+// (benchmarks/op_overhead.py --cold).  So a call makes no ATen calls it does
+// not need: outputs are allocated with at::detail::empty_cpu and
+// empty_strided_cpu, which skip the dispatcher, and a source already in the
+// kernels' order is read where it lies instead of through a view.
+at::Tensor new_cpu(int64_t numel, at::ScalarType dtype) { return at::detail::empty_cpu({numel}, dtype); }
+
 // Mirrors bitfx.ops.to_flat; tests compare the two on every layout through
 // bitfx::_to_flat_cpp.
 at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride) {
@@ -129,6 +136,27 @@ at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride) {
     return x.permute(layout.order).reshape(-1).contiguous();
 }
 
+// The elements of x in the memory order of stride, as the kernels read them:
+// x's own memory where it is laid out that way, else to_flat's copy (kept
+// alive by keep).
+struct Source {
+    at::Tensor keep;
+    const void *data;
+    int64_t numel;
+
+    Source(const at::Tensor &x, at::IntArrayRef stride) {
+        Layout layout(x.sizes(), stride);
+        if (layout.dense && x.strides() == stride) {
+            keep = x;
+            numel = stored_numel(layout);
+        } else {
+            keep = to_flat(x, stride);
+            numel = keep.numel();
+        }
+        data = keep.data_ptr();
+    }
+};
+
 // Mirrors bitfx.ops._Target.
 struct Target {
     Layout layout;
@@ -137,16 +165,20 @@ struct Target {
 
     Target(at::IntArrayRef size_, at::IntArrayRef stride, at::ScalarType dtype)
         : layout(size_, stride), size(size_.vec()) {
-        auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
         if (layout.dense) {
-            flat = at::empty({stored_numel(layout)}, options);
-            base = flat.as_strided(layout.stored, stride);
+            // Its memory holds the stored elements in flat order from its
+            // data pointer on (strides are nonnegative): the kernels write
+            // there, with no flat tensor.
+            base = at::detail::empty_strided_cpu(layout.stored, stride, dtype);
             return;
         }
-        base = at::empty_strided(layout.stored, stride, options);
+        base = at::detail::empty_strided_cpu(layout.stored, stride, dtype);
         permuted = base.permute(layout.order);
-        flat = at::empty({base.numel()}, options);
+        flat = new_cpu(base.numel(), dtype);
     }
+
+    // Where the kernels write the stored elements, in flat order.
+    void *data() { return layout.dense ? base.data_ptr() : flat.data_ptr(); }
 
     at::Tensor finish() {
         if (layout.overlapping) {
@@ -235,20 +267,20 @@ std::tuple<at::Tensor, at::Tensor> compress(const at::Tensor &x, c10::SymIntArra
     }
     at::IntArrayRef stride = C10_AS_INTARRAYREF_SLOW(stride_);
     const int64_t isz = itemsize_of(x.scalar_type());
-    at::Tensor flat = to_flat(x, stride);
-    const int64_t n = flat.numel(), nblocks = (n + kBlock - 1) / kBlock;
-    at::Tensor offsets = at::empty({nblocks + 1}, at::kLong);
+    const Source flat(x, stride);
+    const int64_t n = flat.numel, nblocks = (n + kBlock - 1) / kBlock;
+    at::Tensor offsets = new_cpu(nblocks + 1, at::kLong);
     const int nthreads = threads_for(n);
-    const int64_t nnz = bitfx_count(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
+    const int64_t nnz = bitfx_count(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
     const int64_t bitmap_bytes = nblocks * kBitmapBytesPerBlock;
     if (!(bitmap_bytes + nnz * isz < n * isz)) {  // bitfx.format.use_sparse is false: dense fallback
-        at::Tensor payload = at::empty({n * isz}, at::kByte);
-        if (n) std::memcpy(payload.data_ptr(), flat.data_ptr(), n * isz);
+        at::Tensor payload = new_cpu(n * isz, at::kByte);
+        if (n) std::memcpy(payload.data_ptr(), flat.data, n * isz);
         return {offsets, payload};
     }
-    at::Tensor payload = at::empty({bitmap_bytes + nnz * isz}, at::kByte);
+    at::Tensor payload = new_cpu(bitmap_bytes + nnz * isz, at::kByte);
     uint8_t *p = payload.data_ptr<uint8_t>();
-    bitfx_compress(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), p, p + bitmap_bytes,
+    bitfx_compress(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), p, p + bitmap_bytes,
                    nthreads);
     return {offsets, payload};
 }
@@ -267,12 +299,12 @@ at::Tensor decompress(const at::Tensor &offsets_, const at::Tensor &payload_, c1
     const bool dense = check_encoded(offsets_, payload_, n, isz);
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
     if (dense) {
-        if (n) std::memcpy(target.flat.data_ptr(), payload_.data_ptr(), n * isz);
+        if (n) std::memcpy(target.data(), payload_.data_ptr(), n * isz);
     } else {
         const int64_t bitmap_bytes = (n + kBlock - 1) / kBlock * kBitmapBytesPerBlock;
         const uint8_t *p = payload_.data_ptr<uint8_t>();
         const int status = bitfx_decompress(offsets_.data_ptr<int64_t>(), p, p + bitmap_bytes, n,
-                                            static_cast<int>(isz), target.flat.data_ptr(), threads_for(n));
+                                            static_cast<int>(isz), target.data(), threads_for(n));
         TORCH_CHECK_VALUE(status == 0, "bitfx: the bitmap's set bits do not match the offsets");
     }
     return target.finish();
@@ -284,10 +316,10 @@ at::Tensor pack_bool(const at::Tensor &x, c10::SymIntArrayRef stride) {
         return op.call(x, stride);
     }
     TORCH_CHECK_TYPE(x.scalar_type() == at::kBool, "bitfx::pack_bool expects a bool tensor, got ", x.scalar_type());
-    at::Tensor flat = to_flat(x, C10_AS_INTARRAYREF_SLOW(stride));
-    const int64_t n = flat.numel();
-    at::Tensor out = at::empty({(n + 7) / 8}, at::kByte);
-    bitfx_pack_bool(static_cast<const uint8_t *>(flat.data_ptr()), n, out.data_ptr<uint8_t>(), threads_for(n));
+    const Source flat(x, C10_AS_INTARRAYREF_SLOW(stride));
+    const int64_t n = flat.numel;
+    at::Tensor out = new_cpu((n + 7) / 8, at::kByte);
+    bitfx_pack_bool(static_cast<const uint8_t *>(flat.data), n, out.data_ptr<uint8_t>(), threads_for(n));
     return out;
 }
 
@@ -303,7 +335,7 @@ at::Tensor unpack_bool(const at::Tensor &packed_, c10::SymIntArrayRef size, c10:
     TORCH_CHECK_VALUE(packed_.numel() == (n + 7) / 8, "bitfx: packed mask has ", packed_.numel(), " bytes; ", n,
                       " elements need ", (n + 7) / 8);
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), at::kBool);
-    bitfx_unpack_bool(packed_.data_ptr<uint8_t>(), n, static_cast<uint8_t *>(target.flat.data_ptr()), threads_for(n));
+    bitfx_unpack_bool(packed_.data_ptr<uint8_t>(), n, static_cast<uint8_t *>(target.data()), threads_for(n));
     return target.finish();
 }
 
@@ -322,15 +354,15 @@ int64_t exp_itemsize(at::ScalarType dtype) {
 at::Tensor exp_or_raw(const void *src, int64_t k, int64_t isz) {
     const int64_t ng = (k + kGroup - 1) / kGroup, head = k * (isz - 1);
     const int nthreads = threads_for(k);
-    at::Tensor header = at::empty({2 * ng}, at::kByte);
+    at::Tensor header = new_cpu(2 * ng, at::kByte);
     const int64_t width_sum = bitfx_exp_header(src, k, static_cast<int>(isz), header.data_ptr<uint8_t>(), nthreads);
     const int64_t bytes = head + 2 * ng + 4 * width_sum;
     if (bytes >= k * isz) {
-        at::Tensor raw = at::empty({k * isz}, at::kByte);
+        at::Tensor raw = new_cpu(k * isz, at::kByte);
         if (k) std::memcpy(raw.data_ptr(), src, k * isz);
         return raw;
     }
-    at::Tensor stream = at::empty({bytes}, at::kByte);
+    at::Tensor stream = new_cpu(bytes, at::kByte);
     uint8_t *p = stream.data_ptr<uint8_t>();
     std::memcpy(p + head, header.data_ptr(), 2 * ng);
     bitfx_exp_encode(src, k, static_cast<int>(isz), p, nthreads);
@@ -365,8 +397,8 @@ at::Tensor exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride) {
         return op.call(x, stride);
     }
     const int64_t isz = exp_itemsize(x.scalar_type());
-    at::Tensor flat = to_flat(x, C10_AS_INTARRAYREF_SLOW(stride));
-    return exp_or_raw(flat.data_ptr(), flat.numel(), isz);
+    const Source flat(x, C10_AS_INTARRAYREF_SLOW(stride));
+    return exp_or_raw(flat.data, flat.numel, isz);
 }
 
 at::Tensor exp_decompress(const at::Tensor &payload, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
@@ -382,7 +414,7 @@ at::Tensor exp_decompress(const at::Tensor &payload, c10::SymIntArrayRef size, c
     check_part("payload", payload, at::kByte);
     Target target(C10_AS_INTARRAYREF_SLOW(size), C10_AS_INTARRAYREF_SLOW(stride), dtype);
     exp_or_raw_decode(payload.data_ptr<uint8_t>(), payload.numel(), stored_numel(layout), isz,
-                      target.flat.data_ptr());
+                      target.data());
     return target.finish();
 }
 
@@ -393,19 +425,19 @@ std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10:
         return op.call(x, stride_);
     }
     const int64_t isz = exp_itemsize(x.scalar_type());
-    at::Tensor flat = to_flat(x, C10_AS_INTARRAYREF_SLOW(stride_));
-    const int64_t n = flat.numel(), nblocks = (n + kBlock - 1) / kBlock;
-    at::Tensor offsets = at::empty({nblocks + 1}, at::kLong);
+    const Source flat(x, C10_AS_INTARRAYREF_SLOW(stride_));
+    const int64_t n = flat.numel, nblocks = (n + kBlock - 1) / kBlock;
+    at::Tensor offsets = new_cpu(nblocks + 1, at::kLong);
     const int nthreads = threads_for(n);
-    const int64_t nnz = bitfx_count(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
+    const int64_t nnz = bitfx_count(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
     const int64_t bitmap_bytes = nblocks * kBitmapBytesPerBlock;
-    if (!(bitmap_bytes + nnz * isz < n * isz)) return {offsets, exp_or_raw(flat.data_ptr(), n, isz)};
-    at::Tensor bitmap = at::empty({bitmap_bytes}, at::kByte);
-    at::Tensor values = at::empty({nnz * isz}, at::kByte);
-    bitfx_compress(flat.data_ptr(), n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), bitmap.data_ptr<uint8_t>(),
+    if (!(bitmap_bytes + nnz * isz < n * isz)) return {offsets, exp_or_raw(flat.data, n, isz)};
+    at::Tensor bitmap = new_cpu(bitmap_bytes, at::kByte);
+    at::Tensor values = new_cpu(nnz * isz, at::kByte);
+    bitfx_compress(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), bitmap.data_ptr<uint8_t>(),
                    values.data_ptr(), nthreads);
     at::Tensor coded = exp_or_raw(values.data_ptr(), nnz, isz);
-    at::Tensor payload = at::empty({bitmap_bytes + coded.numel()}, at::kByte);
+    at::Tensor payload = new_cpu(bitmap_bytes + coded.numel(), at::kByte);
     std::memcpy(payload.data_ptr(), bitmap.data_ptr(), bitmap_bytes);
     if (coded.numel()) std::memcpy(payload.data_ptr<uint8_t>() + bitmap_bytes, coded.data_ptr(), coded.numel());
     return {offsets, payload};
@@ -429,14 +461,14 @@ at::Tensor bitmap_exp_decompress(const at::Tensor &offsets, const at::Tensor &pa
     const int64_t *o = offsets.data_ptr<int64_t>();
     const uint8_t *p = payload.data_ptr<uint8_t>();
     if (!(bitmap_bytes + nnz * isz < n * isz)) {
-        exp_or_raw_decode(p, payload.numel(), n, isz, target.flat.data_ptr());
+        exp_or_raw_decode(p, payload.numel(), n, isz, target.data());
         return target.finish();
     }
     TORCH_CHECK_VALUE(payload.numel() >= bitmap_bytes, "bitfx: payload of ", payload.numel(), " bytes; ", nnz,
                       " nonzeros of ", n, " need ", bitmap_bytes, " to ", bitmap_bytes + nnz * isz);
-    at::Tensor values = at::empty({nnz * isz}, at::kByte);
+    at::Tensor values = new_cpu(nnz * isz, at::kByte);
     exp_or_raw_decode(p + bitmap_bytes, payload.numel() - bitmap_bytes, nnz, isz, values.data_ptr());
-    const int status = bitfx_decompress(o, p, values.data_ptr(), n, static_cast<int>(isz), target.flat.data_ptr(),
+    const int status = bitfx_decompress(o, p, values.data_ptr(), n, static_cast<int>(isz), target.data(),
                                         threads_for(n));
     TORCH_CHECK_VALUE(status == 0, "bitfx: the bitmap's set bits do not match the offsets");
     return target.finish();
