@@ -119,12 +119,18 @@ int64_t stored_numel(const Layout &layout) {
 // kernels' order is read where it lies instead of through a view.
 at::Tensor new_cpu(int64_t numel, at::ScalarType dtype) { return at::detail::empty_cpu({numel}, dtype); }
 
+// Whether x's memory already holds its stored elements in the memory order
+// of stride, from its data pointer on: then to_flat is a view and Source
+// reads x in place.
+bool in_order(const Layout &layout, const at::Tensor &x, at::IntArrayRef stride) {
+    return layout.dense && x.strides() == stride;
+}
+
 // Mirrors bitfx.ops.to_flat; tests compare the two on every layout through
 // bitfx::_to_flat_cpp.
-at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride) {
-    Layout layout(x.sizes(), stride);
+at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride, const Layout &layout) {
     // Broadcast dimensions count once: the view holds the stored elements.
-    if (layout.dense && x.strides() == stride) return x.as_strided({stored_numel(layout)}, {1});
+    if (in_order(layout, x, stride)) return x.as_strided({stored_numel(layout)}, {1});
     for (int64_t d = 0; d < static_cast<int64_t>(layout.broadcast.size()); d++) {
         if (!layout.broadcast[d]) continue;
         TORCH_CHECK_VALUE(x.stride(d) == 0, "bitfx: layout ", stride, " broadcasts dim ", d,
@@ -136,25 +142,22 @@ at::Tensor to_flat(at::Tensor x, at::IntArrayRef stride) {
     return x.permute(layout.order).reshape(-1).contiguous();
 }
 
-// The elements of x in the memory order of stride, as the kernels read them:
-// x's own memory where it is laid out that way, else to_flat's copy (kept
+at::Tensor to_flat(const at::Tensor &x, at::IntArrayRef stride) { return to_flat(x, stride, Layout(x.sizes(), stride)); }
+
+// The stored elements of x in the memory order of stride, as the kernels read
+// them: x's own memory where it is in that order, else to_flat's copy (kept
 // alive by keep).
 struct Source {
-    at::Tensor keep;
-    const void *data;
-    int64_t numel;
+    const Layout layout;
+    const at::Tensor keep;
+    const void *const data;
+    const int64_t numel;
 
-    Source(const at::Tensor &x, at::IntArrayRef stride) {
-        Layout layout(x.sizes(), stride);
-        if (layout.dense && x.strides() == stride) {
-            keep = x;
-            numel = stored_numel(layout);
-        } else {
-            keep = to_flat(x, stride);
-            numel = keep.numel();
-        }
-        data = keep.data_ptr();
-    }
+    Source(const at::Tensor &x, at::IntArrayRef stride)
+        : layout(x.sizes(), stride),
+          keep(in_order(layout, x, stride) ? x : to_flat(x, stride, layout)),
+          data(keep.data_ptr()),
+          numel(stored_numel(layout)) {}
 };
 
 // Mirrors bitfx.ops._Target.
@@ -165,14 +168,11 @@ struct Target {
 
     Target(at::IntArrayRef size_, at::IntArrayRef stride, at::ScalarType dtype)
         : layout(size_, stride), size(size_.vec()) {
-        if (layout.dense) {
-            // Its memory holds the stored elements in flat order from its
-            // data pointer on (strides are nonnegative): the kernels write
-            // there, with no flat tensor.
-            base = at::detail::empty_strided_cpu(layout.stored, stride, dtype);
-            return;
-        }
         base = at::detail::empty_strided_cpu(layout.stored, stride, dtype);
+        // A dense base holds the stored elements in flat order from its data
+        // pointer on (strides are nonnegative): the kernels write there, with
+        // no flat tensor.
+        if (layout.dense) return;
         permuted = base.permute(layout.order);
         flat = new_cpu(base.numel(), dtype);
     }
