@@ -347,13 +347,45 @@ def test_cpu_isa_choice():
     try:
         assert cpu_ext.set_isa("scalar") == dict.fromkeys((1, 2, 4, 8), "scalar")
         avx2 = cpu_ext.set_isa("avx2")
-        # AVX2 kernels exist for 2- and 4-byte elements only.
+        # AVX2 kernels exist for 2- and 4-byte elements only: the others fall back.
         assert avx2[1] == avx2[8] == "scalar" and avx2[2] in ("scalar", "avx2") and avx2[2] == avx2[4]
         best = cpu_ext.set_isa("avx512")
         # Each level keeps what the one below it runs, where it has nothing better.
         assert all(best[s] == "avx512" or best[s] == avx2[s] for s in best)
         with pytest.raises(ValueError, match="unknown ISA"):
             cpu_ext.set_isa("sse2")
+    finally:
+        cpu_ext.set_isa("avx512")
+
+
+# One dtype per element width, and sizes around the kernels' blocks and vectors.
+_WIDTH_DTYPES = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+@pytest.mark.skipif(not cpu_ext.available(), reason="CPU kernels not built")
+@pytest.mark.parametrize("isa", cpu_ext.ISAS)
+@pytest.mark.parametrize("width", sorted(_WIDTH_DTYPES))
+def test_each_isa_on_each_width(kernels, isa, width):
+    """Forcing any ISA level runs real kernels on every width: the report names
+    a level no higher than asked, and the round trip is exact (a missing kernel
+    used to be installed as a NULL pointer and crash here)."""
+    kernels("cpu")
+    dtype = _WIDTH_DTYPES[width]
+    try:
+        used = cpu_ext.set_isa(isa)
+        assert cpu_ext.ISAS.index(used[width]) <= cpu_ext.ISAS.index(isa)
+        # It is the best level the CPU offers for this width up to isa.
+        assert used[width] == max(
+            (_ISA[level][width] for level in cpu_ext.ISAS[: cpu_ext.ISAS.index(isa) + 1]),
+            key=cpu_ext.ISAS.index,
+        )
+        for n in (1, 63, 64, 65, 1023, 1024, 1025, 70_001):
+            x = random_bits(n, dtype, gen=torch.Generator().manual_seed(n)) if dtype.is_floating_point else (
+                torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).to(dtype)
+            )
+            packed, y = roundtrip(x)
+            assert bit_equal(x, y), (isa, width, n)
+            assert packed.payload.numel() > 0
     finally:
         cpu_ext.set_isa("avx512")
 

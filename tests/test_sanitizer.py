@@ -1,8 +1,10 @@
-"""Corrupted inputs under AddressSanitizer: no out-of-bounds read, a ValueError each.
+"""The CPU kernels under AddressSanitizer: valid round trips on every width, and
+corrupted inputs (no out-of-bounds read, a ValueError each).
 
 Builds the CPU kernels with ``BITFX_SANITIZE=address`` into a fresh cache and
-runs ``tests/corrupt_cases.py`` (every corrupt case, with the scalar, AVX2
-and AVX-512 kernels where the CPU has them; the exponent codec's round trips and corrupt streams) in a Python with libasan preloaded.  By hand::
+runs ``tests/corrupt_cases.py`` (every corrupt case and valid round trips on
+every element width, with the scalar, AVX2 and AVX-512 kernels where the CPU
+has them; the exponent codec's round trips and corrupt streams) in a Python with libasan preloaded.  By hand::
 
     BITFX_SANITIZE=address BITFX_CACHE=/tmp/bitfx-asan \\
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
@@ -56,5 +58,8 @@ def test_corrupt_inputs_under_asan(tmp_path):
     assert "AddressSanitizer" not in out.stderr, out.stderr[-4000:]
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.split("\n")
-    assert all(any(line.startswith(f"{isa} ") for line in lines) for isa in ("scalar", "avx2", "avx512"))
+    for isa in ("scalar", "avx2", "avx512"):
+        line = next(line for line in lines if line.startswith(f"{isa} "))
+        # 40 bitmap, 8 bitmap+exponent and 3 bool-packed round trips.
+        assert "; 51 valid round trips;" in line, line
     assert f"exponent codec: {3 * len(corrupt_cases.EXP_CASES)} corrupt" in out.stdout

@@ -394,37 +394,51 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static count_block_fn COUNT[4];
 static compress_block_fn COMPRESS[4];
 static decompress_block_fn DECOMPRESS[4];
-/* AVAILABLE[w]: the best ISA with a kernel for width index w on this CPU. */
-static int AVAILABLE[4];
+/* RUNS[isa][w]: ISA level isa has a kernel for width index w and this CPU
+ * runs it.  AVX2 has none for 1- and 8-byte elements, so a level's row can
+ * have holes below a higher level's: dispatch walks down to one that runs. */
+static int RUNS[3][4] = {{1, 1, 1, 1}};
 
-/* Use, for each element width, the best kernel the CPU runs among ISAs up to
- * isa (ISA_SCALAR: scalar everywhere).  Returns the ISA now used by width
- * index w in bits 2w..2w+1, or -1 for an unknown isa. */
+#ifdef BITFX_HAVE_X86_VECTOR
+/* The vector kernels, by ISA and width index; NULL where an ISA has none for
+ * that width (AVX2: 1- and 8-byte elements). */
+static const compress_block_fn COMPRESS_AT[3][4] = {
+    {0, 0, 0, 0},
+    {0, compress_avx2_uint16_t, compress_avx2_uint32_t, 0},
+    {compress_avx512_uint8_t, compress_avx512_uint16_t, compress_avx512_uint32_t,
+     compress_avx512_uint64_t},
+};
+static const decompress_block_fn DECOMPRESS_AT[3][4] = {
+    {0, 0, 0, 0},
+    {0, decompress_avx2_uint16_t, decompress_avx2_uint32_t, 0},
+    {decompress_avx512_uint8_t, decompress_avx512_uint16_t, decompress_avx512_uint32_t,
+     decompress_avx512_uint64_t},
+};
+/* AVX-512 levels keep the scalar count, as before: it is not the bottleneck. */
+static const count_block_fn COUNT_AT[3][4] = {
+    {0, 0, 0, 0},
+    {0, count_avx2_uint16_t, count_avx2_uint32_t, 0},
+    {0, 0, 0, 0},
+};
+#endif
+
+/* Use, for each element width, the best kernel that exists and the CPU runs
+ * among ISAs up to isa (ISA_SCALAR: scalar everywhere).  Returns the ISA now
+ * used by width index w in bits 2w..2w+1, or -1 for an unknown isa. */
 int bitfx_set_isa(int isa) {
     if (isa < ISA_SCALAR || isa > ISA_AVX512) return -1;
     int used = 0;
     for (int w = 0; w < 4; w++) {
-        int pick = AVAILABLE[w] < isa ? AVAILABLE[w] : isa;
+        int pick = isa;
+        while (!RUNS[pick][w]) pick--;
         COUNT[w] = COUNT_SCALAR[w];
         COMPRESS[w] = COMPRESS_SCALAR[w];
         DECOMPRESS[w] = DECOMPRESS_SCALAR[w];
 #ifdef BITFX_HAVE_X86_VECTOR
-        static const compress_block_fn c512[4] = {
-            compress_avx512_uint8_t, compress_avx512_uint16_t, compress_avx512_uint32_t,
-            compress_avx512_uint64_t};
-        static const decompress_block_fn d512[4] = {
-            decompress_avx512_uint8_t, decompress_avx512_uint16_t, decompress_avx512_uint32_t,
-            decompress_avx512_uint64_t};
-        static const count_block_fn n2[4] = {0, count_avx2_uint16_t, count_avx2_uint32_t, 0};
-        static const compress_block_fn c2[4] = {0, compress_avx2_uint16_t, compress_avx2_uint32_t, 0};
-        static const decompress_block_fn d2[4] = {0, decompress_avx2_uint16_t, decompress_avx2_uint32_t, 0};
-        if (pick == ISA_AVX512) {
-            COMPRESS[w] = c512[w];
-            DECOMPRESS[w] = d512[w];
-        } else if (pick == ISA_AVX2) {
-            COUNT[w] = n2[w];
-            COMPRESS[w] = c2[w];
-            DECOMPRESS[w] = d2[w];
+        if (pick > ISA_SCALAR) {
+            COMPRESS[w] = COMPRESS_AT[pick][w];
+            DECOMPRESS[w] = DECOMPRESS_AT[pick][w];
+            if (COUNT_AT[pick][w]) COUNT[w] = COUNT_AT[pick][w];
         }
 #endif
         used |= pick << (2 * w);
@@ -468,12 +482,16 @@ __attribute__((constructor)) static void init(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("popcnt")) bitmap_count = bitmap_count_popcnt;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
-        AVAILABLE[1] = AVAILABLE[2] = ISA_AVX2;
+        RUNS[ISA_AVX2][1] = RUNS[ISA_AVX2][2] = 1;
     if (__builtin_cpu_supports("avx512f")) {
-        AVAILABLE[2] = AVAILABLE[3] = ISA_AVX512;
+        RUNS[ISA_AVX512][2] = RUNS[ISA_AVX512][3] = 1;
         if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2"))
-            AVAILABLE[0] = AVAILABLE[1] = ISA_AVX512;
+            RUNS[ISA_AVX512][0] = RUNS[ISA_AVX512][1] = 1;
     }
+    /* Every vector level RUNS admits must have its kernels. */
+    for (int i = ISA_AVX2; i <= ISA_AVX512; i++)
+        for (int w = 0; w < 4; w++)
+            if (!COMPRESS_AT[i][w] || !DECOMPRESS_AT[i][w]) RUNS[i][w] = 0;
 #endif
     bitfx_set_isa(ISA_AVX512);
 }

@@ -209,12 +209,15 @@ ISAS = ("scalar", "avx2", "avx512")  # in the C library's order: each level incl
 
 
 def set_isa(name: str) -> dict[int, str]:
-    """Use, for each element size, the best bitmap kernels the CPU runs up to ISA ``name``.
+    """Use, for each element size, the best bitmap kernels that exist and the CPU runs, up to ISA ``name``.
 
-    ``"scalar"`` everywhere; ``"avx2"`` adds 2- and 4-byte elements; ``"avx512"``
-    (what the library picks when it loads) every size, where the CPU has
-    AVX-512 (and AVX512-VBMI2 for 1 and 2 bytes).  All write the same bytes.
-    Returns the ISA each item size (1, 2, 4, 8) now runs.
+    ``"scalar"`` everywhere; ``"avx2"`` has kernels for 2- and 4-byte elements
+    only, so 1- and 8-byte elements fall back to scalar; ``"avx512"`` (what the
+    library picks when it loads) has every size, where the CPU has AVX-512
+    (and AVX512-BW and VBMI2 for 1 and 2 bytes).  A size whose kernel at a
+    level is missing, or which the CPU cannot run, uses the best lower level
+    that it can.  All write the same bytes.  Returns the ISA each item size
+    (1, 2, 4, 8) now runs: what was installed, not what was asked for.
     """
     if name not in ISAS:
         raise ValueError(f"unknown ISA {name!r}; choose one of {', '.join(ISAS)}")
