@@ -13,3 +13,7 @@ __all__ += ["backend"]
 from .planner import MemoryPlan, plan  # noqa: E402
 
 __all__ += ["MemoryPlan", "plan"]
+
+from .runtime_stats import replan, stats, stats_table  # noqa: E402
+
+__all__ += ["replan", "stats", "stats_table"]

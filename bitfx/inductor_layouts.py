@@ -76,7 +76,7 @@ def _remember(key: str, strides: list) -> None:
         _LAYOUTS.popitem(last=False)
 
 
-def _lower_with_own_layout(op, x, stride):
+def _lower_with_own_layout(op, x, stride, stats_key=""):
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler
     from torch._inductor.virtualized import V
@@ -87,7 +87,8 @@ def _lower_with_own_layout(op, x, stride):
     key = V.graph.current_node.meta.get(LAYOUT_KEY)
     if key is not None:
         _remember(key, actual)
-    return _without_output_asserts(fallback_handler(op, add_to_fallback_set=False)(x, actual))
+    args = (x, actual, stats_key) if stats_key else (x, actual)
+    return _without_output_asserts(fallback_handler(op, add_to_fallback_set=False)(*args))
 
 
 def _without_output_asserts(result):

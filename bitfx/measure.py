@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -73,3 +74,65 @@ def peak_cpu_bytes(fn: Callable[[], object]) -> int:
             level += e.nbytes()
             peak = max(peak, level)
     return peak
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    """The peak of one training step, and the check that the measurement saw the whole step."""
+
+    peak: int  # allocator bytes above the level just before the step
+    net: int  # allocated at the end of the step less before it
+    gradient_bytes: int  # of the parameters that require grad
+    check: str  # "ok", or why the net allocation is not the gradients' bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.check == "ok"
+
+
+def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.device = "cpu") -> StepPeak:
+    """Peak memory of ``step()`` (forward, loss, backward, optionally the optimizer).
+
+    The gradients are set to None first (as ``zero_grad(set_to_none=True)``
+    leaves them), so the step allocates them; at its end the net allocation
+    must then be exactly their bytes, which :attr:`StepPeak.check` verifies.
+    CPU: allocator events from ``torch.profiler``; CUDA:
+    ``torch.cuda.max_memory_allocated`` above the level before the step.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak, net = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+    else:
+        peak, net = _cpu_peak_and_net(step)
+    have = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    if net == grad_bytes:
+        check = "ok"
+    elif have != grad_bytes:
+        check = f"the step left {have} of {grad_bytes} gradient bytes (some parameters got no gradient)"
+    else:
+        check = f"net allocation {net} bytes, gradients {grad_bytes}: something allocated in the step outlived it"
+    return StepPeak(peak, net, grad_bytes, check)
+
+
+def _cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            level += e.nbytes()
+            peak = max(peak, level)
+    return peak, level

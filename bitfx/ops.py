@@ -10,16 +10,20 @@ flat, contiguous tensors to a kernel backend chosen by
 =======================  ==================================================
 op                       schema
 =======================  ==================================================
-``bitfx::compress``      ``(Tensor x, SymInt[] stride) -> (offsets, payload)``
+``bitfx::compress``      ``(Tensor x, SymInt[] stride, str key="") -> (offsets, payload)``
 ``bitfx::decompress``    ``(offsets, payload, SymInt[] size, SymInt[] stride,
                          ScalarType dtype) -> Tensor``
 ``bitfx::pack_bool``     ``(Tensor x, SymInt[] stride) -> Tensor``
 ``bitfx::unpack_bool``   ``(packed, SymInt[] size, SymInt[] stride) -> Tensor``
-``bitfx::exp_compress``  ``(Tensor x, SymInt[] stride) -> payload``
+``bitfx::exp_compress``  ``(Tensor x, SymInt[] stride, str key="") -> payload``
 ``bitfx::exp_decompress`` ``(payload, SymInt[] size, SymInt[] stride,
                          ScalarType dtype) -> Tensor``
 ``bitfx::bitmap_exp_*``  as ``compress`` / ``decompress``
 =======================  ==================================================
+
+``key`` (compress ops): a saved tensor's name in :mod:`bitfx.runtime_stats`;
+each call records there its element count, nonzeros and stored bytes,
+which the op knows anyway (no extra pass, no host sync).  Empty: no record.
 
 The ``exp_`` pair stores a dense fp32/bf16/fp16 tensor with the exponent
 codec ("Dense tensors under the exponent codec" in :mod:`bitfx.format`); the
@@ -45,6 +49,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, guard_or_false
 
 from . import kernels
+from . import runtime_stats
 from .format import (
     check_bitmap_exp,
     check_encoded,
@@ -64,16 +69,16 @@ _LIB = torch.library.Library("bitfx", "DEF")
 # (see bitfx.inductor_lowering).
 _FLEX = (torch.Tag.flexible_layout,)
 _SCHEMAS = {
-    "compress": ("(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", _FLEX),
+    "compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX),
     "decompress": (
         "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
         (),
     ),
     "pack_bool": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
     "unpack_bool": ("(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor", ()),
-    "exp_compress": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
+    "exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> Tensor", _FLEX),
     "exp_decompress": ("(Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor", ()),
-    "bitmap_exp_compress": ("(Tensor x, SymInt[] stride) -> (Tensor, Tensor)", _FLEX),
+    "bitmap_exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX),
     "bitmap_exp_decompress": (
         "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
         (),
@@ -219,10 +224,13 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 
 @_impl_for_devices("compress")
-def _compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
+def _compress(x: torch.Tensor, stride, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     _check_dtype(x)
     flat = to_flat(x, stride)
-    return kernels.compress(kernels.select(flat.device), flat)
+    offsets, payload = kernels.compress(kernels.select(flat.device), flat)
+    if key:
+        runtime_stats.record(key, flat.numel(), offsets, payload)
+    return offsets, payload
 
 
 @_impl_for_devices("decompress")
@@ -252,14 +260,16 @@ def _unpack_bool(packed, size, stride):
 
 
 @_impl_for_devices("exp_compress")
-def _exp_compress(x: torch.Tensor, stride) -> torch.Tensor:
+def _exp_compress(x: torch.Tensor, stride, key: str = "") -> torch.Tensor:
     check_exp_dtype(x.dtype)
     flat = to_flat(x, stride)
     stream = kernels.exp_compress(kernels.select(flat.device), flat)
     if stream.numel() >= flat.numel() * flat.element_size():
         # The codec does not pay on these values (exponents spread over the
         # whole range, e.g. random bits): store them raw.
-        return flat.view(torch.uint8).clone()
+        stream = flat.view(torch.uint8).clone()
+    if key:
+        runtime_stats.record(key, flat.numel(), None, stream)
     return stream
 
 
@@ -277,10 +287,13 @@ def _exp_decompress(payload, size, stride, dtype):
 
 
 @_impl_for_devices("bitmap_exp_compress")
-def _bitmap_exp_compress(x: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
+def _bitmap_exp_compress(x: torch.Tensor, stride, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     check_exp_dtype(x.dtype)
     flat = to_flat(x, stride)
-    return kernels.bitmap_exp_compress(kernels.select(flat.device), flat)
+    offsets, payload = kernels.bitmap_exp_compress(kernels.select(flat.device), flat)
+    if key:
+        runtime_stats.record(key, flat.numel(), offsets, payload)
+    return offsets, payload
 
 
 @_impl_for_devices("bitmap_exp_decompress")
@@ -325,7 +338,7 @@ def _fake_payload_size() -> torch.SymInt:
 
 
 @torch.library.register_fake("bitfx::compress")
-def _compress_fake(x, stride):
+def _compress_fake(x, stride, key=""):
     return compress_fake(x, stride, _fake_payload_size())
 
 
@@ -337,12 +350,12 @@ def exp_compress_fake(x: torch.Tensor, stride, nbytes) -> torch.Tensor:
 
 
 @torch.library.register_fake("bitfx::exp_compress")
-def _exp_compress_fake(x, stride):
+def _exp_compress_fake(x, stride, key=""):
     return exp_compress_fake(x, stride, _fake_payload_size())
 
 
 @torch.library.register_fake("bitfx::bitmap_exp_compress")
-def _bitmap_exp_compress_fake(x, stride):
+def _bitmap_exp_compress_fake(x, stride, key=""):
     check_exp_dtype(x.dtype)
     return _compress_fake(x, stride)
 

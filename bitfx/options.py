@@ -60,6 +60,13 @@ class Options:
         estimated step time stays within 2% (most bytes per second first).
         ``"none"``: no value is compressed (bool masks still follow
         ``pack_masks``).
+    densities
+        Measured densities to plan with instead of the assumed ones:
+        ``{key: density}``, keys as :func:`bitfx.runtime_stats.stats` names
+        saved tensors (``"<graph fingerprint>/<node>"``).  Densities flow
+        from a measured tensor to the tensors computed from it (a squared
+        ReLU has its ReLU's zeros) and back to its ReLU.  Usually made by
+        :func:`bitfx.replan`, not by hand.
     report
         Log (at INFO, logger ``bitfx``) a table of each compiled graph's
         saved tensors: decision, reason, dense and predicted bytes.  To
@@ -75,9 +82,11 @@ class Options:
     report: bool = False
     memory_budget: float | int | str | None = None
     codec: str = "auto"
+    densities: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", _budget(self.memory_budget))
+        object.__setattr__(self, "densities", _densities(self.densities))
         if self.inner not in INNER_CHOICES:
             raise ValueError(
                 f"bittrain option inner={self.inner!r} is not valid; choose one of {INNER_CHOICES}"
@@ -100,6 +109,27 @@ class Options:
                 f"unknown bittrain option(s) {unknown}; valid options are {valid}"
             )
         return cls(**options)
+
+
+def _densities(value):
+    """None, or sorted ``(key, density)`` pairs (hashable, and a stable repr for cache keys)."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple(sorted((k, float(d)) for k, d in items))
+    except (TypeError, ValueError):
+        raise ValueError(f"bittrain option densities must map saved-tensor keys to densities, got {value!r}") from None
+    for k, d in pairs:
+        if not isinstance(k, str) or not 0.0 <= d <= 1.0:
+            raise ValueError(f"bittrain option densities: {k!r}: a density is in [0, 1], got {d!r}")
+    return pairs or None
+
+
+def densities_for(options: "Options", fingerprint: str) -> dict[str, float]:
+    """The measured densities of one graph's nodes, by node name."""
+    prefix = fingerprint + "/"
+    return {k[len(prefix):]: d for k, d in options.densities or () if k.startswith(prefix)}
 
 
 def _budget(value):
@@ -132,3 +162,12 @@ def parse_bytes(text: str) -> int:
     if m is None or unit not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size: write e.g. '1.5GiB', '800MB' or a number of bytes")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KiB"``: the one byte formatter of reports, plans and errors."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError

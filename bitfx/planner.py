@@ -28,7 +28,7 @@ from tabulate import tabulate
 
 from .backend import compile_graph
 from .liveness import simulate
-from .options import Options
+from .options import Options, format_bytes
 from .passes.analysis import Decision
 from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS, dense_bytes
 
@@ -75,8 +75,8 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         rows = [
-            [t.name, t.op, "x".join(map(str, t.shape)), t.dtype.replace("torch.", ""), _human(t.dense_bytes),
-             "" if t.density is None else f"{t.density:.2f}", _human(t.stored_bytes), f"{t.ratio:.2f}", t.codec,
+            [t.name, t.op, "x".join(map(str, t.shape)), t.dtype.replace("torch.", ""), format_bytes(t.dense_bytes),
+             "" if t.density is None else f"{t.density:.2f}", format_bytes(t.stored_bytes), f"{t.ratio:.2f}", t.codec,
              t.decision, t.reason]
             for t in self.tensors
         ]
@@ -89,11 +89,11 @@ class MemoryPlan:
         pbase, pbit = self.peak_bytes["baseline"], self.peak_bytes["bittrain"]
         totals = tabulate(
             [
-                ["parameters", _human(self.parameter_bytes), _human(self.parameter_bytes), ""],
-                ["gradients", _human(self.gradient_bytes), _human(self.gradient_bytes), ""],
-                [f"optimizer state ({self.optimizer})", _human(self.optimizer_bytes), _human(self.optimizer_bytes), ""],
-                ["saved activations", _human(base), _human(bit), _saving(base, bit)],
-                ["peak training memory", _human(pbase), _human(pbit), _saving(pbase, pbit)],
+                ["parameters", format_bytes(self.parameter_bytes), format_bytes(self.parameter_bytes), ""],
+                ["gradients", format_bytes(self.gradient_bytes), format_bytes(self.gradient_bytes), ""],
+                [f"optimizer state ({self.optimizer})", format_bytes(self.optimizer_bytes), format_bytes(self.optimizer_bytes), ""],
+                ["saved activations", format_bytes(base), format_bytes(bit), _saving(base, bit)],
+                ["peak training memory", format_bytes(pbase), format_bytes(pbit), _saving(pbase, pbit)],
             ],
             headers=["", "baseline", "bittrain", "saving"],
             disable_numparse=True,
@@ -112,14 +112,6 @@ class MemoryPlan:
                 how += "; exponent-codec ratios: " + ", ".join(
                     f"{str(k).replace('torch.', '')} {v:.3g}" for k, v in DEFAULT_EXP_RATIO.items())
         return f"{per_tensor}\n\n{totals}\n({how})"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _saving(base: int, new: int) -> str:
@@ -364,8 +356,8 @@ class Sweep:
 
     def __str__(self) -> str:
         base = next(p for p in self.points if p.pipeline == "stock" and p.budget in (None, 1.0))
-        rows = [[p.pipeline, "default" if p.budget is None else f"{p.budget:g}", _human(p.saved_bytes),
-                 f"{p.saved_bytes / base.saved_bytes:.3f}" if base.saved_bytes else "", _human(p.peak_bytes),
+        rows = [[p.pipeline, "default" if p.budget is None else f"{p.budget:g}", format_bytes(p.saved_bytes),
+                 f"{p.saved_bytes / base.saved_bytes:.3f}" if base.saved_bytes else "", format_bytes(p.peak_bytes),
                  f"{p.slowdown:.3f}"] for p in self.points]
         table = tabulate(rows, headers=["pipeline", "memory_budget", "saved", "saved x stock", "peak",
                                         "est. step x stock"], disable_numparse=True)
@@ -375,7 +367,7 @@ class Sweep:
         else:
             setting = "options={}" if r.budget is None else f'options={{"memory_budget": {r.budget:g}}}'
             advice = (f"recommended within {self.max_slowdown:g}x: backend=\"bittrain\", {setting}: saves "
-                      f"{_human(r.saved_bytes)}, estimated {r.slowdown:.3f}x")
+                      f"{format_bytes(r.saved_bytes)}, estimated {r.slowdown:.3f}x")
         return f"{table}\n{advice}"
 
 

@@ -145,6 +145,53 @@ def assumed_density(node: fx.Node, kind: dict[fx.Node, str]) -> float:
     return 1.0 - (1.0 - d) ** _window(pool)
 
 
+def _sparse_source(node: fx.Node, kind: dict[fx.Node, str]) -> fx.Node | None:
+    """The sparse node whose zeros ``node`` has (None for a ReLU-family source itself)."""
+    if _relu_source(node):
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        producer = node.args[0]
+        src = producer.args[0] if producer.args else None
+        return src if isinstance(src, fx.Node) and src in kind else None
+    for a in node.args:
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, fx.Node) and b in kind:
+                return b
+    return None
+
+
+def resolve_densities(graph: fx.Graph, kind: dict[fx.Node, str], measured: dict[str, float] | None
+                      ) -> dict[fx.Node, float]:
+    """The densities that measurements (by node name) imply for the sparse nodes of ``graph``.
+
+    A measured tensor's density goes back to the ReLU-family op that made it
+    sparse (a squared ReLU, a view or a dropout of it has the same zeros),
+    then forward to every sparse node computed from one with a density
+    (max-pool values by :func:`assumed_density`'s window rule).  A product of
+    two sparse tensors takes its first factor's: an upper bound.  Nodes that
+    no measurement reaches are left out (they keep their assumed density).
+    """
+    if not measured:
+        return {}
+    nodes = list(graph.nodes)
+    dens = {n: measured[n.name] for n in nodes if n in kind and n.name in measured}
+    for node in reversed(nodes):
+        src = _sparse_source(node, kind) if node in dens else None
+        if src is not None and src not in dens and kind.get(node) != "max_pool":
+            dens[src] = dens[node]
+    for node in nodes:
+        if node not in kind or node in dens:
+            continue
+        src = _sparse_source(node, kind)
+        if src not in dens:
+            continue
+        if kind[node] == "max_pool":
+            dens[node] = 1.0 - (1.0 - dens[src]) ** _window(node.args[0])
+        else:
+            dens[node] = dens[src]
+    return dens
+
+
 def propagate_sparsity(graph: fx.Graph) -> dict[fx.Node, str]:
     """Map each sparse-by-construction node to the kind that made it sparse."""
     kind: dict[fx.Node, str] = {}
@@ -200,6 +247,7 @@ class SavedTensor:
     source_input_name: str | None = None  # for a cast of a graph input: that input's name
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
     layout_key: str | None = None  # links its compress and decompress nodes
+    stats_key: str = ""  # its name in bitfx.runtime_stats, passed to its compress op
     placeholder: fx.Node | None = None  # its input in the backward graph
     bw_parts: list[fx.Node] = field(default_factory=list)  # backward inputs replacing it
 
@@ -247,14 +295,16 @@ def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
 
 
 def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
-            exponent: set[str] | None = None) -> list[SavedTensor]:
+            exponent: set[str] | None = None, measured: dict[str, float] | None = None) -> list[SavedTensor]:
     """Classify every tensor saved by the partitioned forward graph ``gm``.
 
     ``exponent``: the names of the saved tensors the cost model chose to
     exponent-code (the free default's time left, see costmodel); None: every
-    candidate the options allow.
+    candidate the options allow.  ``measured``: densities by node name
+    (the ``densities`` option), see :func:`resolve_densities`.
     """
     kind = propagate_sparsity(gm.graph)
+    dens = resolve_densities(gm.graph, kind, measured)
     saved = [
         (i, n) for i, n in enumerate(saved_values(gm, num_fwd_outputs))
         if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
@@ -263,7 +313,7 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     result: list[SavedTensor] = []
     by_node: dict[fx.Node, SavedTensor] = {}
     for i, node in saved:
-        info = _decide(node, i, kind, fwd_outputs, options)
+        info = _decide(node, i, kind, fwd_outputs, options, dens.get(node))
         if exponent is not None and node.name not in exponent:
             if info.decision is Decision.EXPONENT:
                 info = SavedTensor(node, i, Decision.KEEP, "dense; the exponent codec did not fit this plan's time "
@@ -276,7 +326,8 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     return result
 
 
-def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
+def _decide(node, index, kind, fwd_outputs, options, density: float | None = None) -> SavedTensor:
+    """How ``node`` is stored if saved; ``density``: measured, else the assumed one."""
     val = node.meta["val"]
     keep = lambda why, k=None: SavedTensor(node, index, Decision.KEEP, why, k)  # noqa: E731
     if node.op == "placeholder":
@@ -296,7 +347,7 @@ def _decide(node, index, kind, fwd_outputs, options) -> SavedTensor:
         return keep(f"dtype {val.dtype} not supported", k)
     if options.codec == "none":
         return keep(f"{describe(node)}; codec='none'", k)
-    d = assumed_density(node, kind)
+    d = density if density is not None else assumed_density(node, kind)
     predicted, dense = stored_bytes(val, Codec.BITMAP, d), stored_bytes(val, Codec.DENSE)
     if predicted >= dense:
         info = keep(f"{describe(node)}, but would not shrink at density {d:.3g} "

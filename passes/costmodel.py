@@ -47,9 +47,9 @@ from torch._functorch import config as functorch_config
 from torch._functorch import partitioners
 from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomRuntimeEstimator
 
-from bitfx.options import Options
+from bitfx.options import Options, format_bytes
 
-from .analysis import Decision, SavedTensor, _decide, propagate_sparsity
+from .analysis import Decision, SavedTensor, _decide, propagate_sparsity, resolve_densities
 from .pricing import (
     Machine,
     _flops,
@@ -84,7 +84,7 @@ class Target:
         if self.kind == "free":
             return f"free default (estimated step time within {FREE_SLOWDOWN:.0%} of stock)"
         if self.kind == "bytes":
-            return f"memory_budget={_human(self.value)}"
+            return f"memory_budget={format_bytes(self.value)}"
         return f"memory_budget={self.value:g}"
 
 
@@ -162,6 +162,7 @@ class JointPrices:
     # candidate, as decided: an absolute target prices them in the cut).
     exp_off: bool = False
     exponent: set[str] | None = None
+    measured: dict[str, float] = field(default_factory=dict)  # densities by node name (the densities option)
     _stock_mode: bool = False  # solving stock's own plan: stock sizes, runtime estimator and solver
     _cuts: dict = field(default_factory=dict)  # solve_min_cut results of this graph, by its arguments
 
@@ -176,11 +177,12 @@ class JointPrices:
         if not self.options.enabled:
             return  # stock pipeline: stock sizes; the plan is only estimated
         kind = propagate_sparsity(joint)
+        dens = resolve_densities(joint, kind, self.measured)
         outputs = joint.find_nodes(op="output")[0].args[0]
         fwd_outputs = set(outputs[: self.num_fwd_outputs])
         for node in joint.nodes:
             if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
-                info = _decide(node, -1, kind, fwd_outputs, self.options)
+                info = _decide(node, -1, kind, fwd_outputs, self.options, dens.get(node))
                 if info.decision is not Decision.KEEP:
                     self.infos[node] = info
 
@@ -419,7 +421,7 @@ class JointPrices:
         smallest = min(self.candidates, key=lambda e: e.saved_bytes)
         raise BudgetError(
             f"bitfx: no plan fits {self.target} of saved activations in this graph; the smallest "
-            f"saves {_human(smallest.saved_bytes)} (memory_budget={smallest.budget:g}, estimated "
+            f"saves {format_bytes(smallest.saved_bytes)} (memory_budget={smallest.budget:g}, estimated "
             f"{smallest.slowdown:.2f}x the step time). Raise the budget, or give a fraction."
         )
 
@@ -694,11 +696,4 @@ def priced(prices: JointPrices):
                 partitioners.choose_saved_values_set = _stock["choose_saved_values_set"]
                 functorch_config.activation_memory_budget_runtime_estimator = _stock["estimator"]
                 functorch_config.activation_memory_budget_solver = _stock["solver"]
-
-
-def _human(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
 

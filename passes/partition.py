@@ -22,7 +22,8 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._logging import trace_structured
 
-from bitfx.options import Options
+from bitfx import runtime_stats
+from bitfx.options import Options, densities_for
 
 from .analysis import Decision, SavedTensor, analyze, summarize
 from .costmodel import Estimate, JointPrices, Target, priced
@@ -48,12 +49,17 @@ def partition(
     it to read the decisions without a second copy of this logic.
     """
     kwargs.setdefault("compiler", "inductor")
+    # Names this graph's saved tensors in bitfx.runtime_stats, and finds their
+    # measured densities: computed before partitioning, so a plan made at other
+    # densities keeps the same name.
+    fingerprint = runtime_stats.graph_fingerprint(joint.graph)
+    measured = densities_for(options, fingerprint)
     prices = None
     if options.enabled or options.memory_budget is not None or on_partition is not None:
         # bitfx prices the candidates and picks the budget (passes/costmodel.py);
         # enabled=False stays stock unless a budget is given, or the planner
         # wants the estimate.
-        prices = JointPrices(num_fwd_outputs, options)
+        prices = JointPrices(num_fwd_outputs, options, measured=measured)
         with priced(prices):
             fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         _trace_plan(prices)
@@ -65,7 +71,9 @@ def partition(
         if swapped:
             log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
             counters["bitfx"]["swapped"] += swapped
-        infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None)
+        infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None, measured)
+        for info in infos:
+            info.stats_key = runtime_stats.key_for(fingerprint, info.node.name)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
         for info in infos:
             info.placeholder = placeholders[info.node]
@@ -80,6 +88,9 @@ def partition(
                 counters["bitfx"][info.decision.name.lower()] += 1
                 if info.values_exp:
                     counters["bitfx"]["nonzeros_exponent"] += 1
+                if info.decision in (Decision.COMPRESS, Decision.EXPONENT):
+                    runtime_stats.register(info.stats_key, codec=info.codec.value, module=info.module_path,
+                                           planned_density=info.assumed_density, dense_bytes=info.dense_bytes())
         log.debug("bitfx partition: %s", summarize(infos))
     if not options.enabled and (options.report or on_partition is not None):
         infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense

@@ -4,7 +4,7 @@ Forward, for a saved ReLU output (``d`` = dense bytes)::
 
     before                                  after
     relu = aten.relu(add)                   relu = aten.relu(add)
-                                            c = bitfx.compress(relu)
+                                            c = bitfx.compress(relu, key)
                                             off = c[0]; pay = c[1]     # pay: uint8[u0]
     conv = aten.convolution(relu, w, ...)   conv = aten.convolution(relu, w, ...)
     return (out, relu)                      return (out, off, pay)
@@ -108,10 +108,10 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
         decision = info.decision if info else Decision.KEEP
         if decision is Decision.COMPRESS:
             op = bitfx_ops.bitmap_exp_compress.default if info.values_exp else bitfx_ops.compress.default
-            parts = _insert_compress(value, emitter, op)
+            parts = _insert_compress(value, emitter, op, info.stats_key)
             info.layout_key = parts[0].args[0].meta[LAYOUT_KEY]
         elif decision is Decision.EXPONENT:
-            parts = [_insert_exp_compress(value, emitter)]
+            parts = [_insert_exp_compress(value, emitter, info.stats_key)]
             info.layout_key = parts[0].meta[LAYOUT_KEY]
         elif decision is Decision.PACK:
             val = value.meta["val"]
@@ -142,12 +142,12 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
     gm.recompile()
 
 
-def _insert_compress(value: fx.Node, emitter: SymIntEmitter, op) -> list[fx.Node]:
+def _insert_compress(value: fx.Node, emitter: SymIntEmitter, op, key: str = "") -> list[fx.Node]:
     graph = value.graph
     stride = value.meta["val"].stride()
     val, bindings = fake_compress(value.meta["val"], stride)
     with _after(value):
-        c = graph.call_function(op, (value, [emitter.arg(s) for s in stride]))
+        c = graph.call_function(op, (value, [emitter.arg(s) for s in stride], key))
     c.meta["val"] = val
     _tag(c)
     if bindings:
@@ -165,7 +165,7 @@ def _insert_compress(value: fx.Node, emitter: SymIntEmitter, op) -> list[fx.Node
     return parts
 
 
-def _insert_exp_compress(value: fx.Node, emitter: SymIntEmitter) -> fx.Node:
+def _insert_exp_compress(value: fx.Node, emitter: SymIntEmitter, key: str = "") -> fx.Node:
     graph = value.graph
     val = value.meta["val"]
     stride = val.stride()
@@ -176,7 +176,7 @@ def _insert_exp_compress(value: fx.Node, emitter: SymIntEmitter) -> fx.Node:
         payload = exp_compress_fake(val, stride, fresh_size(fake_mode.shape_env))
     bindings = compute_unbacked_bindings(fake_mode.shape_env, payload)
     with _after(value):
-        c = graph.call_function(bitfx_ops.exp_compress.default, (value, [emitter.arg(s) for s in stride]))
+        c = graph.call_function(bitfx_ops.exp_compress.default, (value, [emitter.arg(s) for s in stride], key))
     c.meta["val"] = payload
     if bindings:
         c.meta["unbacked_bindings"] = bindings

@@ -30,9 +30,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 extern "C" {
@@ -57,6 +59,27 @@ constexpr int64_t kGrainSize = 32768;  // as bitfx.kernels.cpu_ext.GRAIN_SIZE
 
 int threads_for(int64_t n) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrainSize)));
+}
+
+// Runtime statistics of the compress ops, by the key the graph rewrite gives
+// each saved tensor (bitfx.stats reads them): the last call's element count,
+// nonzeros (-1: not a bitmap op) and stored bytes, and the number of calls.
+// The nonzero count is a by-product of the compression, so this costs a map
+// update per call and no pass over the data.
+struct Stat {
+    int64_t numel = 0, nnz = -1, stored = 0, calls = 0;
+};
+std::mutex g_stats_mutex;
+std::unordered_map<std::string, Stat> g_stats;
+
+void record(c10::string_view key, int64_t numel, int64_t nnz, int64_t stored) {
+    if (key.empty()) return;
+    std::lock_guard<std::mutex> lock(g_stats_mutex);
+    Stat &s = g_stats[std::string(key)];
+    s.numel = numel;
+    s.nnz = nnz;
+    s.stored = stored;
+    s.calls++;
 }
 
 std::atomic<bool> g_use_python{false};
@@ -259,11 +282,13 @@ c10::OperatorHandle python_op(const char *name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
-std::tuple<at::Tensor, at::Tensor> compress(const at::Tensor &x, c10::SymIntArrayRef stride_) {
+std::tuple<at::Tensor, at::Tensor> compress(const at::Tensor &x, c10::SymIntArrayRef stride_,
+                                            c10::string_view key) {
     if (python_requested()) {
         static auto op = python_op("bitfx::_compress_py")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor &, c10::SymIntArrayRef)>();
-        return op.call(x, stride_);
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor &, c10::SymIntArrayRef,
+                                                                       c10::string_view)>();
+        return op.call(x, stride_, key);
     }
     at::IntArrayRef stride = C10_AS_INTARRAYREF_SLOW(stride_);
     const int64_t isz = itemsize_of(x.scalar_type());
@@ -276,12 +301,14 @@ std::tuple<at::Tensor, at::Tensor> compress(const at::Tensor &x, c10::SymIntArra
     if (!(bitmap_bytes + nnz * isz < n * isz)) {  // bitfx.format.use_sparse is false: dense fallback
         at::Tensor payload = new_cpu(n * isz, at::kByte);
         if (n) std::memcpy(payload.data_ptr(), flat.data, n * isz);
+        record(key, n, nnz, payload.numel() + offsets.numel() * 8);
         return {offsets, payload};
     }
     at::Tensor payload = new_cpu(bitmap_bytes + nnz * isz, at::kByte);
     uint8_t *p = payload.data_ptr<uint8_t>();
     bitfx_compress(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), p, p + bitmap_bytes,
                    nthreads);
+    record(key, n, nnz, payload.numel() + offsets.numel() * 8);
     return {offsets, payload};
 }
 
@@ -391,14 +418,17 @@ void exp_or_raw_decode(const uint8_t *p, int64_t length, int64_t k, int64_t isz,
     bitfx_exp_decode(p, k, static_cast<int>(isz), out, threads_for(k));
 }
 
-at::Tensor exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride) {
+at::Tensor exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride, c10::string_view key) {
     if (python_requested()) {
-        static auto op = python_op("bitfx::_exp_compress_py").typed<at::Tensor(const at::Tensor &, c10::SymIntArrayRef)>();
-        return op.call(x, stride);
+        static auto op = python_op("bitfx::_exp_compress_py")
+                             .typed<at::Tensor(const at::Tensor &, c10::SymIntArrayRef, c10::string_view)>();
+        return op.call(x, stride, key);
     }
     const int64_t isz = exp_itemsize(x.scalar_type());
     const Source flat(x, C10_AS_INTARRAYREF_SLOW(stride));
-    return exp_or_raw(flat.data, flat.numel, isz);
+    at::Tensor payload = exp_or_raw(flat.data, flat.numel, isz);
+    record(key, flat.numel, -1, payload.numel());
+    return payload;
 }
 
 at::Tensor exp_decompress(const at::Tensor &payload, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
@@ -418,11 +448,13 @@ at::Tensor exp_decompress(const at::Tensor &payload, c10::SymIntArrayRef size, c
     return target.finish();
 }
 
-std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride_) {
+std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10::SymIntArrayRef stride_,
+                                                       c10::string_view key) {
     if (python_requested()) {
         static auto op = python_op("bitfx::_bitmap_exp_compress_py")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor &, c10::SymIntArrayRef)>();
-        return op.call(x, stride_);
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor &, c10::SymIntArrayRef,
+                                                                       c10::string_view)>();
+        return op.call(x, stride_, key);
     }
     const int64_t isz = exp_itemsize(x.scalar_type());
     const Source flat(x, C10_AS_INTARRAYREF_SLOW(stride_));
@@ -431,7 +463,11 @@ std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10:
     const int nthreads = threads_for(n);
     const int64_t nnz = bitfx_count(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
     const int64_t bitmap_bytes = nblocks * kBitmapBytesPerBlock;
-    if (!(bitmap_bytes + nnz * isz < n * isz)) return {offsets, exp_or_raw(flat.data, n, isz)};
+    if (!(bitmap_bytes + nnz * isz < n * isz)) {
+        at::Tensor payload = exp_or_raw(flat.data, n, isz);
+        record(key, n, nnz, payload.numel() + offsets.numel() * 8);
+        return {offsets, payload};
+    }
     at::Tensor bitmap = new_cpu(bitmap_bytes, at::kByte);
     at::Tensor values = new_cpu(nnz * isz, at::kByte);
     bitfx_compress(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), bitmap.data_ptr<uint8_t>(),
@@ -440,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10:
     at::Tensor payload = new_cpu(bitmap_bytes + coded.numel(), at::kByte);
     std::memcpy(payload.data_ptr(), bitmap.data_ptr(), bitmap_bytes);
     if (coded.numel()) std::memcpy(payload.data_ptr<uint8_t>() + bitmap_bytes, coded.data_ptr(), coded.numel());
+    record(key, n, nnz, payload.numel() + offsets.numel() * 8);
     return {offsets, payload};
 }
 
@@ -479,6 +516,23 @@ at::Tensor to_flat_op(const at::Tensor &x, at::IntArrayRef stride) { return to_f
 }  // namespace
 
 extern "C" void bitfx_ops_use_python(int on) { g_use_python.store(on != 0, std::memory_order_relaxed); }
+
+// The statistics as text, one "key numel nnz stored calls" line each, into
+// buf (at most len bytes); returns the length needed.  clear != 0 empties them.
+extern "C" int64_t bitfx_stats_dump(char *buf, int64_t len, int clear) {
+    std::lock_guard<std::mutex> lock(g_stats_mutex);
+    std::string text;
+    for (const auto &kv : g_stats) {
+        const Stat &s = kv.second;
+        text += kv.first + " " + std::to_string(s.numel) + " " + std::to_string(s.nnz) + " " +
+                std::to_string(s.stored) + " " + std::to_string(s.calls) + "\n";
+    }
+    if (buf && static_cast<int64_t>(text.size()) <= len) {
+        std::memcpy(buf, text.data(), text.size());
+        if (clear) g_stats.clear();
+    }
+    return static_cast<int64_t>(text.size());
+}
 
 TORCH_LIBRARY_FRAGMENT(bitfx, m) {
     // Test hook: the C++ twin of bitfx.ops.to_flat.
