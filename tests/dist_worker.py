@@ -1,10 +1,12 @@
 """One rank of the distributed exactness test (run by test_distributed.py).
 
-    python dist_worker.py RANK WORLD PORT {ddp,fsdp2} OUT_DIR
+    python dist_worker.py RANK WORLD PORT {ddp,fsdp2,fsdp2-gpt} OUT_DIR
 
-Trains the same small model for 3 SGD steps twice, compiled with
-``bittrain`` and with ``enabled=False``, on gloo over loopback, and saves
-both sets of full parameters.
+Trains the same small model for 3 SGD steps twice, on gloo over loopback,
+and saves both sets of full parameters: ``ddp`` and ``fsdp2`` a small CNN,
+compiled with ``bittrain`` and with ``enabled=False``; ``fsdp2-gpt`` the
+squared-ReLU GPT of ``benchmarks/train_lm.py`` (tiny), each block sharded,
+with ``bittrain`` and with ``compress=False``, under AdamW.
 """
 
 import sys
@@ -34,7 +36,35 @@ def make_model():
     return Net()
 
 
+def make_gpt():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_lm
+
+    torch.manual_seed(0)
+    return train_lm.GPT(dim=32, layers=2, heads=2, seq=16), train_lm
+
+
+def train_gpt(on: bool, rank: int) -> list[torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    model, train_lm = make_gpt()
+    for block in model.blocks:
+        fully_shard(block)
+    compiled = torch.compile(fully_shard(model), backend="bittrain", options={"compress": on})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x = torch.randint(0, 256, (2, 16), generator=g)
+        train_lm.lm_loss(compiled(x), torch.roll(x, -1, 1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().full_tensor() for p in model.parameters()]
+
+
 def train(kind: str, enabled: bool, rank: int) -> list[torch.Tensor]:
+    if kind == "fsdp2-gpt":
+        return train_gpt(enabled, rank)
     torch._dynamo.reset()
     model = make_model()
     backend = {"backend": "bittrain", "options": {"enabled": enabled}}
@@ -64,6 +94,8 @@ def train(kind: str, enabled: bool, rank: int) -> list[torch.Tensor]:
 def main() -> None:
     rank, world, port, kind, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # Inductor's CPU scatter-add (an embedding's backward) adds in thread order.
+    torch.use_deterministic_algorithms(True)
     try:
         from torch._dynamo.utils import counters
 

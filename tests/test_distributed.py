@@ -1,5 +1,6 @@
 """DDP and FSDP2 on gloo, 2 processes on CPU: after 3 steps, parameters are
-bit-identical to ``enabled=False`` on both ranks.  Loopback only, bounded time."""
+bit-identical to ``enabled=False`` on both ranks (a CNN), and the squared-ReLU
+GPT under FSDP2 to ``compress=False``.  Loopback only, bounded time."""
 
 import os
 import socket
@@ -22,7 +23,7 @@ def free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp2-gpt"])
 def test_two_ranks_bit_identical(kind, tmp_path):
     port = free_port()
     # Fresh caches: a cache hit would skip the bitfx passes this test checks.

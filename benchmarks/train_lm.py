@@ -1,0 +1,387 @@
+"""Train a byte-level GPT with a squared-ReLU MLP under bitfx, and follow its sparsity.
+
+The model is the modded-nanogpt shape: pre-LayerNorm blocks of causal
+attention and an MLP ``down(act(up(x)))``, where ``act`` is written as users
+write it (``--act``):
+
+* ``sqrelu``: ``F.relu(h).square()`` (modded-nanogpt);
+* ``sqrelu-mul``: ``r = F.relu(h); r * r``;
+* ``sqrelu-pow``: ``F.relu(h) ** 2``;
+* ``relu``: plain ``F.relu(h)``;
+* ``opt``: not this GPT but ``transformers``' OPT (``OPTConfig``, ReLU FFN) of
+  the same width and depth (``pip install -e ".[bench]"``).
+
+**Corpus.** The ``.py`` sources of the running Python's standard library
+(``sysconfig.get_paths()["stdlib"]``, ``test/`` and ``idlelib/`` left out),
+sorted by path and concatenated: every Python ships it, no download.  The
+corpus's SHA-256 and size go in every row, so a run is reproducible where
+those match.  Batches are random windows drawn with a seeded generator.
+
+**The run.** Deterministic algorithms are on (``torch.use_deterministic_algorithms``):
+Inductor's CPU embedding backward otherwise adds in thread order, and two
+runs of the very same plan differ.  The GPT trains with AdamW under ``backend=bitfx.backend()``
+(the default plan), and a twin from the same initial weights trains under
+``compress=False`` (the same plan stored dense), batch for batch: their
+losses must be bit-identical at every step (``identical_steps`` counts the
+steps where they are).
+
+**Checkpoints** (``--checkpoints``): a copy of the current weights is
+measured, in fp32 and, with ``--bf16``, under bf16 autocast, for:
+
+* ``inductor`` (stock), ``inductor@0.9`` (PyTorch's budget partitioner at 0.9),
+* ``bittrain`` (the default plan, made at the assumed density 0.5),
+* ``bittrain-dense`` (``compress=False``),
+* ``bittrain-replan`` (``bitfx.replan``: the plan re-made at the densities
+  ``bitfx.stats()`` measured on the previous step).
+
+Each gets saved-activation bytes, the step's peak (CPU allocator events,
+``bitfx.measure.step_peak_cpu``; CUDA ``max_memory_allocated``), and step
+time over ``--rounds`` interleaved rounds, as a ratio to ``inductor`` paired
+by round.  The FFNs' measured densities and the bytes their ReLU outputs are
+stored in come from ``bitfx.stats()``.
+
+Rows append to ``benchmarks/results/train_lm.jsonl``; ``--plot`` draws
+density and saved bytes against step from them
+(``benchmarks/results/train_lm.png``, needs matplotlib).
+
+    python benchmarks/train_lm.py --steps 1000 --dim 256 --layers 4 --seq 256 --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import math
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import results_io  # noqa: E402
+
+import bitfx  # noqa: E402
+from bitfx.measure import saved_activation_bytes, step_peak  # noqa: E402
+from bitfx.planner import fresh_entry  # noqa: E402
+
+ACTS = {
+    "sqrelu": lambda h: F.relu(h).square(),
+    "sqrelu-mul": lambda h: (lambda r: r * r)(F.relu(h)),
+    "sqrelu-pow": lambda h: F.relu(h) ** 2,
+    "relu": F.relu,
+}
+
+
+# ------------------------------------------------------------------ corpus
+def corpus(limit: int | None = None) -> tuple[torch.Tensor, str]:
+    """The standard library's sources as bytes, and their SHA-256."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not {"test", "tests", "idlelib", "site-packages"} & set(p.relative_to(root).parts))
+    data = bytearray()
+    for p in files:
+        data += p.read_bytes()
+        if limit and len(data) >= limit:
+            break
+    data = bytes(data[:limit] if limit else data)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), hashlib.sha256(data).hexdigest()[:16]
+
+
+def batch(data: torch.Tensor, n: int, seq: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, data.numel() - seq - 1, (n,), generator=gen)
+    idx = starts[:, None] + torch.arange(seq + 1)
+    w = data[idx]
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+# ------------------------------------------------------------------- model
+class MLP(nn.Module):
+    def __init__(self, dim: int, act: str):
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim, bias=False)
+        self.down = nn.Linear(4 * dim, dim, bias=False)
+        self.act = ACTS[act]
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, act: str):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.mlp = MLP(dim, act)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, dim=256, layers=4, heads=4, seq=256, act="sqrelu", vocab=256):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, act) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+
+class OPTLM(nn.Module):
+    """transformers' OPT (ReLU FFN) of the given size, returning logits."""
+
+    def __init__(self, dim=256, layers=4, heads=4, seq=256, vocab=256, **_):
+        super().__init__()
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, ffn_dim=4 * dim,
+                        num_attention_heads=heads, max_position_embeddings=seq, word_embed_proj_dim=dim,
+                        activation_function="relu", dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+        self.opt = OPTForCausalLM(cfg)
+
+    def forward(self, idx):
+        return self.opt(input_ids=idx).logits
+
+
+def make_model(args) -> nn.Module:
+    torch.manual_seed(args.seed)
+    kw = dict(dim=args.dim, layers=args.layers, heads=args.heads, seq=args.seq)
+    return OPTLM(**kw) if args.act == "opt" else GPT(act=args.act, **kw)
+
+
+def lm_loss(logits, y):
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+# ------------------------------------------------------------- measurement
+CONFIGS = ["inductor", "inductor@0.9", "bittrain", "bittrain-dense", "bittrain-replan"]
+
+
+class Measured:
+    """One configuration over a copy of the model, compiled once (the replan: at each checkpoint)."""
+
+    def __init__(self, name: str, model: nn.Module, autocast: bool, tag: str, replanned=None):
+        self.name, self.autocast = name, autocast
+        self.model = model
+        self.backend = None
+        entry = fresh_entry(model, f"train_lm {name} {tag}")
+        if name.startswith("inductor"):
+            self.fn = torch.compile(entry)
+        else:
+            if name == "bittrain-replan":
+                self.backend = replanned
+            else:
+                self.backend = bitfx.backend(compress=name != "bittrain-dense")
+            self.fn = torch.compile(entry, backend=self.backend)
+        self.budget = 0.9 if name == "inductor@0.9" else None
+        self.times: list[float] = []
+
+    def loss(self, x, y):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return lm_loss(self.fn(x), y)
+
+    def step(self, x, y):
+        self.model.zero_grad(set_to_none=True)
+        self.loss(x, y).backward()
+
+    def first_step(self, x, y):
+        ctx = torch._functorch.config.patch(activation_memory_budget=self.budget) if self.budget else _null()
+        with ctx:  # the budget matters when the graphs are partitioned
+            self.step(x, y)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def ffn_stats() -> list[bitfx.runtime_stats.TensorStats]:
+    """bitfx.stats() rows of the FFNs' bitmap-coded activations, in block order."""
+    rows = [r for r in bitfx.stats() if r.density is not None and r.module and ("mlp" in r.module or "fc" in r.module)]
+    return sorted(rows, key=lambda r: (r.graph, r.module, r.node))
+
+
+def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) -> list[dict]:
+    """Every configuration at these weights: bytes, peak, interleaved step times."""
+    runs, ffn, replanned = [], {}, None
+    for name in CONFIGS:
+        model = make()
+        model.load_state_dict(weights)
+        runs.append(Measured(name, model, autocast, tag, replanned))
+        bitfx.runtime_stats.reset()
+        runs[-1].first_step(x, y)
+        if name in ("bittrain", "bittrain-replan"):
+            ffn[name] = ffn_stats()
+        if name == "bittrain":
+            # The densities the default plan's step just measured, for the replan.
+            replanned = bitfx.replan(runs[-1].backend)
+    out = []
+    for r in runs:
+        exclude = [*r.model.parameters(), *r.model.buffers()]
+        saved = saved_activation_bytes(lambda: r.loss(x, y), exclude)
+        peak = step_peak(lambda: r.step(x, y), r.model)
+        out.append({"config": r.name, "saved_activation_bytes": saved, "peak_bytes": peak.peak,
+                    "peak_check": peak.check})
+    for k in range(rounds):
+        for j in range(len(runs)):
+            r = runs[(k + j) % len(runs)]
+            t0 = time.perf_counter()
+            r.step(x, y)
+            r.times.append(time.perf_counter() - t0)
+    ref = runs[0].times
+    for row, r in zip(out, runs):
+        row["step_ms"] = 1e3 * statistics.median(r.times)
+        row["step_x_inductor"] = statistics.median(t / s for t, s in zip(r.times, ref))
+        row["rounds"] = rounds
+        stats = ffn.get(r.name)
+        if stats is not None:
+            row["ffn"] = [{"module": s.module, "node": s.node, "numel": s.numel, "density": s.density,
+                           "planned_density": s.planned_density, "stored_bytes": s.stored_bytes,
+                           "codec": s.codec} for s in stats]
+    base = {r["config"]: r["saved_activation_bytes"] for r in out}
+    for row in out:
+        row["saved_x_inductor"] = row["saved_activation_bytes"] / base["inductor"]
+        row["saved_x_inductor@0.9"] = row["saved_activation_bytes"] / base["inductor@0.9"]
+    return out
+
+
+# ------------------------------------------------------------------- train
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--act", choices=[*ACTS, "opt"], default="sqrelu")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", default=None,
+                   help="comma-separated steps to measure at (default: 0, every quarter, and the last)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per checkpoint")
+    p.add_argument("--bf16", action="store_true", help="also measure under bf16 autocast at each checkpoint")
+    p.add_argument("--corpus-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
+    p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/train_lm.jsonl)")
+    p.add_argument("--plot", action="store_true", help="only draw the plot from the results file, and exit")
+    args = p.parse_args(argv)
+    out = args.out or results_io.RESULTS / "train_lm.jsonl"
+    if args.plot:
+        return plot(out)
+
+    # Inductor's CPU scatter-add (the embedding's backward) adds in thread
+    # order: without this, two runs of the same plan differ in the last bit,
+    # and so would bitfx and compress=False.  Every configuration runs with it.
+    torch.use_deterministic_algorithms(True)
+    data, sha = corpus(args.corpus_bytes)
+    gen = torch.Generator().manual_seed(args.seed)
+    checkpoints = sorted({int(s) for s in args.checkpoints.split(",")} if args.checkpoints else
+                         {0, *(args.steps * q // 4 for q in (1, 2, 3)), args.steps})
+    common = {"act": args.act, "dim": args.dim, "layers": args.layers, "heads": args.heads, "seq": args.seq,
+              "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+              "corpus": "python-stdlib", "corpus_sha256": sha, "corpus_bytes": data.numel()}
+    model = make_model(args)
+    twin = copy.deepcopy(model)
+    make = lambda: make_model(args)  # noqa: E731
+    main_fn = torch.compile(fresh_entry(model, "train_lm run"), backend=bitfx.backend())
+    twin_fn = torch.compile(fresh_entry(twin, "train_lm twin"), backend=bitfx.backend(compress=False))
+    opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (model, twin)]
+    losses, identical = [], 0
+    x_eval, y_eval = batch(data, args.batch, args.seq, torch.Generator().manual_seed(args.seed + 1))
+    t_start = time.perf_counter()
+    for step in range(args.steps + 1):
+        if step in checkpoints:
+            weights = copy.deepcopy(model.state_dict())
+            rows = []
+            for autocast in (False, True) if args.bf16 else (False,):
+                for row in measure(weights, make, x_eval, y_eval, autocast, args.rounds, f"{step} {autocast}"):
+                    rows.append({**common, "step": step, "autocast": "bf16" if autocast else "",
+                                 "loss": losses[-1] if losses else None, **row})
+            rows.append({**common, "step": step, "config": "run", "loss": losses[-1] if losses else None,
+                         "identical_steps": identical, "trained_steps": len(losses),
+                         "losses": losses if step == args.steps else None,
+                         "train_s": time.perf_counter() - t_start})
+            results_io.append_rows("train_lm", rows, out)
+            print(f"step {step}: loss {losses[-1] if losses else float('nan'):.4f}, "
+                  f"{identical}/{len(losses)} steps bit-identical to compress=False; "
+                  + ", ".join(f"{r['config']}{'/' + r['autocast'] if r.get('autocast') else ''} saved "
+                              f"{r['saved_x_inductor']:.3f}x step {r['step_x_inductor']:.3f}x"
+                              for r in rows if "saved_x_inductor" in r), flush=True)
+        if step == args.steps:
+            break
+        x, y = batch(data, args.batch, args.seq, gen)
+        got = []
+        for fn, opt in zip((main_fn, twin_fn), opts):
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(fn(x), y)
+            loss.backward()
+            opt.step()
+            got.append(loss.detach())
+        losses.append(got[0].item())
+        identical += int(torch.equal(got[0].view(torch.int32), got[1].view(torch.int32)))
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"loss is {losses[-1]} at step {step}")
+    return 0 if identical == len(losses) else 1
+
+
+def plot(path: Path) -> int:
+    """Density of each FFN and saved bytes against step, from the latest run in ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results_io.read_rows(path)
+    last = rows[-1]
+    start = max(i for i, r in enumerate(rows) if r.get("step") == 0 and r.get("act") == last.get("act"))
+    rows = [r for r in rows[start:] if r.get("act") == last.get("act")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fp32 = [r for r in rows if not r.get("autocast") and "saved_x_inductor" in r]
+    for cfg in CONFIGS[1:]:
+        pts = [(r["step"], r["saved_x_inductor"]) for r in fp32 if r["config"] == cfg]
+        if pts:
+            b.plot(*zip(*pts), marker="o", label=cfg)
+    dens = [(r["step"], [f["density"] for f in r["ffn"]]) for r in fp32 if r["config"] == "bittrain" and r.get("ffn")]
+    for i in range(max((len(d) for _, d in dens), default=0)):
+        a.plot([s for s, d in dens if len(d) > i], [d[i] for _, d in dens if len(d) > i], marker="o",
+               label=f"FFN {i}")
+    a.set(xlabel="step", ylabel="ReLU density (nonzero fraction)", title="FFN density while training")
+    b.set(xlabel="step", ylabel="saved activations / stock", title="saved-activation bytes (fp32)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = last.get("machine", {})
+    fig.suptitle(f"{last.get('act')} GPT d={last.get('dim')} L={last.get('layers')} seq={last.get('seq')}, "
+                 f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {last.get('torch')}", fontsize=9)
+    fig.tight_layout()
+    target = path.with_suffix(".png")
+    fig.savefig(target, dpi=110)
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
