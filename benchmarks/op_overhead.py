@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--cold", action="store_true", help="each call after evicting the caches, against hot")
     args = p.parse_args(argv)
-    if bitfx.ops.CPU_OPS_ERROR is not None:
-        raise SystemExit(f"C++ CPU kernels unavailable: {bitfx.ops.CPU_OPS_ERROR}")
+    if bitfx.ops.cpu_ops_error() is not None:
+        raise SystemExit(f"C++ CPU kernels unavailable: {bitfx.ops.cpu_ops_error()}")
     os.environ["BITFX_KERNELS"] = "cpu"
     if args.cold:
         shapes = [[int(s) for s in text.split("x")] for text in args.shapes.split(",")]

@@ -1,15 +1,18 @@
-"""Command line: ``python -m bitfx {demo,plan} ...``."""
+"""Command line: ``python -m bitfx {demo,plan,build-kernels} ...``."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bitfx {demo,plan} [options]
+USAGE = """usage: python -m bitfx {demo,plan,build-kernels} [options]
 
-  demo   train a small CNN with and without bitfx; print saved-activation
-         memory and check that gradients are bit-identical
-  plan   predict saved-activation and peak training memory of a model
-         before running it (python -m bitfx plan --help)
+  demo           train a small CNN and a ReLU FFN with and without bitfx;
+                 print saved-activation memory and check that gradients
+                 are bit-identical
+  plan           predict saved-activation and peak training memory of a
+                 model before running it (python -m bitfx plan --help)
+  build-kernels  build the C++ CPU kernels now instead of at the first CPU
+                 op (into $BITFX_CACHE, else ~/.cache/bitfx)
 """
 
 
@@ -27,6 +30,12 @@ def main(argv=None) -> int:
         from .cli_plan import main as plan
 
         return plan(rest)
+    if cmd == "build-kernels":
+        from .kernels import cpu_ext
+
+        error = cpu_ext.load()
+        print(f"bitfx: CPU kernels unavailable: {error}" if error else f"bitfx: CPU kernels at {cpu_ext.library()}")
+        return 1 if error else 0
     print(f"python -m bitfx: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -432,28 +432,61 @@ def decompress(packed: Packed) -> torch.Tensor:
     )
 
 
-def _register() -> str | None:
-    """Register the kernels; returns why the C++ CPU kernels are not used, or None.
+# Until the C++ CPU kernels are loaded, each op's CPU kernel is a shim that
+# loads them (building them the first time) and calls the op again: importing
+# bitfx builds nothing, and a CUDA-only user never builds them.
+_CPU_SHIMS = torch.library.Library("bitfx", "IMPL")
+_CPU_FALLBACK: list = []  # set once the load was handled; holds the Python CPU kernels' Library if it failed
+
+
+def _cpu_shim(name: str):
+    def shim(*args, **kwargs):
+        cpu_ext.load()
+        return getattr(torch.ops.bitfx, name).default(*args, **kwargs)
+
+    return shim
+
+
+def _drop_cpu_shims() -> None:
+    _CPU_SHIMS._destroy()
+
+
+def _after_cpu_load(error: str | None) -> None:
+    if _CPU_FALLBACK or _CPU_SHIMS.m is not None:
+        return  # a second load() (tests clear its cache): the kernels are registered already
+    _CPU_FALLBACK.append(None)
+    if error is None:
+        kernels.tell_cpp_ops()
+        return
+    # One line; the compiler's output is in the log file it names.
+    log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python with torch kernels: %s", error)
+    lib = torch.library.Library("bitfx", "IMPL")
+    for name, fn in _PYTHON_IMPLS.items():
+        lib.impl(name, fn, "CPU")
+    _CPU_FALLBACK.append(lib)
+
+
+def cpu_ops_error() -> str | None:
+    """Why the C++ CPU kernels are not used (loading them first, building them if needed), or None."""
+    return cpu_ext.load()
+
+
+def _register() -> None:
+    """Register the kernels.
 
     CUDA runs the Python implementations (Triton kernels).  CPU runs the C++
-    kernels of ``bitfx/kernels/ops_cpu.cpp`` when they build (once per source,
-    compiler and torch version; see :mod:`bitfx.kernels.cpu_ext`), else the
-    Python implementations with the torch kernels.
+    kernels of ``bitfx/kernels/ops_cpu.cpp``, built on first use (once per
+    source, compiler and torch version; see :mod:`bitfx.kernels.cpu_ext`),
+    else the Python implementations with the torch kernels.
     """
-    from .kernels import cpu_ext
-
     for name, fn in _PYTHON_IMPLS.items():
         torch.library.impl(_LIB, name, "CUDA")(fn)
         torch.library.impl(_LIB, f"_{name}_py", "CPU")(fn)
-    error = cpu_ext.load_ops()
-    if error is not None:
-        # One line; the compiler's output is in the log file it names.
-        log.warning("bitfx: C++ CPU kernels unavailable, CPU ops run in Python with torch kernels: %s", error)
-        for name, fn in _PYTHON_IMPLS.items():
-            torch.library.impl(_LIB, name, "CPU")(fn)
-    else:
-        kernels.tell_cpp_ops()
-    return error
+        _CPU_SHIMS.impl(name, _cpu_shim(name), "CPU")
+    cpu_ext._BEFORE_LOAD.append(_drop_cpu_shims)
+    cpu_ext._AFTER_LOAD.append(_after_cpu_load)
 
 
-CPU_OPS_ERROR = _register()
+from .kernels import cpu_ext  # noqa: E402
+
+_register()

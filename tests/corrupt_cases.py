@@ -197,7 +197,7 @@ if __name__ == "__main__":
     import bitfx
     from bitfx.kernels import cpu_ext
 
-    assert bitfx.ops.CPU_OPS_ERROR is None, bitfx.ops.CPU_OPS_ERROR
+    assert bitfx.ops.cpu_ops_error() is None, bitfx.ops.cpu_ops_error()
     for isa in sys.argv[1:] or list(cpu_ext.ISAS):
         used = cpu_ext.set_isa(isa)
         print(isa, run_all(), "cases raised ValueError;", run_roundtrips(), "valid round trips;", "ran", used)

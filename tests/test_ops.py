@@ -148,7 +148,7 @@ def test_layouts_roundtrip(device, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_to_flat_twins_agree(layout):
     """bitfx.ops.to_flat and its C++ twin in ops_cpu.cpp give the same elements in the same order."""
-    if bitfx.ops.CPU_OPS_ERROR is not None:
+    if bitfx.ops.cpu_ops_error() is not None:
         pytest.skip("C++ CPU kernels unavailable")
     x = LAYOUTS[layout](torch.randn(3, 5, 7, 9))
     for stride in (x.stride(), x.contiguous().stride()):
@@ -319,7 +319,7 @@ def test_cpu_ops_are_the_cpp_kernels_when_a_compiler_exists():
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    assert bitfx.ops.CPU_OPS_ERROR is None
+    assert bitfx.ops.cpu_ops_error() is None
     for op in ("compress", "decompress", "pack_bool", "unpack_bool", "exp_compress", "exp_decompress",
                "bitmap_exp_compress", "bitmap_exp_decompress"):
         dump = torch._C._dispatch_dump(f"bitfx::{op}")
@@ -417,7 +417,7 @@ def test_cpu_kernel_fallback_when_no_compiler(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpu_ext, "_cache_dir", lambda: tmp_path)
     monkeypatch.setenv("CXX", "no-such-compiler")
-    caches = (cpu_ext.library, cpu_ext._lib, cpu_ext._load_error, k._select)
+    caches = (cpu_ext.library, cpu_ext._open, cpu_ext.load, k._select)
     for c in caches:
         c.cache_clear()
     try:
@@ -435,7 +435,7 @@ def test_failed_build_is_tried_once_and_reported_in_one_line(tmp_path):
     import sys
 
     env = {**os.environ, "BITFX_CACHE": str(tmp_path), "CXX": "false"}
-    code = "import bitfx, sys; sys.exit(0 if bitfx.ops.CPU_OPS_ERROR else 1)"
+    code = "import bitfx, sys; sys.exit(0 if bitfx.ops.cpu_ops_error() else 1)"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     lines = first.stderr.strip().splitlines()
@@ -463,14 +463,20 @@ def test_unwritable_cache_is_one_warning_not_a_crash(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and "BITFX_CACHE" in out.stderr
 
 
-def test_import_with_an_empty_cache_is_silent(tmp_path):
-    """The first import builds the C++ kernels and prints nothing on stderr."""
+def test_import_builds_nothing_and_first_use_builds_silently(tmp_path):
+    """``import bitfx`` with an empty cache compiles nothing; the first CPU op builds
+    the C++ kernels, prints nothing, and then runs on them."""
     import subprocess
     import sys
 
     env = {**os.environ, "BITFX_CACHE": str(tmp_path)}
-    code = "import bitfx, sys; sys.exit(0 if bitfx.ops.CPU_OPS_ERROR is None else 1)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    code = ("import os, sys, torch, bitfx; cache = sys.argv[1]\n"
+            "assert not os.listdir(cache), os.listdir(cache)\n"
+            "assert bitfx.decompress(bitfx.compress(torch.ones(3))).sum().item() == 3\n"
+            "assert os.listdir(cache)\n"
+            "sys.exit(0 if bitfx.ops.cpu_ops_error() is None else 1)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
 

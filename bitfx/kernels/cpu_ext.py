@@ -1,4 +1,4 @@
-"""Multi-threaded CPU kernels: ``bitmap_cpu.c`` and ``ops_cpu.cpp``, built on first use.
+"""Multi-threaded CPU kernels: ``bitmap_cpu.c`` and ``ops_cpu.cpp``, built on first use (:func:`load`).
 
 Both sources are built into one library by ``torch.utils.cpp_extension.load``,
 so the flags, C++ standard, ABI, include paths and the build lock come from
@@ -167,18 +167,53 @@ def _cpp_extension_load(name: str, build_dir: Path) -> str:
     return path
 
 
-def load_ops() -> str | None:
-    """Build and load the C++ CPU kernels of the ``bitfx::`` ops; the error, or None."""
-    try:
-        library()
-    except BuildError as e:
-        return str(e)
-    return None
+# Called around the one load of the library (see :func:`load`): bitfx.ops
+# drops its first-use shims before the library registers its CPU kernels,
+# and afterwards either tells the C++ ops the kernel choice or, when the
+# build failed, registers the Python implementations in their place.
+_BEFORE_LOAD: list = []
+_AFTER_LOAD: list = []
 
 
 @functools.cache
+def load() -> str | None:
+    """Build (once per hash) and load the library; why it cannot be used, or None.
+
+    Nothing builds at import: this runs at the first CPU op call or kernel
+    use, or ahead of time through ``python -m bitfx build-kernels``.
+    """
+    for hook in _BEFORE_LOAD:
+        hook()
+    try:
+        _open()
+        error = None
+    except (OSError, BuildError) as e:
+        error = str(e)
+    for hook in _AFTER_LOAD:
+        hook(error)
+    return error
+
+
+_loaded = False  # the library is loaded in this process (a load cannot be undone)
+
+
+def loaded() -> bool:
+    """True when the library was loaded in this process (no build is started to find out)."""
+    return _loaded
+
+
 def _lib():
+    error = load()
+    if error is not None:
+        raise BuildError(error)
+    return _open()
+
+
+@functools.cache
+def _open():
+    global _loaded
     lib = ctypes.CDLL(str(library()))
+    _loaded = True
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bitfx_count.argtypes = [p, i64, i32, p, i32]
     lib.bitfx_count.restype = i64
@@ -225,22 +260,13 @@ def set_isa(name: str) -> dict[int, str]:
     return {1 << w: ISAS[(used >> (2 * w)) & 3] for w in range(4)}
 
 
-@functools.cache
-def _load_error() -> str | None:
-    try:
-        _lib()
-    except (OSError, BuildError) as e:
-        return str(e)
-    return None
-
-
 def available() -> bool:
     # No warning here: bitfx.ops reports a failed build once, at import.
-    return _load_error() is None
+    return load() is None
 
 
 def check_usable() -> None:
-    err = _load_error()
+    err = load()
     if err:
         raise RuntimeError(f"BITFX_KERNELS=cpu but the CPU kernels cannot be built: {err}")
 
