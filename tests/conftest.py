@@ -73,11 +73,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # Tests marked ``slow`` compile whole models (most under Inductor, whose C++
-# compile dominates on a CPU).  Plain ``pytest`` runs all of them.  CI runs
-# the others on both supported torch versions and splits these between the
-# two with pytest-split (.ci/run), balanced by tests/slow_durations.json:
-# seconds per test on machine B (README), torch 2.14.1, written by
-# `pytest -m slow --splits 2 --group N --store-durations --clean-durations
-# --durations-path <copy>` for each group, merged.
+# compile dominates on a CPU): they run only with ``--runslow``, so that
+# ``python -m pytest -q`` takes minutes.  CI runs them too (.ci/run), split
+# between the torch versions with pytest-split, balanced by
+# tests/slow_durations.json (seconds per test on a 2-core machine, written by
+# ``pytest --runslow -m slow --store-durations``).
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (whole-model compiles)")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: compiles whole models; CI splits these between torch versions")
+    config.addinivalue_line("markers", "slow: compiles whole models; runs only with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="compiles whole models: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

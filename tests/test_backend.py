@@ -37,13 +37,28 @@ def test_wheel_maps_passes_into_bitfx_and_installs_no_top_level_passes(tmp_path)
     assert "[torch_dynamo_backends]\nbittrain = bitfx.backend:bittrain" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
-def test_compile_by_name_with_options():
+def _grads_by_name(options: dict):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    x = torch.randn(4, 8)
-    out = torch.compile(m, backend="bittrain", options={"inner": "eager", "min_bytes": 0})(x)
-    out.sum().backward()
-    assert m[0].weight.grad is not None
+    m = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    x = torch.randn(64, 64)
+    torch.compile(m, backend="bittrain", options=options)(x).sum().backward()
+    return [p.grad for p in m.parameters()], counters["bitfx"]["compress"]
+
+
+def test_compile_by_name_with_options():
+    """The options reach the backend by name: compression happens, min_bytes
+    turns it off, and gradients are bit-identical to the plan stored dense."""
+    grads, compressed = _grads_by_name({"inner": "eager", "min_bytes": 0})
+    assert compressed == 1  # the ReLU output
+    dense, none = _grads_by_name({"inner": "eager", "compress": False})
+    assert none == 0
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(grads, dense, strict=True))
+    _, skipped = _grads_by_name({"inner": "eager", "min_bytes": 1 << 20})
+    assert skipped == 0
 
 
 @pytest.mark.parametrize(
