@@ -219,9 +219,13 @@ class _null:
 
 
 def ffn_stats() -> list[bitfx.runtime_stats.TensorStats]:
-    """bitfx.stats() rows of the FFNs' bitmap-coded activations, in block order."""
-    rows = [r for r in bitfx.stats() if r.density is not None and r.module and ("mlp" in r.module or "fc" in r.module)]
-    return sorted(rows, key=lambda r: (r.graph, r.module, r.node))
+    """bitfx.stats() rows of the bitmap-coded activations (in these models, the FFNs' ReLU outputs), in block order.
+
+    Not selected by module path: a graph loaded from Inductor's caches was
+    not partitioned in this process, so its rows carry no module.
+    """
+    rows = [r for r in bitfx.stats() if r.density is not None]
+    return sorted(rows, key=lambda r: (r.graph, len(r.node), r.node))
 
 
 def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) -> list[dict]:
@@ -356,14 +360,17 @@ def plot(path: Path) -> int:
 
     rows = results_io.read_rows(path)
     last = rows[-1]
+    # The latest run: from the first of its step-0 rows on.
     start = max(i for i, r in enumerate(rows) if r.get("step") == 0 and r.get("act") == last.get("act"))
+    while start > 0 and rows[start - 1].get("step") == 0:
+        start -= 1
     rows = [r for r in rows[start:] if r.get("act") == last.get("act")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     fp32 = [r for r in rows if not r.get("autocast") and "saved_x_inductor" in r]
-    for cfg in CONFIGS[1:]:
+    for cfg, style in zip(CONFIGS[1:], ("-", "-", "-", "--")):
         pts = [(r["step"], r["saved_x_inductor"]) for r in fp32 if r["config"] == cfg]
         if pts:
-            b.plot(*zip(*pts), marker="o", label=cfg)
+            b.plot(*zip(*pts), style, marker="o" if style == "-" else "x", label=cfg)
     dens = [(r["step"], [f["density"] for f in r["ffn"]]) for r in fp32 if r["config"] == "bittrain" and r.get("ffn")]
     for i in range(max((len(d) for _, d in dens), default=0)):
         a.plot([s for s, d in dens if len(d) > i], [d[i] for _, d in dens if len(d) > i], marker="o",
