@@ -16,12 +16,14 @@ threads.  The sizes stay below where every fresh buffer is page-faulted in
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
 import torch
 from tabulate import tabulate
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
 
 import bitfx  # noqa: F401  (registers the bitfx:: ops)
 from bitfx.passes.pricing import DEFAULT_DENSITY, MACHINES
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="16384,65536,262144,1048576", help="comma-separated element counts")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--reps", type=int, default=300)
-    p.add_argument("--out", default=None, help="write the timings and fits here (JSON)")
+    p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/codec_costs.jsonl)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(sizes) < 2:
@@ -99,11 +101,10 @@ def main(argv=None) -> int:
           f"(exponent codec: dense normal values); {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(tabulate(rows, headers=head))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "dtype": args.dtype,
-                       "timings": {k: [[b, t] for b, t in v] for k, v in timings.items()}, "fits": fits}, f, indent=1)
+    path = results_io.append_rows("codec_costs", [{
+        "threads": torch.get_num_threads(), "dtype": args.dtype,
+        "timings": {k: [[b, t] for b, t in v] for k, v in timings.items()}, "fits": fits}], args.out)
+    print(f"rows appended to {path}")
     return 0
 
 

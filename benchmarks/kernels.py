@@ -19,7 +19,6 @@ beside its own.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tabulate import tabulate
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
 
 import bitfx
 from bitfx import kernels
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--out", default=None, help="write JSON rows here")
+    p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/kernels.jsonl)")
     p.add_argument("--codec", choices=("bitmap", "exponent", "bitmap+exponent"), default="bitmap")
     p.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
                    help="CPU bitmap kernels up to this ISA (default: the best the CPU has)")
@@ -175,9 +177,9 @@ def main(argv=None) -> int:
     isa_note = f" isa={args.isa}" if args.isa else ""
     print(f"bitfx {args.codec} kernels={backend}{isa_note} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".2f"))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+    path = results_io.append_rows("kernels", [{**r, "codec": args.codec, "kernels": backend, "isa": args.isa,
+                                                "threads": env["threads"]} for r in rows], args.out)
+    print(f"rows appended to {path}")
     return 0
 
 

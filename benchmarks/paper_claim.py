@@ -15,7 +15,6 @@ parameters stay fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+import results_io  # noqa: E402
 
 import bitfx  # noqa: E402
 from bitfx.measure import model_saved_bytes  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="training steps before the second measurement")
     p.add_argument("--imagenet-steps", type=int, default=3, help="the same at ImageNet size (slow on a CPU)")
     p.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16 (autocast)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/paper_claim.jsonl)")
     args = p.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -115,8 +115,7 @@ def main(argv=None):
           f"{100 * (1 - r['footprint_bittrain'] / r['footprint_baseline']):.1f}%"] for r in rows],
         headers=["model", "input", "when", "dtype", "ReLU density", "act. MiB", "act. bitfx", "act. saving",
                  "footprint MiB", "footprint bitfx", "footprint saving"], disable_numparse=True))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"rows appended to {results_io.append_rows('paper_claim', rows, args.out)}")
 
 
 if __name__ == "__main__":

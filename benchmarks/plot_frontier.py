@@ -1,8 +1,8 @@
 """Plot the frontiers of ``run.py --budgets``: saved activations against step time, stock and bitfx.
 
     pip install -e ".[plot]"
-    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
-    python benchmarks/plot_frontier.py frontier.json benchmarks/frontier.png
+    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 
+    python benchmarks/plot_frontier.py benchmarks/results/run.jsonl benchmarks/frontier.png
 
 One panel per model; both axes relative to plain ``inductor`` (budget 1.0).
 Each point is one configuration, labelled with its budget; bitfx's default
@@ -11,8 +11,11 @@ is the star.
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
 
 
 def points(rows, model):
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.load(open(argv[0]))
+    data = {"rows": results_io.latest_run(Path(argv[0]))}
     rows = data["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     cols = 3

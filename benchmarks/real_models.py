@@ -37,6 +37,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--no-cold", action="store_true", help="skip the cold-compile processes")
     p.add_argument("--step-only", action="store_true", help="saved and step ratios only (no exactness, no cold compiles)")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/real_models.jsonl)")
     args = p.parse_args(argv)
     names = args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))
@@ -239,8 +242,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), disable_numparse=True))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    print(f"rows appended to {results_io.append_rows('real_models', rows, args.json)}")
     return 0
 
 

@@ -83,3 +83,23 @@ def append_rows(benchmark: str, rows: list[dict], path: Path | None = None) -> P
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def runs(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped into runs: consecutive rows with the same command, commit and machine."""
+    out: list[list[dict]] = []
+    key = lambda r: (r.get("command"), r.get("commit"), json.dumps(r.get("machine"), sort_keys=True))  # noqa: E731
+    for r in rows:
+        if out and key(out[-1][-1]) == key(r):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def latest_run(path: Path) -> list[dict]:
+    """The rows of the last run in ``path`` (a ``.jsonl`` file)."""
+    all_runs = runs(read_rows(Path(path)))
+    if not all_runs:
+        raise SystemExit(f"{path}: no rows")
+    return all_runs[-1]

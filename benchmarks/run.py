@@ -1,8 +1,8 @@
 """Memory and speed of one training step: eager, Inductor, Inductor with PyTorch's
 memory-budget partitioner, and bitfx, side by side.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--models resnet18,relu_mlp]
-    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
+    python benchmarks/run.py [--quick] [--models resnet18,relu_mlp]
+    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1
 
 Configurations: ``eager``, ``inductor``, ``bittrain`` (its defaults),
 ``bittrain-eager`` (``inner="eager"``), ``bittrain-bitmap``
@@ -26,7 +26,8 @@ in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``; step-time ratios are the median of each
 round's ratio (:func:`paired_ratio`), and the JSON keeps every step's time.
 With budgets, a second table pairs ``bittrain@B`` with ``inductor@B``.
-``--summarize FILE`` prints the tables of a saved ``--out`` file.  Progress
+Rows append to ``benchmarks/results/run.jsonl`` (``--out``: another file);
+``--summarize FILE`` prints the tables of the last run in one.  Progress
 goes to stderr, the tables to stdout.
 On CPU, ``--keep-freed-memory`` stops glibc from returning freed memory to the
 OS between allocations (:func:`keep_freed_memory`): otherwise page faults on
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -54,6 +54,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
+import results_io  # noqa: E402
 
 import bitfx  # noqa: E402
 from bitfx.measure import peak_cpu_bytes, saved_activation_bytes  # noqa: E402
@@ -387,21 +388,20 @@ def main(argv=None) -> int:
     p.add_argument("--min-seconds", type=float, default=0.0,
                    help="per model, keep timing rounds until they have taken this long (at least --steps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="write JSON rows here")
+    p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/run.jsonl)")
     p.add_argument("--autocast", choices=["bf16"], default=None, help="forward under torch.autocast in this dtype")
     p.add_argument("--keep-caches", action="store_true",
                    help="leave Inductor's FX-graph and AOTAutograd caches on (faster; compile s is then not cold)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: glibc malloc keeps freed memory in the process (mallopt), as jemalloc and tcmalloc do")
-    p.add_argument("--summarize", metavar="JSON", default=None,
-                   help="print the tables of a saved --out file (run nothing)")
+    p.add_argument("--summarize", metavar="JSONL", default=None,
+                   help="print the tables of the last run in a results file (run nothing)")
     args = p.parse_args(argv)
     if args.summarize:
-        with open(args.summarize) as f:
-            data = json.load(f)
-        env = data["env"]
-        print(f"torch {env['torch']}, {env['device']}, malloc: {env['malloc']}; command: python {' '.join(env['argv'])}")
-        print_tables(data["rows"])
+        rows = results_io.latest_run(Path(args.summarize))
+        r0 = rows[0]
+        print(f"torch {r0.get('torch')}, {r0.get('device')}, malloc: {r0.get('malloc')}; command: {r0.get('command')}")
+        print_tables(rows)
         return 0
     malloc = "glibc, default"
     if args.keep_freed_memory:
@@ -439,10 +439,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, malloc: {malloc}; command: python {' '.join(sys.argv)}")
     print_tables(rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"env": {"torch": torch.__version__, "device": where, "malloc": malloc, "argv": sys.argv},
-                       "rows": rows}, f, indent=1)
+    path = results_io.append_rows("run", [{**r, "device": where, "malloc": malloc} for r in rows], args.out)
+    print(f"rows appended to {path}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """How well ``python -m bitfx plan --sweep`` predicts saved activations: against ``run.py``'s measurements.
 
-    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 --out frontier.json
-    python benchmarks/sweep_accuracy.py frontier.json [MODEL,MODEL,...] [--calibrate]
+    python benchmarks/run.py --zoo heldout --budgets 0.9,0.7,0.5,0.3,0.1 
+    python benchmarks/sweep_accuracy.py benchmarks/results/run.jsonl [MODEL,MODEL,...] [--calibrate]
 
 For every model and configuration of the run (``inductor``, ``inductor@B``,
 ``bittrain``, ``bittrain@B``), the sweep's predicted saved bytes against the
@@ -13,7 +13,6 @@ and ratios are measured in one forward on the same inputs).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import results_io  # noqa: E402
 import run  # noqa: E402
 
 from bitfx.planner import sweep  # noqa: E402
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     calibrate = "--calibrate" in argv
     argv = [a for a in argv if a != "--calibrate"]
-    data = json.load(open(argv[0]))
+    data = {"rows": results_io.latest_run(Path(argv[0]))}
     measured = {(r["model"], r["config"]): r["saved_activation_bytes"] for r in data["rows"]}
     budgets = sorted({float(c.split("@")[1]) for _, c in measured if "@" in c}, reverse=True)
     zoo = run.heldout()

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 CHILD = """
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3, help="warm runs per backend (median reported)")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/warm_compile.jsonl)")
     args = p.parse_args(argv)
 
     rows, warm = [], {}
@@ -72,8 +75,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["warm_x_inductor"] = round(r["warm_s"] / warm["inductor"], 2)
     print(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), disable_numparse=True))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"rows appended to {results_io.append_rows('warm_compile', rows, args.json)}")
     return 0
 
 

@@ -77,7 +77,6 @@ def _remember(key: str, strides: list) -> None:
 
 
 def _lower_with_own_layout(op, x, stride, stats_key=""):
-    from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler
     from torch._inductor.virtualized import V
 

@@ -53,7 +53,6 @@ from .analysis import Decision, SavedTensor, _decide, propagate_sparsity, resolv
 from .pricing import (
     Machine,
     _flops,
-    _op_types,
     codec_seconds,
     machine_for,
     op_seconds,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.fx as fx
 
 from .analysis import _relu_source

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch.nn as nn
 
+import results_io
 import run
 
 
@@ -87,10 +88,11 @@ def test_run_rejects_unknown_model_and_config(capsys):
 def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
     import kernels
 
-    out = tmp_path / "k.json"
+    out = tmp_path / "k.jsonl"
     assert kernels.main(["--codec", "exponent", "--sizes", "4099", "--dtypes", "bfloat16,float16", "--reps", "1",
                          "--device", "cpu", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = results_io.read_rows(out)
+    assert all(r["benchmark"] == "kernels" and r["torch"] and r["machine"]["cores"] and r["command"] for r in rows)
     assert [r["dtype"] for r in rows] == ["bfloat16", "float16"]
     assert all(0 < r["stored_ratio"] < 1 and r["compress_us"] > 0 for r in rows)
     assert "exponent kernels=" in capsys.readouterr().out
@@ -99,19 +101,20 @@ def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
 def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
     import kernels
 
-    out = tmp_path / "k.json"
+    out = tmp_path / "k.jsonl"
     assert kernels.main(["--codec", "bitmap+exponent", "--sizes", "5000", "--densities", "0.5", "--dtypes",
                          "bfloat16", "--reps", "1", "--device", "cpu", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+    (row,) = results_io.read_rows(out)
     assert row["stored_ratio"] < row["bitmap_only_ratio"] < 1
 
 
 def test_codec_costs_fits_every_op_the_pricing_charges(tmp_path, capsys):
     import codec_costs
 
-    out = tmp_path / "c.json"
+    out = tmp_path / "c.jsonl"
     assert codec_costs.main(["--sizes", "20000,400000", "--reps", "5", "--out", str(out)]) == 0
-    fits = json.loads(out.read_text())["fits"]
+    (row,) = results_io.read_rows(out)
+    fits = row["fits"]
     assert {"compress", "decompress", "exp_compress", "exp_decompress", "bitmap_exp_compress",
             "bitmap_exp_decompress", "clone"} == set(fits)
     assert all(f["GBps"] > 0 and f["per_call_us"] >= 0 for f in fits.values())
@@ -145,8 +148,13 @@ def test_same_budget_ratios_and_summarize(tmp_path, capsys):
     # Paired with stock at the same budget only; no stock @0.3, no ratio.
     (((model, budget, x),)) = run.same_budget_ratios(rows)
     assert (model, budget) == ("m", "0.5") and x == pytest.approx(1.1)
-    path = tmp_path / "f.json"
-    path.write_text(json.dumps({"env": {"torch": "t", "device": "d", "malloc": "m", "argv": ["run.py"]}, "rows": rows}))
+    path = tmp_path / "f.jsonl"
+    results_io.append_rows("run", [{"model": "old", "config": "inductor"}], path)  # an earlier run: not shown
+    results_io.append_rows("run", rows, path)
+    # A second run differs in its command column (results_io.runs groups by it).
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"command": "', '"command": "earlier ')
+    path.write_text("\n".join(lines) + "\n")
     assert run.main(["--summarize", str(path)]) == 0
     out = capsys.readouterr().out
     assert "bittrain@B x inductor@B (paired)" in out and "1.100" in out
@@ -159,3 +167,39 @@ def test_op_overhead_cold_rows():
     rows = op_overhead.cold_rows([[64]], 3)
     assert [r[2] for r in rows] == ["torch.empty_like", "Tensor.add", "bitfx::compress", "bitfx::decompress"]
     assert all(r[1] == 64 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def test_render_results_from_rows(tmp_path):
+    """docs/results.md is rendered from rows: the latest run of each benchmark, with where it was measured."""
+    import render_results
+
+    res = tmp_path / "results"
+    for commit, saved in (("aaa", 100), ("bbb", 50)):  # two runs; only the latest counts
+        rows = [{"model": "m", "config": "inductor", "autocast": "", "saved_activation_bytes": 200, "step_x_inductor": 1.0},
+                {"model": "m", "config": "bittrain", "autocast": "", "saved_activation_bytes": saved, "step_x_inductor": 1.02}]
+        results_io.append_rows("run", rows, res / "run.jsonl")
+        lines = (res / "run.jsonl").read_text().splitlines()
+        (res / "run.jsonl").write_text("\n".join(
+            line.replace(f'"commit": "{results_io._commit()["commit"]}"', f'"commit": "{commit}"')
+            if i >= len(lines) - 2 else line for i, line in enumerate(lines)) + "\n")
+    results_io.append_rows("other", [{"x": 1.5, "name": "n"}], res / "other.jsonl")
+    text = render_results.render(res)
+    row = next(line for line in text.splitlines() if line.startswith("| m | fp32 | bittrain |"))
+    assert "| 0.250 | 1.020 |" in row and "commit bbb" in row
+    assert "## `other`" in text and "| 1.500 | n |" in text
+    out = tmp_path / "results.md"
+    assert render_results.main(["--results", str(res), "--out", str(out)]) == 0
+    assert render_results.main(["--results", str(res), "--out", str(out), "--check"]) == 0
+    out.write_text("edited by hand\n")
+    assert render_results.main(["--results", str(res), "--out", str(out), "--check"]) == 1
+
+
+def test_committed_results_page_is_generated():
+    import render_results
+
+    assert render_results.main(["--check"]) == 0, "run python benchmarks/render_results.py"
+
+
+def test_results_directory_holds_only_rows_and_plots():
+    names = [p.name for p in results_io.RESULTS.iterdir()]
+    assert names and all(n.endswith((".jsonl", ".png")) for n in names), names

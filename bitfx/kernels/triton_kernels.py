@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..format import BLOCK, EXP_GROUP, exp_groups, exp_header_bytes, exp_split, num_blocks
+from ..format import BLOCK, exp_groups, exp_header_bytes, exp_split, num_blocks
 
 try:
     import triton

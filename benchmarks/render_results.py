@@ -1,0 +1,171 @@
+"""Render ``docs/results.md`` from the rows in ``benchmarks/results/*.jsonl``.
+
+    python benchmarks/render_results.py [--results DIR] [--out FILE] [--check]
+
+Each benchmark's section shows its latest figures, each row with the machine,
+torch version and commit it was measured at (columns of the rows, see
+``results_io.py``).  ``--check`` exits 1 when ``--out`` is not what the rows
+render to (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import results_io  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE = {"benchmark", "commit", "dirty", "machine", "torch", "triton", "python", "command", "date",
+              "source_file"}
+
+
+def _num(v, digits=3):
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _mib(v):
+    return "" if v is None else f"{v / 2**20:.2f}"
+
+
+def _where(r: dict) -> str:
+    m = r.get("machine") or {}
+    cpu = m.get("gpu") or m.get("cpu") or "not recorded"
+    cores = f", {m['cores']} cores" if m.get("cores") else ""
+    isa = f", {'/'.join(m['isa'])}" if m.get("isa") else ""
+    return f"{cpu}{cores}{isa}"
+
+
+def _stamp(r: dict) -> str:
+    commit = r.get("commit") or "?"
+    if r.get("dirty"):
+        commit += " (uncommitted changes)"
+    return f"{_where(r)}; torch {r.get('torch') or '?'}; commit {commit}"
+
+
+def _table(headers: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def train_lm(rows: list[dict]) -> list[str]:
+    run = results_io.runs(rows)[-1]
+    last = run[-1]
+    out = [f"Command: `{last.get('command')}`; {_stamp(last)}.",
+           f"Corpus: the Python standard library's sources ({last.get('corpus_bytes')} bytes, "
+           f"SHA-256 {last.get('corpus_sha256')}); {last.get('act')} GPT, d={last.get('dim')}, "
+           f"{last.get('layers')} layers, seq {last.get('seq')}, batch {last.get('batch')}.", ""]
+    final = [r for r in run if r.get("config") == "run" and r.get("trained_steps")]
+    if final:
+        f = final[-1]
+        out += [f"Losses bit-identical to `compress=False`: {f['identical_steps']} of {f['trained_steps']} steps; "
+                f"final loss {f['loss']:.4f}.", ""]
+    body = []
+    for r in run:
+        if "saved_activation_bytes" not in r:
+            continue
+        dens = ", ".join(f"{x['density']:.2f}" for x in r.get("ffn") or [])
+        body.append([r["step"], r.get("autocast") or "fp32", r["config"], _mib(r["saved_activation_bytes"]),
+                     _num(r["saved_x_inductor"]), _num(r["saved_x_inductor@0.9"]), _mib(r["peak_bytes"]),
+                     "ok" if r.get("peak_check") == "ok" else "no", _num(r["step_x_inductor"]), dens])
+    out += _table(["step", "dtype", "config", "saved MiB", "x stock", "x stock@0.9", "step peak MiB", "peak check",
+                   "step x stock", "FFN densities"], body)
+    out += ["", "![FFN density and saved bytes against step](../benchmarks/results/train_lm.png)"]
+    return out
+
+
+def pruning(rows: list[dict]) -> list[str]:
+    run = results_io.runs(rows)[-1]
+    out = [f"Command: `{run[-1].get('command')}`; {_stamp(run[-1])}.",
+           "BitTrain's figures: " + ", ".join(f"{100 * p['footprint_reduction']:.0f}% less footprint at "
+                                              f"{100 * p['sparsity']:.0f}% sparsity" for p in run[-1]["paper"]) + ".",
+           ""]
+    body = [[r["step"], _num(r["weights_pruned"], 2), _num(r["relu_density"]), _num(r["test_accuracy"]), r["config"],
+             _mib(r["parameter_bytes"] + r["optimizer_bytes"]), _mib(r["peak_bytes"]),
+             _mib(r["saved_activation_bytes"]), _mib(r["footprint_bytes"]), _num(r["footprint_x_stock"]),
+             _num(r["saved_x_stock"])] for r in run]
+    return out + _table(["step", "weights pruned", "ReLU density", "test accuracy", "config",
+                         "params+optimizer MiB", "step peak MiB", "saved MiB", "footprint MiB",
+                         "footprint x stock", "saved x stock"], body)
+
+
+def run_frontier(rows: list[dict]) -> list[str]:
+    """The latest row of each (model, config, autocast), with its ratio to the inductor row of the same run."""
+    latest: dict = {}
+    for run in results_io.runs(rows):
+        ref = {(r.get("model"), r.get("autocast")): r for r in run if r.get("config") == "inductor"}
+        for r in run:
+            base = ref.get((r.get("model"), r.get("autocast")))
+            if base is None:
+                continue
+            saved_x = r["saved_activation_bytes"] / base["saved_activation_bytes"] if base["saved_activation_bytes"] else None
+            latest[(r.get("model"), r.get("config"), r.get("autocast") or "")] = (r, saved_x)
+    body = [[m, a or "fp32", c, _num(x), _num(r.get("step_x_inductor")), _stamp(r)]
+            for (m, c, a), (r, x) in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], _config_key(kv[0][1])))]
+    return (["Per model and configuration, the latest measurement, as a ratio to `inductor` in the same run "
+             "(step times paired by round).", ""]
+            + _table(["model", "dtype", "config", "saved x inductor", "step x inductor", "measured on"], body))
+
+
+def _config_key(config: str):
+    name, _, budget = config.partition("@")
+    return (budget == "", -float(budget) if budget else 0.0, name)
+
+
+def generic(rows: list[dict]) -> list[str]:
+    run = results_io.runs(rows)[-1]
+    cols = [k for k in run[0] if k not in PROVENANCE and not isinstance(run[0][k], (dict, list))]
+    body = [[_num(r.get(c)) for c in cols] for r in run]
+    return [f"Command: `{run[-1].get('command')}`; {_stamp(run[-1])}.", ""] + _table(cols, body)
+
+
+SECTIONS = {
+    "train_lm": ("A squared-ReLU GPT trained under bitfx (`benchmarks/train_lm.py`)", train_lm),
+    "pruning": ("BitTrain's pruning claim (`benchmarks/pruning.py`)", pruning),
+    "run": ("Held-out models: defaults and budgets (`benchmarks/run.py`)", run_frontier),
+}
+
+
+def render(results: Path) -> str:
+    lines = ["# bitfx results", "",
+             "Generated by `python benchmarks/render_results.py` from `benchmarks/results/*.jsonl`; do not edit.",
+             "Every figure was measured on the machine its row names. GPU: not measured (no GPU has run bitfx).", ""]
+    files = sorted(results.glob("*.jsonl"), key=lambda p: (list(SECTIONS).index(p.stem) if p.stem in SECTIONS
+                                                           else len(SECTIONS), p.stem))
+    for path in files:
+        rows = results_io.read_rows(path)
+        if not rows:
+            continue
+        title, fn = SECTIONS.get(path.stem, (f"`{path.stem}`", generic))
+        lines += [f"## {title}", "", *fn(rows), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=results_io.RESULTS)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if --out is not what the rows render to")
+    args = p.parse_args(argv)
+    text = render(args.results)
+    if args.check:
+        ok = args.out.exists() and args.out.read_text() == text
+        if not ok:
+            print(f"{args.out} is stale: run python benchmarks/render_results.py", file=sys.stderr)
+        return 0 if ok else 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
