@@ -1,6 +1,6 @@
 """The exactness matrix: architecture families under ``inner="inductor"``, fp32 and bf16 autocast.
 
-What bitfx guarantees (README, "What is exact"):
+What bitfx guarantees (docs/guarantees.md):
 
 * gradients and outputs are bit-identical to the same plan stored dense
   (``compress=False``): compression is lossless;
