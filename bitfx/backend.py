@@ -30,7 +30,27 @@ def _decompositions():
     return select_decomp_table()
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on_partition=None):
+def mode_patches(mode: str | None) -> dict:
+    """Inductor's config for a ``torch.compile`` mode, as Inductor itself applies it.
+
+    Every mode ``torch.compile`` knows is accepted.  Under the CUDA-graph modes
+    (``reduce-overhead``, ``max-autotune``) a graph holding bitfx's compress ops
+    is not captured: their payload sizes are data-dependent, and the ops are
+    tagged ``cudagraph_unsafe``, so Inductor skips CUDA graphs for that graph
+    (and says so in its log) instead of failing.
+    """
+    if mode in (None, "default"):
+        return {}
+    from torch._inductor import list_mode_options
+
+    valid = list(list_mode_options())
+    if mode not in valid:
+        raise ValueError(f"bittrain: unknown mode {mode!r}; torch.compile's modes are {valid}")
+    return dict(list_mode_options(mode))
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on_partition=None,
+                  mode: str | None = None):
     from .passes import BitfxPartitioner
     from .passes.partition import partition
 
@@ -43,7 +63,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
         from torch._inductor.compile_fx import compile_fx
 
         partitioner = BitfxPartitioner(options, on_partition, names)
-        patches = {"custom_partitioner_fn": partitioner}
+        patches = {**mode_patches(mode), "custom_partitioner_fn": partitioner}
         if not options.enabled:
             return compile_fx(gm, example_inputs, config_patches=patches)
         from . import inductor_layouts
@@ -55,6 +75,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
 
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+
+    if mode_patches(mode):
+        log.info("bitfx: inner='eager' runs the graphs as FX; mode=%r only configures Inductor", mode)
 
     def run_as_fx(fx_gm, _example_inputs):
         return make_boxed_func(fx_gm.forward)
@@ -78,17 +101,11 @@ class Backend:
     def __call__(self, gm, example_inputs, options: dict | None = None, mode: str | None = None):
         # torch.compile(model, backend=bitfx.backend(...), options={...})
         # passes options here: they override the ones given to backend().
-        _check_mode(mode)
         merged = self.options if not options else Options.from_dict({**asdict(self.options), **options})
-        return compile_graph(gm, example_inputs, merged, self.on_partition)
+        return compile_graph(gm, example_inputs, merged, self.on_partition, mode)
 
     def __repr__(self) -> str:
         return f"bitfx.backend({self.options})"
-
-
-def _check_mode(mode) -> None:
-    if mode not in (None, "default"):
-        raise ValueError(f"bittrain does not take a mode (got mode={mode!r}); use options=")
 
 
 def backend(**options: Any) -> Backend:
@@ -102,5 +119,4 @@ def bittrain(gm, example_inputs, options: dict | None = None, mode: str | None =
     ``torch.compile(model, backend="bittrain", options={...})`` arrives here
     with ``options`` as a keyword argument.
     """
-    _check_mode(mode)
-    return compile_graph(gm, example_inputs, Options.from_dict(options))
+    return compile_graph(gm, example_inputs, Options.from_dict(options), mode=mode)

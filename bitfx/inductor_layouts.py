@@ -273,7 +273,10 @@ def inner_compile(gm, example_inputs, **kwargs):
     keep_cast_inputs_in_place(gm)
     tagged = _tagged(gm, _PRODUCERS)
     compiled = compile_fx_inner(gm, example_inputs, **kwargs)
-    if not tagged:
+    if not tagged or getattr(config, "fallback_by_default", False):
+        # fallback_by_default (mode="lite") runs every op as an ATen fallback,
+        # bitfx's lowering too: the ops take the FX strides the rewrite gave
+        # them, and backward's are the same, so there is nothing to carry.
         return compiled
     cache_key = getattr(compiled, "_fx_graph_cache_key", None)
     if all(key in _LAYOUTS for key in tagged.values()):  # lowered here

@@ -68,20 +68,24 @@ _LIB = torch.library.Library("bitfx", "DEF")
 # it accepts inputs of any strides; Inductor may keep the layout it prefers
 # (see bitfx.inductor_lowering).
 _FLEX = (torch.Tag.flexible_layout,)
+# Ops whose output size depends on the data (the compressors), or that read a
+# count back to the host on CUDA (bitmap+exponent decompress): no CUDA graph
+# can hold them, and the tag makes Inductor skip capture for their graphs.
+_NO_CUDAGRAPH = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _SCHEMAS = {
-    "compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX),
+    "compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX + _NO_CUDAGRAPH),
     "decompress": (
         "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
         (),
     ),
     "pack_bool": ("(Tensor x, SymInt[] stride) -> Tensor", _FLEX),
     "unpack_bool": ("(Tensor packed, SymInt[] size, SymInt[] stride) -> Tensor", ()),
-    "exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> Tensor", _FLEX),
+    "exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> Tensor", _FLEX + _NO_CUDAGRAPH),
     "exp_decompress": ("(Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor", ()),
-    "bitmap_exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX),
+    "bitmap_exp_compress": ("(Tensor x, SymInt[] stride, str key=\"\") -> (Tensor, Tensor)", _FLEX + _NO_CUDAGRAPH),
     "bitmap_exp_decompress": (
         "(Tensor offsets, Tensor payload, SymInt[] size, SymInt[] stride, ScalarType dtype) -> Tensor",
-        (),
+        _NO_CUDAGRAPH,
     ),
 }
 for _name, (_schema, _tags) in _SCHEMAS.items():

@@ -77,11 +77,54 @@ def test_bad_options_raise_value_error_listing_valid_ones(options, message):
         assert "inner" in str(err.value) and "min_bytes" in str(err.value)
 
 
-def test_mode_is_rejected_clearly():
+_MODES = list(torch._inductor.list_mode_options())
+
+
+@pytest.mark.parametrize("mode", _MODES)
+def test_every_compile_mode_is_accepted_and_reaches_inductor(mode, monkeypatch):
+    """torch.compile(..., backend="bittrain", mode=m) for every mode torch knows: Inductor
+    compiles with that mode's config, compression still happens, and gradients stay
+    bit-identical to compress=False under the same mode."""
+    import torch._inductor.compile_fx as cfx
+    from torch._dynamo.utils import counters
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.append(dict(kwargs.get("config_patches") or {}))
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+
+    def grads(backend):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 2))
+        torch.compile(m, backend=backend, mode=mode)(torch.randn(64, 64)).sum().backward()
+        return [p.grad for p in m.parameters()]
+
+    counters.clear()
+    on = grads("bittrain")
+    assert counters["bitfx"]["compress"] == 1
+    off = grads(bitfx.backend(compress=False))
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(on, off, strict=True))
+    want = torch._inductor.list_mode_options(mode)
+    # compile_fx applies its patches, then calls itself without them: the first call is ours.
+    assert seen and want.items() <= seen[0].items(), (want, seen)
+
+
+def test_unknown_mode_names_the_valid_ones():
     from bitfx.backend import bittrain
 
-    with pytest.raises(ValueError, match="mode"):
-        bittrain(None, [], mode="max-autotune")
+    with pytest.raises(ValueError, match="max-autotune"):
+        bittrain(None, [], mode="fastest")
+
+
+def test_compress_ops_are_tagged_cudagraph_unsafe():
+    for op in ("compress", "exp_compress", "bitmap_exp_compress", "bitmap_exp_decompress"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.bitfx, op).default.tags, op
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.bitfx.decompress.default.tags
 
 
 def test_options_defaults():
