@@ -12,7 +12,8 @@ checkpoint measures, on a copy of the current weights (masks made
 permanent):
 
 * the ReLU outputs' density (nonzero fraction), over one batch;
-* the footprint of one training step, stock Inductor and bitfx's default:
+* the footprint of one training step, stock Inductor, bitfx's default and
+  its plan stored dense (``compress=False``: what recompute alone saves):
   parameters, gradients and SGD-momentum state, plus the step's peak above
   them (:func:`bitfx.measure.step_peak`, with its check), and the saved
   activations alone;
@@ -114,10 +115,13 @@ def weight_sparsity(model) -> float:
 
 def footprint(model: nn.Module, x, y, config: str) -> dict:
     """One training step of a copy of ``model`` under ``config``: its memory, measured."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
-    backend = bitfx.backend() if config == "bittrain" else "inductor"
+    backend = {"bittrain": bitfx.backend(), "bittrain-dense": bitfx.backend(compress=False)}.get(config, "inductor")
     fn = torch.compile(fresh_entry(m, f"pruning {config}"), backend=backend)
 
     def step():
@@ -137,7 +141,8 @@ def footprint(model: nn.Module, x, y, config: str) -> dict:
     # the step's peak above it (gradients, activations, workspaces).
     return {"config": config, "parameter_bytes": params, "optimizer_bytes": state, "gradient_bytes": peak.gradient_bytes,
             "peak_bytes": peak.peak, "peak_check": peak.check, "saved_activation_bytes": saved,
-            "footprint_bytes": params + state + peak.peak}
+            "footprint_bytes": params + state + peak.peak,
+            "bitmap_tensors": counters["bitfx"]["compress"], "exponent_tensors": counters["bitfx"]["exponent"]}
 
 
 def main(argv=None) -> int:
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--schedule", default="150:0.5,300:0.7,450:0.9",
-                   help="step:fraction of prunable weights pruned from then on (global L1 magnitude)")
+                   help="step:fraction of all prunable weights pruned from then on (global L1 magnitude)")
     p.add_argument("--checkpoints", default=None, help="steps to measure at (default: 0, each pruning step - 1, last)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -163,15 +168,19 @@ def main(argv=None) -> int:
     pruned = 0.0
     for step in range(args.steps + 1):
         if step in schedule:
-            pruned = schedule[step]
-            prune.global_unstructured(prunable(model), pruning_method=prune.L1Unstructured, amount=pruned)
+            # global_unstructured prunes ``amount`` of the weights still unpruned:
+            # ask for what takes the total to the scheduled fraction.
+            target = schedule[step]
+            amount = (target - pruned) / (1.0 - pruned)
+            prune.global_unstructured(prunable(model), pruning_method=prune.L1Unstructured, amount=amount)
+            pruned = target
         if step in checkpoints:
             m = baked(model).eval()
             with torch.no_grad():
                 acc = float((m(xte).argmax(1) == yte).float().mean())
             m.train()
             density = relu_density(m, xm)
-            rows = [footprint(m, xm, ym, c) for c in ("inductor", "bittrain")]
+            rows = [footprint(m, xm, ym, c) for c in ("inductor", "bittrain-dense", "bittrain")]
             stock = rows[0]
             for r in rows:
                 r.update({"step": step, "weights_pruned": weight_sparsity(m), "relu_density": density,
@@ -180,10 +189,11 @@ def main(argv=None) -> int:
                           "saved_x_stock": r["saved_activation_bytes"] / stock["saved_activation_bytes"],
                           "paper": PAPER})
             results_io.append_rows("pruning", rows, args.out)
-            b = rows[1]
+            b = rows[-1]
             print(f"step {step}: weights pruned {weight_sparsity(m):.2f}, ReLU density {density:.3f}, "
                   f"accuracy {acc:.3f}; bitfx footprint {b['footprint_x_stock']:.3f}x stock, "
-                  f"saved activations {b['saved_x_stock']:.3f}x", flush=True)
+                  f"saved activations {b['saved_x_stock']:.3f}x ({b['bitmap_tensors']} bitmap-coded; plan stored "
+                  f"dense {rows[1]['saved_x_stock']:.3f}x)", flush=True)
         if step == args.steps:
             break
         idx = torch.randint(0, len(ytr), (args.batch,), generator=gen)

@@ -91,10 +91,10 @@ def pruning(rows: list[dict]) -> list[str]:
     body = [[r["step"], _num(r["weights_pruned"], 2), _num(r["relu_density"]), _num(r["test_accuracy"]), r["config"],
              _mib(r["parameter_bytes"] + r["optimizer_bytes"]), _mib(r["peak_bytes"]),
              _mib(r["saved_activation_bytes"]), _mib(r["footprint_bytes"]), _num(r["footprint_x_stock"]),
-             _num(r["saved_x_stock"])] for r in run]
+             _num(r["saved_x_stock"]), r.get("bitmap_tensors", "")] for r in run]
     return out + _table(["step", "weights pruned", "ReLU density", "test accuracy", "config",
                          "params+optimizer MiB", "step peak MiB", "saved MiB", "footprint MiB",
-                         "footprint x stock", "saved x stock"], body)
+                         "footprint x stock", "saved x stock", "bitmap-coded tensors"], body)
 
 
 def run_frontier(rows: list[dict]) -> list[str]:
