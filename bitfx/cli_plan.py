@@ -186,7 +186,9 @@ def _budget(text: str | None):
     from .options import Options
 
     try:
-        value = float(text) if text.replace(".", "", 1).isdigit() else text
+        value = text
+        if text.replace(".", "", 1).isdigit():  # a bare number: a fraction up to 1, else bytes
+            value = float(text) if float(text) <= 1 else int(float(text))
         return Options(memory_budget=value).memory_budget
     except ValueError as e:
         raise _Fail(f"bad --memory-budget {text!r}: {e}") from None

@@ -44,9 +44,11 @@ class Options:
         partitioner saves at that fraction, and takes the smallest plan whose
         estimated step time stays within 2% of that plan's; at 1, min-cut's
         plan at bitfx's prices.
-        A size (``"1.5GiB"``, ``"800MB"``, or an int of bytes above 1): the
-        fastest plan whose saved activations fit it, per compiled graph, or
-        an error naming the smallest plan.
+        A size (``"1.5GiB"``, ``"800MB"``, ``"2TB"``, or an int of at least
+        1024 bytes; smaller ints are refused as ambiguous): the fastest plan
+        whose saved activations fit it, per compiled graph, among the free
+        default's plan and PyTorch's cut at each fraction with and without
+        the exponent codec, or an error naming the smallest plan.
     codec
         How saved values are stored.  ``"bitmap"``: sparse tensors (ReLU
         family) as a bitmap plus their nonzero values; the rest dense.
@@ -132,8 +134,13 @@ def densities_for(options: "Options", fingerprint: str) -> dict[str, float]:
     return {k[len(prefix):]: d for k, d in options.densities or () if k.startswith(prefix)}
 
 
+# An int below this is refused: 1 could mean the fraction 1.0 or one byte, and
+# 2 two bytes, which no one means; nobody budgets less than 1 KiB.
+_MIN_INT_BYTES = 1024
+
+
 def _budget(value):
-    """None, a fraction (float in [0, 1]) or bytes (int > 1); sizes given as text are read."""
+    """None, a fraction (a float in [0, 1]) or bytes (a size with units, or an int of at least 1 KiB)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -141,18 +148,22 @@ def _budget(value):
             return parse_bytes(value)
         except ValueError as e:
             raise ValueError(f"bittrain option memory_budget: {e}") from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        if value <= 1:
-            return float(value)
-        if isinstance(value, int):
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= _MIN_INT_BYTES:
             return value
+        raise ValueError(
+            f"bittrain option memory_budget={value!r} is ambiguous: write a fraction as a float "
+            f"({float(value) if value in (0, 1) else 0.5!r}) or a size with its unit ('{value}B', '1.5GiB')")
     raise ValueError(
-        f"bittrain option memory_budget must be None, a fraction in [0, 1], a size like '1.5GiB' "
-        f"or an int of bytes, got {value!r}"
+        f"bittrain option memory_budget must be None, a fraction (a float in [0, 1]), a size like '1.5GiB' "
+        f"or an int of at least {_MIN_INT_BYTES} bytes, got {value!r}"
     )
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:

@@ -267,11 +267,24 @@ class JointPrices:
             return saved, estimate(budget, saved)
 
         t = self.target
+
+        def free_plan() -> tuple[list[fx.Node], Estimate]:
+            """The free default: the smallest cut within 2% (codec left out), then the codec where time is left."""
+            self.exp_off = True
+            try:
+                limit = (1.0 + FREE_SLOWDOWN) * (step_s + baseline)
+                saved, est = self._smallest_within(solve, limit, [solve(1.0)])
+            finally:
+                self.exp_off = False
+            return saved, self._add_exponent(self._as_rewritten(saved, node_info), est, limit - est.total_s)
+
         if not self.options.enabled and t.kind != "bytes":
             saved = stock_default if t.value == 1.0 else stock_plan(t.value)  # stock's own plan
             self.chosen = estimate(t.value, saved)
         elif t.kind == "bytes":
-            saved, self.chosen = self._fit(solve)
+            saved, self.chosen = self._fit(solve, free_plan)
+        elif t.kind == "free":
+            saved, self.chosen = free_plan()
         else:
             # The cut is chosen with the exponent codec left out; the codec is
             # then added where time allows (_add_exponent).  Priced inside the
@@ -280,10 +293,7 @@ class JointPrices:
             # of stock's plan at the same fraction (MobileNetV2, CPU).
             self.exp_off = True
             try:
-                if t.kind == "free":
-                    limit = (1.0 + FREE_SLOWDOWN) * (step_s + baseline)
-                    saved, self.chosen = self._smallest_within(solve, limit, [solve(1.0)])
-                elif t.value == 1.0:
+                if t.value == 1.0:
                     saved, self.chosen = solve(1.0)  # stock's cut at bitfx's prices: nothing more recomputed
                     limit = self.chosen.total_s + FREE_SLOWDOWN * (step_s + baseline)
                 else:
@@ -411,16 +421,43 @@ class JointPrices:
         self.candidates.append(final)
         return final
 
-    def _fit(self, solve):
-        """The fastest plan whose saved bytes fit the absolute target, else BudgetError."""
-        for budget in BUDGET_GRID:  # larger budgets recompute less: the first fit is the fastest
-            saved, est = solve(budget)
+    def _fit(self, solve, free_plan):
+        """The fastest plan whose saved bytes fit the absolute target, else BudgetError.
+
+        Candidates: the free default's plan (a plan that fits and is faster
+        must never lose to one that fits and is slower), and PyTorch's cut at
+        each fraction of :data:`BUDGET_GRID`, with the exponent codec priced
+        in the cut and without it.  Each keeps the exponent-codec choice it
+        was priced with (``self.exponent``) for the rewrite.
+        """
+        fits = []
+
+        def consider(saved, est, exponent) -> bool:
             if est.saved_bytes <= self.target.value:
-                return saved, est
+                fits.append((est.total_s, len(fits), saved, est, exponent))
+                return True
+            return False
+
+        saved, est = free_plan()
+        consider(saved, est, self.exponent)
+        for budget in BUDGET_GRID:  # larger budgets recompute less: the first fit is the fastest of each kind
+            self.exponent = None  # every codec candidate priced in the cut
+            saved, est = solve(budget)
+            coded = consider(saved, est, None)
+            self.exp_off = True
+            try:
+                saved, est = solve(budget)
+            finally:
+                self.exp_off = False
+            if consider(saved, est, set()) and coded:
+                break  # smaller fractions only recompute more
+        if fits:
+            _, _, saved, est, self.exponent = min(fits, key=lambda f: f[:2])
+            return saved, est
         smallest = min(self.candidates, key=lambda e: e.saved_bytes)
         raise BudgetError(
             f"bitfx: no plan fits {self.target} of saved activations in this graph; the smallest "
-            f"saves {format_bytes(smallest.saved_bytes)} (memory_budget={smallest.budget:g}, estimated "
+            f"saves {format_bytes(smallest.saved_bytes)} ({smallest.label}, estimated "
             f"{smallest.slowdown:.2f}x the step time). Raise the budget, or give a fraction."
         )
 
