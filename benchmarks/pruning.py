@@ -13,7 +13,9 @@ permanent):
 
 * the ReLU outputs' density (nonzero fraction), over one batch;
 * the footprint of one training step, stock Inductor, bitfx's default and
-  its plan stored dense (``compress=False``: what recompute alone saves):
+  its plan stored dense (``compress=False``: what recompute alone saves),
+  and ``memory_budget=1.0`` (min-cut's own cut at bitfx's prices: the
+  seed's setting, stock's recompute with the ReLU outputs bitmap-coded):
   parameters, gradients and SGD-momentum state, plus the step's peak above
   them (:func:`bitfx.measure.step_peak`, with its check), and the saved
   activations alone;
@@ -121,7 +123,8 @@ def footprint(model: nn.Module, x, y, config: str) -> dict:
     counters.clear()
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
-    backend = {"bittrain": bitfx.backend(), "bittrain-dense": bitfx.backend(compress=False)}.get(config, "inductor")
+    backend = {"bittrain": bitfx.backend(), "bittrain-dense": bitfx.backend(compress=False),
+               "bittrain@1.0": bitfx.backend(memory_budget=1.0)}.get(config, "inductor")
     fn = torch.compile(fresh_entry(m, f"pruning {config}"), backend=backend)
 
     def step():
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
                 acc = float((m(xte).argmax(1) == yte).float().mean())
             m.train()
             density = relu_density(m, xm)
-            rows = [footprint(m, xm, ym, c) for c in ("inductor", "bittrain-dense", "bittrain")]
+            rows = [footprint(m, xm, ym, c) for c in ("inductor", "bittrain-dense", "bittrain@1.0", "bittrain")]
             stock = rows[0]
             for r in rows:
                 r.update({"step": step, "weights_pruned": weight_sparsity(m), "relu_density": density,
