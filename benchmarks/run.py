@@ -145,6 +145,11 @@ class SquaredReLUFFN(nn.Module):
         return self.head(x.mean(1))
 
 
+def gpu() -> dict[str, Workload]:
+    """The first GPU check's CNN: ResNet-50 (written out, torchvision not needed), batch 64 at 224x224."""
+    return {"resnet50": Workload("resnet50", lambda: models.resnet50(1000), (64, 3, 224, 224), "batch 64, 224x224")}
+
+
 def heldout() -> dict[str, Workload]:
     """torchvision models (not the project's own), at the sizes of issue 10's table."""
     import torchvision.models as tv
@@ -303,6 +308,14 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
     for config in configs:
         progress(f"{w.name} {config}: compile")
         runs.append(Run(w, config, device, autocast))
+    # The same plan stored dense took the same two steps from the same weights
+    # and batch: its gradients must be bit-identical to the default's.
+    by = {r.config: r for r in runs}
+    exact = None
+    if "bittrain" in by and "bittrain-dense" in by:
+        exact = all(torch.equal(a.grad.view(torch.uint8), b.grad.view(torch.uint8))
+                    for a, b in zip(by["bittrain"].model.parameters(), by["bittrain-dense"].model.parameters())
+                    if a.grad is not None)
     for run in runs:
         # Before the timing rounds: the model trains as it steps, so bytes
         # measured after them would depend on how many rounds ran (the ReLU
@@ -322,6 +335,8 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
         row["step_times_ms"] = [1e3 * t for t in run.times]
         if ref is not None:
             row["step_x_inductor"] = paired_ratio(run.times, ref)
+        if exact is not None and run.config == "bittrain":
+            row["grads_bit_identical_to_dense"] = exact
         rows.append(row)
     del runs
     torch._dynamo.reset()
@@ -383,7 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated subset")
     p.add_argument("--configs", default=None, help=f"comma-separated (default {','.join(CONFIGS)})")
     p.add_argument("--budgets", default=None, help="inductor, bittrain and both at each of these budgets")
-    p.add_argument("--zoo", default="default", choices=["default", "heldout"])
+    p.add_argument("--zoo", default="default", choices=["default", "heldout", "gpu"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (rounds), at least")
     p.add_argument("--min-seconds", type=float, default=0.0,
                    help="per model, keep timing rounds until they have taken this long (at least --steps)")
@@ -412,7 +427,7 @@ def main(argv=None) -> int:
         # Every configuration compiles from scratch, so compile times compare.
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
-    all_w = heldout() if args.zoo == "heldout" else workloads(args.quick)
+    all_w = heldout() if args.zoo == "heldout" else gpu() if args.zoo == "gpu" else workloads(args.quick)
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick and args.zoo == "default" else list(all_w))
     unknown = [n for n in names if n not in all_w]
     if unknown:

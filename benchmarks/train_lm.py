@@ -53,6 +53,7 @@ import argparse
 import copy
 import hashlib
 import math
+import os
 import statistics
 import sys
 import sysconfig
@@ -203,6 +204,8 @@ class Measured:
     def step(self, x, y):
         self.model.zero_grad(set_to_none=True)
         self.loss(x, y).backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def first_step(self, x, y):
         ctx = torch._functorch.config.patch(activation_memory_budget=self.budget) if self.budget else _null()
@@ -229,10 +232,11 @@ def ffn_stats() -> list[bitfx.runtime_stats.TensorStats]:
 
 
 def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) -> list[dict]:
+    device = x.device
     """Every configuration at these weights: bytes, peak, interleaved step times."""
     runs, ffn, replanned = [], {}, None
     for name in CONFIGS:
-        model = make()
+        model = make().to(device)
         model.load_state_dict(weights)
         runs.append(Measured(name, model, autocast, tag, replanned))
         bitfx.runtime_stats.reset()
@@ -246,7 +250,7 @@ def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) ->
     for r in runs:
         exclude = [*r.model.parameters(), *r.model.buffers()]
         saved = saved_activation_bytes(lambda: r.loss(x, y), exclude)
-        peak = step_peak(lambda: r.step(x, y), r.model)
+        peak = step_peak(lambda: r.step(x, y), r.model, device)
         out.append({"config": r.name, "saved_activation_bytes": saved, "peak_bytes": peak.peak,
                     "peak_check": peak.check})
     for k in range(rounds):
@@ -284,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peaks then from max_memory_allocated)")
     p.add_argument("--checkpoints", default=None,
                    help="comma-separated steps to measure at (default: 0, every quarter, and the last)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per checkpoint")
@@ -299,22 +304,24 @@ def main(argv=None) -> int:
     # Inductor's CPU scatter-add (the embedding's backward) adds in thread
     # order: without this, two runs of the same plan differ in the last bit,
     # and so would bitfx and compress=False.  Every configuration runs with it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
     torch.use_deterministic_algorithms(True)
     data, sha = corpus(args.corpus_bytes)
     gen = torch.Generator().manual_seed(args.seed)
     checkpoints = sorted({int(s) for s in args.checkpoints.split(",")} if args.checkpoints else
                          {0, *(args.steps * q // 4 for q in (1, 2, 3)), args.steps})
-    common = {"act": args.act, "dim": args.dim, "layers": args.layers, "heads": args.heads, "seq": args.seq,
+    common = {"device": args.device, "act": args.act, "dim": args.dim, "layers": args.layers, "heads": args.heads, "seq": args.seq,
               "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "corpus": "python-stdlib", "corpus_sha256": sha, "corpus_bytes": data.numel()}
-    model = make_model(args)
+    device = torch.device(args.device)
+    model = make_model(args).to(device)
     twin = copy.deepcopy(model)
     make = lambda: make_model(args)  # noqa: E731
     main_fn = torch.compile(fresh_entry(model, "train_lm run"), backend=bitfx.backend())
     twin_fn = torch.compile(fresh_entry(twin, "train_lm twin"), backend=bitfx.backend(compress=False))
     opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (model, twin)]
     losses, identical = [], 0
-    x_eval, y_eval = batch(data, args.batch, args.seq, torch.Generator().manual_seed(args.seed + 1))
+    x_eval, y_eval = (t.to(device) for t in batch(data, args.batch, args.seq, torch.Generator().manual_seed(args.seed + 1)))
     t_start = time.perf_counter()
     for step in range(args.steps + 1):
         if step in checkpoints:
@@ -336,7 +343,7 @@ def main(argv=None) -> int:
                               for r in rows if "saved_x_inductor" in r), flush=True)
         if step == args.steps:
             break
-        x, y = batch(data, args.batch, args.seq, gen)
+        x, y = (t.to(device) for t in batch(data, args.batch, args.seq, gen))
         got = []
         for fn, opt in zip((main_fn, twin_fn), opts):
             opt.zero_grad(set_to_none=True)

@@ -203,3 +203,11 @@ def test_committed_results_page_is_generated():
 def test_results_directory_holds_only_rows_and_plots():
     names = [p.name for p in results_io.RESULTS.iterdir()]
     assert names and all(n.endswith((".jsonl", ".png")) for n in names), names
+
+
+def test_run_model_checks_the_default_against_its_plan_stored_dense():
+    w = run.Workload("tiny", tiny, (16, 32))
+    rows = run.run_model(w, ["inductor", "bittrain", "bittrain-dense"], run.torch.device("cpu"), 1, lambda m: None)
+    (row,) = [r for r in rows if r["config"] == "bittrain"]
+    assert row["grads_bit_identical_to_dense"] is True
+    assert all("grads_bit_identical_to_dense" not in r for r in rows if r["config"] != "bittrain")
