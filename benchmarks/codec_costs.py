@@ -26,19 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_io  # noqa: E402
 
 import bitfx  # noqa: F401  (registers the bitfx:: ops)
-from bitfx.passes.pricing import DEFAULT_DENSITY, MACHINES
+from bitfx import calibrate
+from bitfx.passes.pricing import DEFAULT_DENSITY
 from kernels import _timer as median_s  # kernels.py's timer: median after one warm-up
-
-
-def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(seconds per call, bytes per second) of seconds = a + bytes / b, by least squares."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    if slope <= 0:
-        raise SystemExit(f"timings do not grow with size ({points}): too noisy to fit; raise --reps")
-    return max(my - slope * mx, 0.0), 1 / slope
 
 
 def measure(sizes: list[int], dtype: torch.dtype, reps: int) -> dict[str, list[tuple[float, float]]]:
@@ -82,8 +72,8 @@ def main(argv=None) -> int:
         p.error("--sizes needs at least two sizes to fit two terms")
     dtype = getattr(torch, args.dtype)
     timings = measure(sizes, dtype, args.reps)
-    cpu = MACHINES["cpu"]
-    priced = {  # (per call, bytes/s) the pricing charges each op now
+    cpu = calibrate.machine("cpu")
+    priced = {  # (per call, bytes/s) the pricing charges each op now, with the profile in force
         "compress": (cpu.bitmap_call, cpu.encode),
         "decompress": (cpu.bitmap_call, cpu.decode),
         "exp_compress": (cpu.exp_call, cpu.exp_encode),
@@ -91,7 +81,10 @@ def main(argv=None) -> int:
     }
     rows, fits = [], {}
     for name, points in timings.items():
-        per_call, bps = _fit(points)
+        try:
+            per_call, bps = calibrate.fit(points)
+        except RuntimeError as e:
+            raise SystemExit(f"{e}; raise --reps") from None
         fits[name] = {"per_call_us": per_call * 1e6, "GBps": bps / 1e9}
         now = priced.get(name)
         rows.append([name, *(f"{t * 1e6:.1f}" for _, t in points), f"{per_call * 1e6:.1f}", f"{bps / 1e9:.1f}",
@@ -101,6 +94,7 @@ def main(argv=None) -> int:
           f"(exponent codec: dense normal values); {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(tabulate(rows, headers=head))
+    print(f"pricing: {cpu.name}")
     path = results_io.append_rows("codec_costs", [{
         "threads": torch.get_num_threads(), "dtype": args.dtype,
         "timings": {k: [[b, t] for b, t in v] for k, v in timings.items()}, "fits": fits}], args.out)

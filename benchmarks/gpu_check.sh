@@ -2,13 +2,14 @@
 # The prepared GPU check, end to end, in under 10 minutes on one GPU:
 #   1. the kernel tests (bitmap and exponent codecs, Triton on the GPU) and
 #      the kernels' speed;
-#   2. ResNet-50 (batch 64, 224x224, bf16 autocast) and the squared-ReLU GPT
+#   2. python -m bitfx calibrate --device cuda: the device profile (copied to
+#      OUTDIR/profile-cuda.json) that prices every plan after it;
+#   3. ResNet-50 (batch 64, 224x224, bf16 autocast) and the squared-ReLU GPT
 #      of train_lm.py (bf16 rows too): stock, stock at budget 0.9, bitfx's
 #      default and its plan stored dense, each with its peak
 #      (max_memory_allocated), saved bytes, interleaved step ratio, and
 #      exactness against compress=False (gradients for ResNet-50, every
 #      step's loss for the GPT).
-# There is no calibrate command yet, so the CUDA cost constants stay assumed.
 # The benchmarks append rows to benchmarks/results/*.jsonl; the rows this run
 # added are copied to OUTDIR as rows-<benchmark>.jsonl (append them to the
 # repository's files), the logs to OUTDIR/logs.tgz.
@@ -37,10 +38,12 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to NAME.txt
     tail -n 25 "$logs/$name.txt"
 }
 step 90 kernel_tests python3 -m pytest -q -x tests/test_ops.py tests/test_exponent_codec.py -k "cuda or triton"
-step 60 kernels python3 benchmarks/kernels.py --device cuda --sizes 1048576,16777216,67108864 \
+step 45 kernels python3 benchmarks/kernels.py --device cuda --sizes 1048576,16777216,67108864 \
     --densities 0.1,0.5,0.9 --dtypes float32,bfloat16 --reps 20
 step 40 kernels_exp python3 benchmarks/kernels.py --device cuda --codec exponent --sizes 1048576,16777216 \
     --dtypes float32,bfloat16 --reps 20
+step 30 calibrate python3 -m bitfx calibrate --device cuda --out "$out/profile-cuda.json"
+[ -f "$out/profile-cuda.json" ] && export BITFX_PROFILE="$out/profile-cuda.json"
 step 180 resnet50 python3 benchmarks/run.py --zoo gpu --device cuda --autocast bf16 --steps 10 \
     --configs inductor,inductor@0.9,bittrain,bittrain-dense
 step 210 gpt python3 benchmarks/train_lm.py --device cuda --dim 512 --layers 4 --heads 8 --seq 512 --batch 16 \

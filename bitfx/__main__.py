@@ -1,16 +1,19 @@
-"""Command line: ``python -m bitfx {demo,plan,build-kernels} ...``."""
+"""Command line: ``python -m bitfx {demo,plan,calibrate,build-kernels} ...``."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bitfx {demo,plan,build-kernels} [options]
+USAGE = """usage: python -m bitfx {demo,plan,calibrate,build-kernels} [options]
 
   demo           train a small CNN and a ReLU FFN with and without bitfx;
                  print saved-activation memory and check that gradients
                  are bit-identical
   plan           predict saved-activation and peak training memory of a
                  model before running it (python -m bitfx plan --help)
+  calibrate      measure this device's FLOP rate, bandwidth and codec costs
+                 into the profile the cost model prices plans with
+                 (python -m bitfx calibrate --help)
   build-kernels  build the C++ CPU kernels now instead of at the first CPU
                  op (into $BITFX_CACHE, else ~/.cache/bitfx)
 """
@@ -30,6 +33,10 @@ def main(argv=None) -> int:
         from .cli_plan import main as plan
 
         return plan(rest)
+    if cmd == "calibrate":
+        from .calibrate import main as calibrate
+
+        return calibrate(rest)
     if cmd == "build-kernels":
         from .kernels import cpu_ext
 

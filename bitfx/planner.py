@@ -101,7 +101,8 @@ class MemoryPlan:
         if self.estimate:
             e = self.estimate
             totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
-                       f"baseline's (recompute {1e3 * e['recompute_s']:.2f} ms, codec {1e3 * e['codec_s']:.2f} ms)")
+                       f"baseline's (recompute {1e3 * e['recompute_s']:.2f} ms, codec {1e3 * e['codec_s']:.2f} ms)"
+                       f"\npriced on {e['priced_on']}")
         if self.calibrated:
             how = "measured densities and exponent-codec ratios (calibrate=True)"
         else:
@@ -325,7 +326,8 @@ def plan(
     if comp.estimate is not None:
         e = comp.estimate
         estimate = {"target": str(comp.target), "plan": e.label, "slowdown": e.slowdown,
-                    "recompute_s": e.recompute_s, "codec_s": e.codec_s, "saved_bytes_priced": e.saved_bytes}
+                    "recompute_s": e.recompute_s, "codec_s": e.codec_s, "saved_bytes_priced": e.saved_bytes,
+                    "priced_on": comp.machine}
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
                       optimizer, calibrate, options=asdict(on),
                       densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind},

@@ -115,9 +115,11 @@ def log_decisions(infos: list[SavedTensor], enabled: bool, plan: str = "") -> No
              decisions_table(infos))
 
 
-def plan_line(target, estimate) -> str:
-    """``plan: free default ... -> time knapsack, estimated step time 1.012x stock's (recompute ..., codec ...)``."""
+def plan_line(target, estimate, machine: str = "") -> str:
+    """``plan: free default ... -> time knapsack, estimated step time 1.012x stock's (recompute ..., codec ...);
+    priced on <profile>``."""
     if estimate is None:
         return ""
     return (f"plan: {target} -> {estimate.label}; estimated step time {estimate.slowdown:.3f}x stock's "
-            f"(recompute {1e3 * estimate.recompute_s:.2f} ms, codec {1e3 * estimate.codec_s:.2f} ms)")
+            f"(recompute {1e3 * estimate.recompute_s:.2f} ms, codec {1e3 * estimate.codec_s:.2f} ms)"
+            + (f"\npriced on {machine}" if machine else ""))

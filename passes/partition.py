@@ -100,10 +100,12 @@ def partition(
         from bitfx.report import log_decisions, plan_line
 
         _name_inputs(fw, infos, input_names)
-        log_decisions(infos, options.enabled, plan_line(prices.target, prices.chosen) if prices else "")
+        log_decisions(infos, options.enabled,
+                      plan_line(prices.target, prices.chosen, prices.machine.name) if prices else "")
     if on_partition is not None:
         on_partition(Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
-                               prices.candidates if prices else [], prices.target if prices else None))
+                               prices.candidates if prices else [], prices.target if prices else None,
+                               prices.machine.name if prices else None))
     return fw, bw
 
 
@@ -118,6 +120,7 @@ class Partition:
     estimate: Estimate | None = None  # the chosen plan, priced (passes/costmodel.py)
     candidates: list[Estimate] = field(default_factory=list)  # every plan priced on the way
     target: Target | None = None  # what the plan was chosen for
+    machine: str | None = None  # the device profile that priced it (bitfx.calibrate)
 
     @property
     def saved(self) -> list:
@@ -190,6 +193,9 @@ class BitfxPartitioner(CustomPartitionerFn):
     def uuid(self):
         h = hashlib.sha256(repr(self.options).encode())
         h.update(_source_hash().encode())
+        from bitfx import calibrate  # the constants that priced the plan
+
+        h.update(calibrate.key().encode())
         if self._nonce:
             h.update(self._nonce.encode())
         return h.hexdigest()

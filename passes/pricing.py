@@ -140,9 +140,15 @@ class Machine:
     exp_encode: float  # dense bytes/s bitfx::exp_compress reads
     exp_decode: float  # dense bytes/s bitfx::exp_decompress writes
     exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes
+    # Matmul FLOP/s by dtype name ("bfloat16": ...), where measured; others use ``flops``.
+    flops_by_dtype: tuple[tuple[str, float], ...] = ()
 
     def seconds_moving(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
+
+    def flop_rate(self, dtype) -> float:
+        name = str(dtype).replace("torch.", "")
+        return next((f for d, f in self.flops_by_dtype if d == name), self.flops)
 
 
 # CPU: measured on an AMD EPYC without AVX-512 (Zen 3), 2 cores, torch 2.14.1:
@@ -162,20 +168,23 @@ class Machine:
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
 MACHINES = {
-    "cpu": Machine("cpu", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
+    "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
                    exp_encode=3e9, exp_decode=5e9, exp_call=30e-6),
-    "cuda": Machine("cuda (assumed, unmeasured)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
+    "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }
 
 
 def machine_for(graph: fx.Graph) -> Machine:
-    """The machine of the graph's first tensor: CUDA if it is on CUDA, else CPU."""
+    """The machine of the graph's first tensor (CUDA if it is on CUDA, else CPU): its
+    measured profile (``python -m bitfx calibrate``), else the built-in constants."""
+    from bitfx.calibrate import machine
+
     for node in graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return MACHINES["cuda" if val.device.type == "cuda" else "cpu"]
-    return MACHINES["cpu"]
+            return machine("cuda" if val.device.type == "cuda" else "cpu")
+    return machine("cpu")
 
 
 def codec_seconds(val: torch.Tensor, codec: Codec, machine: Machine) -> float:
@@ -225,7 +234,9 @@ def op_seconds(node: fx.Node, machine: Machine) -> float:
     if not flops and _op_types().is_fusible(node):
         return machine.seconds_moving(out) if any(_needs_memory(u) for u in node.users) else 0.0
     moved = out + sum(dense_bytes(a.meta.get("val")) for a in node.all_input_nodes)
-    return max(flops / machine.flops, machine.seconds_moving(moved))
+    val = node.meta.get("val")
+    rate = machine.flop_rate(val.dtype) if isinstance(val, torch.Tensor) else machine.flops
+    return max(flops / rate, machine.seconds_moving(moved))
 
 
 def recompute_seconds(node: fx.Node, machine: Machine) -> float:

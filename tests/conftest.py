@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Plans priced with the built-in constants, not a profile of whatever machine
+# runs the suite (bitfx.calibrate); tests of profiles set it themselves.
+os.environ.setdefault("BITFX_PROFILE", "builtin")
+
 # After TRITON_INTERPRET: Inductor's config imports triton.
 import torch._functorch.config  # noqa: E402
 import torch._inductor.config  # noqa: E402

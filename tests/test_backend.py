@@ -146,6 +146,7 @@ def test_report_option_logs_decisions(caplog):
     assert "2.weight" in text and "primals_" not in text.split("node")[0]
     assert "activations: " in text and "graph inputs kept by reference" in text
     assert "plan: free default" in text and "estimated step time" in text
+    assert "priced on cpu: built-in constants" in text  # the suite prices with BITFX_PROFILE=builtin
 
 
 def test_report_is_true_with_enabled_false(caplog):

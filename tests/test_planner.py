@@ -97,6 +97,7 @@ def test_plan_report_and_json():
                    memory_budget=1.0)
     text = str(p)
     assert "saved activations" in text and "peak training memory" in text and "relu" in text
+    assert "priced on cpu: built-in constants" in text
     d = p.to_dict()
     json.dumps(d)
     assert d["optimizer_bytes"] == 2 * d["gradient_bytes"]

@@ -1,0 +1,259 @@
+"""Device profiles: the constants the cost model prices with, measured where bitfx runs.
+
+``python -m bitfx calibrate`` measures, on the current device (CPU, or CUDA
+with ``--device cuda``): matmul FLOP/s in fp32 and bf16, memory bandwidth
+(a clone, read plus write), and for each codec op its cost per call and its
+throughput, fitted (``seconds = per_call + dense bytes / throughput``) to
+the ``bitfx::`` ops called as a compiled graph calls them, on ReLU outputs
+(bitmap) and dense normal values (exponent) at several sizes.  The profile
+is a JSON file, with the device's name, torch version and date, under
+``$BITFX_CACHE/profiles/`` (else ``~/.cache/bitfx/profiles/``), one per
+device.
+
+The cost model prices a graph with the profile of the device it compiles
+for (:func:`machine`).  Without one, the first compile on
+a device measures it quickly (under a second on a CPU once the kernels are
+built; the first use also builds them, or compiles the Triton kernels) and
+saves that as the device's profile.  The report and ``plan`` name the
+profile that priced the plan.  ``BITFX_PROFILE`` overrides: a profile's
+path, or ``builtin`` for the constants of
+:data:`bitfx.passes.pricing.MACHINES` (measured on one 2-core x86 machine
+for CPU; assumed for CUDA).  The test suite sets ``builtin``, so that its
+plans do not depend on the machine that runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .passes.pricing import MACHINES, Machine
+
+log = logging.getLogger("bitfx")
+
+# Two sizes: the small one is almost all per-call cost (dispatch, launch,
+# the host read of the nonzero count); the large one, bigger than most
+# caches, is almost all throughput.  A least-squares line through sizes in
+# between bends with the cache hierarchy and drives the per-call cost to 0.
+SIZES = (1024, 1 << 22)
+QUICK_SIZES = (1024, 1 << 20)
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("BITFX_CACHE") or Path.home() / ".cache" / "bitfx"
+    return Path(root) / "profiles"
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def profile_path(device_type: str) -> Path:
+    return _cache_root() / (re.sub(r"[^A-Za-z0-9]+", "_", f"{device_type} {device_name(device_type)}").strip("_")
+                            + ".json")
+
+
+def _median_s(fn, reps: int, device_type: str) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per call, bytes per second) of ``seconds = a + bytes / b``, by least squares."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    if slope <= 0:
+        raise RuntimeError(f"bitfx calibrate: timings do not grow with size ({points}): too noisy to fit")
+    return max(my - slope * mx, 0.0), 1 / slope
+
+
+def _codec_seconds(n: int, dtype: torch.dtype, device_type: str, reps: int) -> dict[str, float]:
+    ops = torch.ops.bitfx
+    gen = torch.Generator().manual_seed(n)
+    sparse = torch.randn(n, generator=gen).relu_().to(dtype).to(device_type)
+    dense = torch.randn(n, generator=gen).to(dtype).to(device_type)
+    size, stride = [n], [1]
+    offsets, payload = ops.compress(sparse, stride)
+    stream = ops.exp_compress(dense, stride)
+    timed = {
+        "compress": lambda: ops.compress(sparse, stride),
+        "decompress": lambda: ops.decompress(offsets, payload, size, stride, dtype),
+        "exp_compress": lambda: ops.exp_compress(dense, stride),
+        "exp_decompress": lambda: ops.exp_decompress(stream, size, stride, dtype),
+    }
+    return {name: _median_s(fn, reps, device_type) for name, fn in timed.items()}
+
+
+def codec_timings(device_type: str, sizes=SIZES, reps: int = 50, dtype=torch.float32) -> dict:
+    """Per codec op: [(dense bytes, median seconds)] at each size."""
+    import bitfx.ops  # noqa: F401  (defines torch.ops.bitfx)
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for n in sizes:
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        for name, seconds in _codec_seconds(n, dtype, device_type, reps).items():
+            out.setdefault(name, []).append((nbytes, seconds))
+    return out
+
+
+def _flops(device_type: str, dtype: torch.dtype, n: int, reps: int) -> float:
+    a = torch.randn(n, n, device=device_type).to(dtype)
+    b = torch.randn(n, n, device=device_type).to(dtype)
+    return 2 * n**3 / _median_s(lambda: a @ b, reps, device_type)
+
+
+def measure(device_type: str = "cpu", quick: bool = False) -> dict:
+    """A profile of this device: the :class:`Machine` fields, and what was measured."""
+    reps = 10 if quick else 50
+    n = 512 if device_type == "cpu" else 4096
+    flops = {"float32": _flops(device_type, torch.float32, n, max(reps // 5, 3)),
+             "bfloat16": _flops(device_type, torch.bfloat16, n, max(reps // 5, 3))}
+    # A copy between buffers bigger than the caches, both already faulted in
+    # (a step reuses its allocator's memory): read plus write.
+    x = torch.ones((64 if device_type == "cpu" else 256) * 2**20 // 4, device=device_type)
+    y = torch.zeros_like(x)
+    bandwidth = 2 * x.nbytes / _median_s(lambda: y.copy_(x), reps, device_type)
+    timings = codec_timings(device_type, QUICK_SIZES if quick else SIZES, reps)
+    fits = {op: fit(points) for op, points in timings.items()}
+    machine = Machine(
+        name="", flops=flops["float32"], bandwidth=bandwidth,
+        encode=fits["compress"][1], decode=fits["decompress"][1],
+        bitmap_call=(fits["compress"][0] + fits["decompress"][0]) / 2,
+        exp_encode=fits["exp_compress"][1], exp_decode=fits["exp_decompress"][1],
+        exp_call=(fits["exp_compress"][0] + fits["exp_decompress"][0]) / 2,
+        flops_by_dtype=tuple(sorted(flops.items())),
+    )
+    return {
+        "device": device_type, "device_name": device_name(device_type), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick": quick, "machine": {k: v for k, v in dataclasses.asdict(machine).items() if k != "name"},
+        "timings": {op: [[b, t] for b, t in pts] for op, pts in timings.items()},
+    }
+
+
+def save(profile: dict, path: Path | None = None) -> Path:
+    path = path or profile_path(profile["device"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def from_profile(profile: dict, source: str) -> Machine:
+    fields = dict(profile["machine"])
+    fields["flops_by_dtype"] = tuple((str(d), float(f)) for d, f in fields.get("flops_by_dtype", ()))
+    return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
+                        f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
+
+
+def _load(path: Path, device_type: str, source: str) -> Machine:
+    profile = json.loads(path.read_text())
+    if profile.get("device") != device_type:
+        raise ValueError(f"{path} is a {profile.get('device')} profile, not {device_type}")
+    return from_profile(profile, source)
+
+
+@functools.cache
+def _machine(device_type: str, override: str | None) -> Machine:
+    if override == "builtin":
+        return MACHINES[device_type]
+    if override:
+        path = Path(override)
+        if not path.exists():
+            raise FileNotFoundError(f"BITFX_PROFILE={override}: no such profile")
+        return _load(path, device_type, str(path))
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return MACHINES["cuda"]  # planning for CUDA on a machine without one
+    path = profile_path(device_type)
+    if path.exists():
+        return _load(path, device_type, str(path))
+    # No profile yet: a quick measurement, saved so that later processes (and
+    # Inductor's caches, keyed on it) see the same constants.
+    start = time.perf_counter()
+    try:
+        profile = measure(device_type, quick=True)
+    except RuntimeError as e:
+        log.warning("bitfx: quick measurement of %s failed (%s); pricing with %s", device_type, e,
+                    MACHINES[device_type].name)
+        return MACHINES[device_type]
+    try:
+        save(profile, path)
+    except OSError as e:
+        log.warning("bitfx: could not save the device profile to %s: %s", path, e)
+    log.info("bitfx: measured %s in %.1f s (quick; python -m bitfx calibrate measures it fully) -> %s",
+             profile["device_name"], time.perf_counter() - start, path)
+    return from_profile(profile, f"{path}, quick")
+
+
+def machine(device_type: str) -> Machine:
+    """The Machine that prices graphs on ``device_type``: ``BITFX_PROFILE``, else the
+    device's profile, else a quick measurement made now and saved as its profile."""
+    device_type = "cuda" if device_type == "cuda" else "cpu"
+    return _machine(device_type, os.environ.get("BITFX_PROFILE") or None)
+
+
+def key() -> str:
+    """What decides the profiles :func:`machine` would use, for cache keys; measures nothing."""
+    override = os.environ.get("BITFX_PROFILE") or ""
+    parts = [override]
+    paths = [Path(override)] if override not in ("", "builtin") else [profile_path("cpu")] + (
+        [profile_path("cuda")] if torch.cuda.is_available() else [])
+    for path in paths:
+        parts.append(path.read_text() if path.exists() else f"{path}: none")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bitfx calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (a few seconds)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the profile (default: bitfx's cache)")
+    args = p.parse_args(argv)
+    profile = measure(args.device, args.quick)
+    path = save(profile, args.out)
+    m = profile["machine"]
+    print(f"bitfx calibrate: {profile['device_name']} (torch {profile['torch']})\n"
+          f"  matmul {dict(m['flops_by_dtype'])['float32'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{dict(m['flops_by_dtype'])['bfloat16'] / 1e9:.0f} bf16; bandwidth {m['bandwidth'] / 1e9:.1f} GB/s\n"
+          f"  bitmap codec {1e6 * m['bitmap_call']:.0f} us per call, encode {m['encode'] / 1e9:.1f} GB/s, "
+          f"decode {m['decode'] / 1e9:.1f} GB/s\n"
+          f"  exponent codec {1e6 * m['exp_call']:.0f} us per call, encode {m['exp_encode'] / 1e9:.1f} GB/s, "
+          f"decode {m['exp_decode'] / 1e9:.1f} GB/s\n"
+          f"wrote {path}")
+    return 0
