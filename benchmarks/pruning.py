@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune
@@ -121,6 +123,15 @@ def footprint(model: nn.Module, x, y, config: str) -> dict:
 
     torch._dynamo.reset()
     counters.clear()
+    # Compiled afresh, not loaded from Inductor's caches: a cached compile
+    # skips the partition, and the counters below would read 0.
+    caches = (torch._inductor.config.patch(fx_graph_cache=False),
+              torch._functorch.config.patch(enable_autograd_cache=False))
+    with caches[0], caches[1]:
+        return _footprint(model, x, y, config, counters)
+
+
+def _footprint(model: nn.Module, x, y, config: str, counters) -> dict:
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
     backend = {"bittrain": bitfx.backend(), "bittrain-dense": bitfx.backend(compress=False),
