@@ -18,16 +18,14 @@ from typing import Any
 
 import torch
 
+from . import torch_internals
 from .options import Options
 
 log = logging.getLogger("bitfx")
 
 
 def _decompositions():
-    import torch._inductor.lowering  # noqa: F401  (fills the decomposition table)
-    from torch._inductor.decomposition import select_decomp_table
-
-    return select_decomp_table()
+    return torch_internals.select_decomp_table()
 
 
 def mode_patches(mode: str | None) -> dict:
@@ -41,8 +39,7 @@ def mode_patches(mode: str | None) -> dict:
     """
     if mode in (None, "default"):
         return {}
-    from torch._inductor import list_mode_options
-
+    list_mode_options = torch_internals.list_mode_options
     valid = list(list_mode_options())
     if mode not in valid:
         raise ValueError(f"bittrain: unknown mode {mode!r}; torch.compile's modes are {valid}")
@@ -60,8 +57,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
 
         names = input_names(gm)
     if options.inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
+        compile_fx = torch_internals.compile_fx
         partitioner = BitfxPartitioner(options, on_partition, names)
         patches = {**mode_patches(mode), "custom_partitioner_fn": partitioner}
         if not options.enabled:
@@ -73,8 +69,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
         # with Inductor's FX-graph and AOTAutograd caches on.
         return compile_fx(gm, example_inputs, inner_compile=inductor_layouts.inner_compile, config_patches=patches)
 
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    make_boxed_func, aot_autograd = torch_internals.make_boxed_func, torch_internals.aot_autograd
 
     if mode_patches(mode):
         log.info("bitfx: inner='eager' runs the graphs as FX; mode=%r only configures Inductor", mode)

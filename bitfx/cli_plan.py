@@ -251,8 +251,9 @@ def main(argv=None) -> int:
             if args.calibrate:
                 made = [s.make(real=True) for s in specs]
             else:
-                from torch._subclasses.fake_tensor import FakeTensorMode
                 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+                from .torch_internals import FakeTensorMode
 
                 with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
                     made = [s.make(real=False) for s in specs]

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
               f"backend='bittrain' (inner={args.inner}); compiling takes a minute on a small CPU...")
         runs = {}
         for run, options in (("stock", {"enabled": False}), ("dense", {"compress": False}), ("bitfx", {})):
-            torch._dynamo.reset()
+            torch.compiler.reset()
             runs[run] = train(name, args.inner, args.steps, args.batch, device, **options)
         (base_bytes, base_grads, _), (dense_bytes, dense_grads, _), (bit_bytes, bit_grads, _) = runs.values()
         identical = all(torch.equal(a, b) for ga, gb in zip(dense_grads, bit_grads) for a, b in zip(ga, gb))

@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 
 from . import ops as _ops  # noqa: F401  (defines torch.ops.bitfx)
+from . import torch_internals
 from .passes.rewrite import LAYOUT_KEY
 from .passes.symbolic import SymIntEmitter
 
@@ -63,10 +64,8 @@ _STRIDE_AT_3 = (torch.ops.bitfx.decompress.default, torch.ops.bitfx.bitmap_exp_d
 @functools.cache
 def install() -> None:
     """Register the lowerings (once per process)."""
-    from torch._inductor.lowering import register_lowering
-
     for op in _PRODUCERS:
-        register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
+        torch_internals.register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
 
 
 def _remember(key: str, strides: list) -> None:
@@ -77,9 +76,7 @@ def _remember(key: str, strides: list) -> None:
 
 
 def _lower_with_own_layout(op, x, stride, stats_key=""):
-    from torch._inductor.lowering import fallback_handler
-    from torch._inductor.virtualized import V
-
+    fallback_handler, V = torch_internals.fallback_handler, torch_internals.V
     x = _layout_as_if_saved(x, V.graph.current_node.args[0])
     # Plain ints where static (sympy Integers otherwise), so they can be saved.
     actual = [int(s) if getattr(s, "is_number", False) else s for s in x.get_stride()]
@@ -105,8 +102,7 @@ def _without_output_asserts(result):
     ``skip_size_stride_alignment_checks`` is the flag Inductor sets on outputs
     it trusts itself (``invoke_subgraph``'s, opaque ops'), torch 2.13-2.14.
     """
-    from torch._inductor import ir
-
+    ir = torch_internals.ir
     for box in result if isinstance(result, (list, tuple)) else ():
         node = getattr(getattr(box, "data", None), "data", None)  # TensorBox -> StorageBox -> MultiOutput
         if isinstance(node, ir.MultiOutput) and hasattr(node, "skip_size_stride_alignment_checks"):
@@ -128,9 +124,8 @@ def _layout_as_if_saved(x, node: fx.Node):
     of 4096 channels at 1x1 got strides (64, 1, 256, 256) where stock saves
     (64, 1, 64, 64), and gradients differed in the last bit.
     """
-    from torch._inductor import config, ir
-    from torch._inductor.virtualized import V
-    from torch._prims_common import is_non_overlapping_and_dense_or_false
+    config, ir, V = torch_internals.inductor_config, torch_internals.ir, torch_internals.V
+    is_non_overlapping_and_dense_or_false = torch_internals.is_non_overlapping_and_dense_or_false
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
@@ -264,9 +259,7 @@ def keep_cast_inputs_in_place(gm: fx.GraphModule) -> int:
 
 def inner_compile(gm, example_inputs, **kwargs):
     """Inductor's ``compile_fx_inner``; forward layouts reach backward (see the module doc)."""
-    from torch._inductor import config
-    from torch._inductor.compile_fx import compile_fx_inner
-
+    config, compile_fx_inner = torch_internals.inductor_config, torch_internals.compile_fx_inner
     if kwargs.get("is_backward"):
         apply_forward_layouts(gm)
         return compile_fx_inner(gm, example_inputs, **kwargs)
@@ -283,7 +276,7 @@ def inner_compile(gm, example_inputs, **kwargs):
         _save(cache_key, tagged)
     elif not _load(cache_key, tagged):
         log.debug("bitfx: forward from the FX-graph cache without its layouts; compiling it again")
-        context = torch._guards.TracingContext.try_get()
+        context = torch_internals.TracingContext.try_get()
         if context is not None and context.output_strides is not None:
             context.output_strides.clear()  # the first compile reported them; this one will again
         with config.patch(fx_graph_cache=False):

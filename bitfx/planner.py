@@ -125,7 +125,7 @@ def fresh_entry(model, tag: str = "bitfx"):
     Dynamo keeps compiled code per code object.  Tracing through a new one
     (``forward`` is inlined) neither reuses nor evicts what the user compiled,
     and never counts against ``forward``'s recompile limit, so no
-    ``torch._dynamo.reset()`` is needed.
+    ``torch.compiler.reset()`` is needed.
     """
     scope = {"model": model}
     exec(compile("def entry(*args, **kwargs):\n    return model(*args, **kwargs)\n", f"<{tag}>", "exec"), scope)
@@ -175,7 +175,7 @@ def _resident_placeholders(fw, example_inputs, model) -> set[str]:
 
 
 def _has_data(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+    from .torch_internals import FakeTensor
 
     return t.device.type != "meta" and not isinstance(t, FakeTensor)
 

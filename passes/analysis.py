@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from bitfx import torch_internals
 from bitfx.options import Options
 
 from .opsets import ZERO_PRESERVING
@@ -103,7 +104,7 @@ _MAX_POOLS = {
 
 def _op_name(node: fx.Node) -> str:
     target = node.target
-    return target.name() if isinstance(target, torch._ops.OpOverload) else ""
+    return target.name() if isinstance(target, torch_internals.OpOverload) else ""
 
 
 def source_name(node: fx.Node) -> str | None:

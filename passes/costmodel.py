@@ -1,10 +1,11 @@
-"""Compression inside PyTorch's partitioner: bitfx's prices, and the choice of a plan.
+"""bitfx's prices inside PyTorch's partitioner, and the search for the plan that meets the target.
 
 PyTorch's min-cut partitioner decides what forward saves in
 ``choose_saved_values_set``.  It prices each candidate with ``_size_of``
 (dense bytes), both in the min-cut capacities and in the knapsack that
 ``activation_memory_budget < 1`` runs, and the knapsack weighs recompute by
-``estimate_runtime``.  Within :func:`priced`:
+``estimate_runtime``.  While :class:`JointPrices` is active
+(:func:`bitfx.torch_internals.priced` installs the hooks):
 
 * ``_size_of`` returns bitfx's price of a tensor that bitfx stores compressed
   (:func:`bitfx.passes.pricing.stored_bytes` at its assumed density), and 0
@@ -13,43 +14,32 @@ PyTorch's min-cut partitioner decides what forward saves in
   bf16 casts of the weights (the fp32 parameters outweigh all that is saved).
 * The knapsack's runtime estimate is the roofline of
   :func:`bitfx.passes.pricing.op_seconds`, less the codec time that keeping
-  a compressed tensor costs.  It goes through PyTorch's extension point,
-  ``torch._functorch.config.activation_memory_budget_runtime_estimator``.
-* ``choose_saved_values_set`` solves for the budget bitfx chose
-  (:class:`Target`): the free default, the smallest plan whose estimated
-  step time stays within :data:`FREE_SLOWDOWN` of stock's default plan; a
-  fraction ``b``, the smallest plan that saves at most what stock's own
-  plan at ``b`` saves and recomputes no more, within :data:`FREE_SLOWDOWN`
-  of that plan's time; or
-  an absolute byte count, the fastest plan that fits.
-
-The two private functions are replaced only while some thread is inside
-:func:`priced`, and a thread that is not sees the stock functions: the
-replacements dispatch on a thread-local.  Their signatures are checked on
-entry (:func:`check_torch`), so a torch that changed them fails loudly
-instead of silently planning with dense sizes.
+  a compressed tensor costs (:meth:`JointPrices.knapsack_value`).
+* ``choose_saved_values_set`` solves for the target
+  (:class:`bitfx.passes.targets.Target`): the free default, the smallest plan
+  whose estimated step time stays within ``FREE_SLOWDOWN`` of stock's
+  default plan; a fraction ``b``, the smallest plan that saves at most what
+  stock's own plan at ``b`` saves and recomputes no more, within
+  ``FREE_SLOWDOWN`` of that plan's time; or an absolute size, the fastest
+  plan that fits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._dynamo.utils import counters
-from torch._functorch import config as functorch_config
-from torch._functorch import partitioners
-from torch._inductor.custom_graph_pass import CustomKnapsackSolver, CustomRuntimeEstimator
 
+from bitfx import torch_internals
 from bitfx.options import Options, format_bytes
 
 from .analysis import Decision, SavedTensor, _decide, propagate_sparsity, resolve_densities
+from .knapsack import slack_knapsack
 from .pricing import (
     Machine,
     _flops,
@@ -59,87 +49,15 @@ from .pricing import (
     recompute_seconds,
     store_seconds,
 )
+from .rng import pin_rng
 from .swap import relu_chain
+from .targets import BUDGET_GRID, FREE_SLOWDOWN, BudgetError, Estimate, Target, resolve_target
 
 log = logging.getLogger("bitfx")
 
-# The free default may cost this much estimated step time over stock's default plan.
-FREE_SLOWDOWN = 0.02
-# Fractions tried for an absolute target, fastest first.
-BUDGET_GRID = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 # The budget that sends choose_saved_values_set to its knapsack (0 would
 # return the inputs alone); the free default's solver then ignores the cap.
 _KNAPSACK = 1e-9
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the plan must satisfy: ``kind`` is ``"free"``, ``"fraction"`` or ``"bytes"``."""
-
-    kind: str
-    value: float = 1.0
-
-    def __str__(self) -> str:
-        if self.kind == "free":
-            return f"free default (estimated step time within {FREE_SLOWDOWN:.0%} of stock)"
-        if self.kind == "bytes":
-            return f"memory_budget={format_bytes(self.value)}"
-        return f"memory_budget={self.value:g}"
-
-
-def resolve_target(options: Options, torch_budget: float) -> Target:
-    """The plan's target: options first, then torch's own ``activation_memory_budget``.
-
-    ``torch_budget`` is what PyTorch resolved (its config, or a
-    ``region_activation_memory_budget`` around the region).
-    """
-    b = options.memory_budget
-    if b is not None:
-        return Target("fraction", float(b)) if isinstance(b, float) else Target("bytes", float(b))
-    if torch_budget < 1.0:
-        return Target("fraction", float(torch_budget))
-    return Target("free") if options.enabled else Target("fraction", 1.0)
-
-
-@dataclass
-class Estimate:
-    """One candidate plan, priced.  Seconds are roofline estimates (see pricing)."""
-
-    budget: float | None  # the fraction its cut was solved at; None: bitfx's time knapsack
-    saved_bytes: int  # priced: stored bytes of what forward keeps, parameters excluded
-    recompute_s: float  # forward ops that backward runs again
-    store_s: float  # writing saved values that Inductor would otherwise keep inside a fused kernel
-    codec_s: float  # compress in forward plus decompress in backward
-    step_s: float  # one forward and backward with nothing recomputed or stored
-    baseline_s: float  # recompute_s + store_s of stock's default plan: what plain inductor runs
-
-    exponent_coded: int = 0  # saved tensors the exponent codec was added to after the cut (free default, fractions)
-    recompute_flop_s: float = 0.0  # the part of recompute_s in FLOP-counted ops (matmul, convolution)
-
-    @property
-    def label(self) -> str:
-        label = "time knapsack" if self.budget is None else f"budget {self.budget:g}"
-        if self.exponent_coded:
-            label += f" + exponent codec on {self.exponent_coded} tensors"
-        return label
-
-    @property
-    def total_s(self) -> float:
-        """Estimated seconds of one step with this plan."""
-        return self.step_s + self.recompute_s + self.store_s + self.codec_s
-
-    @property
-    def slowdown(self) -> float:
-        """Estimated step time against stock's default plan."""
-        return self.total_s / (self.step_s + self.baseline_s)
-
-    def as_dict(self) -> dict:
-        return {"budget": self.budget, "saved_bytes": self.saved_bytes, "recompute_s": self.recompute_s,
-                "store_s": self.store_s, "codec_s": self.codec_s, "slowdown": self.slowdown}
-
-
-class BudgetError(RuntimeError):
-    """No plan fits an absolute ``memory_budget``."""
 
 
 @dataclass
@@ -234,7 +152,7 @@ class JointPrices:
 
     def choose(self, stock_choose, joint_graph: fx.Graph, node_info, torch_budget: float) -> list[fx.Node]:
         self.target = resolve_target(self.options, torch_budget)
-        _pin_rng(joint_graph)
+        pin_rng(joint_graph)
         self._price_graph(joint_graph)
         self.static = set(getattr(node_info, "static_lifetime_input_nodes", ()))
         step_s = math.fsum(op_seconds(n, self.machine) for n in joint_graph.nodes)
@@ -302,7 +220,7 @@ class JointPrices:
                 self.exp_off = False
             self.chosen = self._add_exponent(self._as_rewritten(saved, node_info), self.chosen,
                                              limit - self.chosen.total_s)
-        counters["bitfx"]["plans_priced"] += len(self.candidates)
+        torch_internals.counters["bitfx"]["plans_priced"] += len(self.candidates)
         log.debug("bitfx plan: %s -> %s, %d bytes saved, estimated slowdown %.3f",
                   self.target, self.chosen.label, self.chosen.saved_bytes, self.chosen.slowdown)
         return saved
@@ -467,14 +385,7 @@ class JointPrices:
         Greedy by bytes per second of recompute (priced by
         :meth:`knapsack_value`), within ``slack_s`` seconds.
         """
-        cost = [self.knapsack_value(n) for n in nodes]
-        order = sorted(range(len(nodes)), key=lambda i: cost[i] / max(memory[i], 1e-30))
-        left, recompute = self.slack_s, set()
-        for i in order:
-            if cost[i] <= left:
-                recompute.add(i)
-                left -= cost[i]
-        return [i for i in range(len(nodes)) if i not in recompute], sorted(recompute)
+        return slack_knapsack(memory, [self.knapsack_value(n) for n in nodes], self.slack_s)
 
     # -- pricing a plan ----------------------------------------------------------
 
@@ -485,7 +396,7 @@ class JointPrices:
                 continue
             size = self.size_of(node)
             # Stock's own size where bitfx has no price (the patched _size_of would ask size_of again).
-            total += _stock["_size_of"](node) if size is None else size
+            total += torch_internals.stock_size_of(node) if size is None else size
         return total
 
     def _store_s(self, saved: list[fx.Node]) -> float:
@@ -561,175 +472,3 @@ def _recomputed_relu(x: fx.Node, runs: set[fx.Node], recomputed: set[fx.Node]) -
     """
     chain = relu_chain(x, lambda n: [u for u in n.users if u in runs])
     return chain[-1] if chain and all(n in recomputed for n in chain) else None
-
-
-def _pin_rng(joint: fx.Graph) -> None:
-    """Keep RNG ops out of backward: tag them MUST_SAVE, as PyTorch tags collectives.
-
-    pytorch#190758: the aggressive cuts and the knapsack behind
-    ``activation_memory_budget < 1`` can recompute an RNG op in backward,
-    where it draws fresh randomness (a new dropout mask: silently wrong
-    gradients).  A MUST_SAVE node is banned from recompute in every cut and
-    left out of the knapsack; what backward needs of it is saved.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    for node in joint.nodes:
-        tags = getattr(node.target, "tags", ())
-        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags and "recompute" not in node.meta:
-            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-            counters["bitfx"]["rng_pinned"] += 1
-
-
-# -- scoped replacement of PyTorch's private partitioner functions -------------
-
-_local = threading.local()
-_lock = threading.Lock()
-_depth = 0
-_stock: dict[str, object] = {}
-
-
-def _active() -> JointPrices | None:
-    return getattr(_local, "prices", None)
-
-
-def _size_of(node: fx.Node) -> int:
-    prices = _active()
-    size = prices.size_of(node) if prices is not None else None
-    return _stock["_size_of"](node) if size is None else size
-
-
-def _solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban=None):
-    # choose_saved_values_set solves the same three cuts before every
-    # knapsack; bitfx asks it for several budgets, so cuts are remembered
-    # per joint graph, pricing and arguments.
-    prices = _active()
-    stock = _stock["solve_min_cut"]
-    if prices is None:
-        return stock(joint_graph, node_info, min_cut_options, dont_ban)
-    key = (prices._stock_mode, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
-    if key not in prices._cuts:
-        prices._cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
-    saved, banned = prices._cuts[key]
-    return list(saved), type(banned)(banned)
-
-
-def _choose_saved_values_set(joint_graph, node_info, memory_budget: float = 1):
-    prices = _active()
-    stock = _stock["choose_saved_values_set"]
-    if prices is None:
-        return stock(joint_graph, node_info, memory_budget=memory_budget)
-    return prices.choose(stock, joint_graph, node_info, memory_budget)
-
-
-class RooflineEstimator(CustomRuntimeEstimator):
-    """``activation_memory_budget_runtime_estimator`` while bitfx partitions.
-
-    In a bitfx partition: :meth:`JointPrices.knapsack_value`.  While it
-    solves stock's own plan, and in any other thread meanwhile: what was
-    configured before (``"flops"`` by default).
-    """
-
-    def __call__(self, node: fx.Node) -> float:
-        prices = _active()
-        if prices is not None and not prices._stock_mode:
-            return prices.knapsack_value(node)
-        prior = _stock["estimator"]
-        if isinstance(prior, CustomRuntimeEstimator):
-            return prior(node)
-        if prior == "testing":
-            return 1
-        if prior != "flops":
-            log.warning("bitfx: the %r runtime estimator is replaced by FLOP counts while bitfx partitions", prior)
-        return max(_flops(node, node.meta.get("val")), 1.0)
-
-    def uuid(self):
-        return "bitfx-roofline-1"
-
-
-class SlackKnapsack(CustomKnapsackSolver):
-    """``activation_memory_budget_solver`` while bitfx partitions.
-
-    bitfx's time knapsack (:meth:`JointPrices.solve_slack`) when it is
-    solving (the free default, fractions); otherwise the solver configured
-    before, ``"dp"`` by default, on the runtime estimate in force.
-    """
-
-    def __call__(self, memory, joint_graph, max_memory, node_info, nodes):
-        prices = _active()
-        if prices is not None and not prices._stock_mode and prices.slack_s is not None:
-            return prices.solve_slack(memory, nodes)
-        return self._prior(memory, joint_graph, max_memory, node_info, nodes)
-
-    @staticmethod
-    def _prior(memory, joint_graph, max_memory, node_info, nodes):
-        prior = _stock["solver"]
-        if isinstance(prior, CustomKnapsackSolver):
-            return prior(memory, joint_graph, max_memory, node_info, nodes)
-        # PyTorch dispatches on the name inside _optimize_runtime_with_given_memory,
-        # reading the global config; calling it with the config set back would
-        # hand the stock solver to bitfx partitions in other threads meanwhile.
-        stock = {"dp": "dp_knapsack", "greedy": "greedy_knapsack", "ilp": "ilp_knapsack",
-                 "dp_knapsack_sliding_hirschberg": "dp_knapsack_sliding_hirschberg"}.get(prior)
-        if stock is None:
-            raise RuntimeError(f"bitfx: activation_memory_budget_solver={prior!r} cannot run inside a bitfx partition")
-        runtimes = [partitioners.estimate_runtime(n) for n in nodes]
-        _, saved, recomputed = getattr(partitioners, stock)(memory, runtimes, max_memory)
-        return saved, recomputed
-
-    def uuid(self):
-        return "bitfx-slack-knapsack-1"
-
-
-_ESTIMATOR = RooflineEstimator()
-_SOLVER = SlackKnapsack()
-
-
-def check_torch() -> None:
-    """Fail loudly where this torch's partitioner differs from the one these patches were written for."""
-    choose = getattr(partitioners, "choose_saved_values_set", None)
-    size_of = getattr(partitioners, "_size_of", None)
-    cut = getattr(partitioners, "solve_min_cut", None)
-    params = list(inspect.signature(choose).parameters) if callable(choose) else None
-    cut_params = list(inspect.signature(cut).parameters) if callable(cut) else None
-    if (params != ["joint_graph", "node_info", "memory_budget"] or not callable(size_of)
-            or cut_params != ["joint_graph", "node_info", "min_cut_options", "dont_ban"]):
-        raise RuntimeError(
-            f"bitfx: torch {torch.__version__}'s partitioner lacks choose_saved_values_set(joint_graph, "
-            f"node_info, memory_budget), solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban) "
-            f"or _size_of(node) (found {params}, {cut_params}); bitfx's cost model supports torch 2.13 to 2.14.1."
-        )
-
-
-@contextlib.contextmanager
-def priced(prices: JointPrices):
-    """Run PyTorch's partitioner with bitfx's prices and plan choice, in this thread."""
-    global _depth
-    check_torch()
-    with _lock:
-        if _depth == 0:
-            _stock["_size_of"] = partitioners._size_of
-            _stock["choose_saved_values_set"] = partitioners.choose_saved_values_set
-            _stock["estimator"] = functorch_config.activation_memory_budget_runtime_estimator
-            _stock["solver"] = functorch_config.activation_memory_budget_solver
-            _stock["solve_min_cut"] = partitioners.solve_min_cut
-            partitioners.solve_min_cut = _solve_min_cut
-            partitioners._size_of = _size_of
-            partitioners.choose_saved_values_set = _choose_saved_values_set
-            functorch_config.activation_memory_budget_runtime_estimator = _ESTIMATOR
-            functorch_config.activation_memory_budget_solver = _SOLVER
-        _depth += 1
-    _local.prices = prices
-    try:
-        yield prices
-    finally:
-        _local.prices = None
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                partitioners._size_of = _stock["_size_of"]
-                partitioners.solve_min_cut = _stock["solve_min_cut"]
-                partitioners.choose_saved_values_set = _stock["choose_saved_values_set"]
-                functorch_config.activation_memory_budget_runtime_estimator = _stock["estimator"]
-                functorch_config.activation_memory_budget_solver = _stock["solver"]
-

@@ -17,16 +17,14 @@ import logging
 from pathlib import Path
 
 import torch.fx as fx
-from torch._dynamo.utils import counters
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
-from torch._logging import trace_structured
 
 from bitfx import runtime_stats
+from bitfx import torch_internals as ti
 from bitfx.options import Options, densities_for
 
 from .analysis import Decision, SavedTensor, analyze, summarize
-from .costmodel import Estimate, JointPrices, Target, priced
+from .costmodel import JointPrices
+from .targets import Estimate, Target
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
 from .swap import save_activations_not_inputs
 
@@ -60,17 +58,17 @@ def partition(
         # enabled=False stays stock unless a budget is given, or the planner
         # wants the estimate.
         prices = JointPrices(num_fwd_outputs, options, measured=measured)
-        with priced(prices):
-            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        with ti.priced(prices):
+            fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         _trace_plan(prices)
     else:
-        fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     infos: list[SavedTensor] = []
     if options.enabled:
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
         if swapped:
             log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
-            counters["bitfx"]["swapped"] += swapped
+            ti.counters["bitfx"]["swapped"] += swapped
         infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None, measured)
         for info in infos:
             info.stats_key = runtime_stats.key_for(fingerprint, info.node.name)
@@ -85,9 +83,9 @@ def partition(
             _trace("bitfx_forward_after", fw)
             _trace("bitfx_backward_after", bw)
             for info in infos:
-                counters["bitfx"][info.decision.name.lower()] += 1
+                ti.counters["bitfx"][info.decision.name.lower()] += 1
                 if info.values_exp:
-                    counters["bitfx"]["nonzeros_exponent"] += 1
+                    ti.counters["bitfx"]["nonzeros_exponent"] += 1
                 if info.decision in (Decision.COMPRESS, Decision.EXPONENT):
                     runtime_stats.register(info.stats_key, codec=info.codec.value, module=info.module_path,
                                            planned_density=info.assumed_density, dense_bytes=info.dense_bytes())
@@ -148,7 +146,7 @@ def _name_inputs(fw: fx.GraphModule, infos: list[SavedTensor], names: list[str] 
 def _trace_plan(prices: JointPrices) -> None:
     if prices.chosen is None:
         return
-    trace_structured(
+    ti.trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": "bitfx_plan", "encoding": "json"},
         payload_fn=lambda: {"target": str(prices.target), "chosen": prices.chosen.as_dict(),
@@ -158,14 +156,14 @@ def _trace_plan(prices: JointPrices) -> None:
 
 def _trace(name: str, gm: fx.GraphModule) -> None:
     # Like enable_activation_quantization: the graphs show up in tlparse.
-    trace_structured(
+    ti.trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": name, "encoding": "string"},
         payload_fn=lambda: gm.print_readable(print_output=False, include_stride=True, include_device=True),
     )
 
 
-class BitfxPartitioner(CustomPartitionerFn):
+class BitfxPartitioner(ti.CustomPartitionerFn):
     """:func:`partition` as Inductor's ``custom_partitioner_fn``."""
 
     def __init__(self, options: Options, on_partition=None, input_names: list[str] | None = None):

@@ -317,7 +317,7 @@ def _needs_memory(user: fx.Node) -> bool:
 
 @functools.cache
 def _op_types():
-    from torch._functorch.partitioners import get_default_op_list
+    from bitfx.torch_internals import get_default_op_list
 
     return get_default_op_list()
 

@@ -8,14 +8,13 @@ import torch.nn as nn
 from graph_utils import call_nodes
 from test_exactness import assert_bit_identical
 from torch._dynamo.utils import counters
-from torch._functorch import partitioners
 
 import bitfx
 import models
 from bitfx.backend import Backend
 from bitfx.measure import model_saved_bytes
 from bitfx.options import Options
-from bitfx.passes import costmodel, pricing
+from bitfx.passes import costmodel, pricing, targets
 
 aten = torch.ops.aten
 
@@ -64,7 +63,7 @@ def test_free_default_recomputes_batchnorm_relu_from_the_conv_output():
     assert aten.convolution.default in saved_targets
     assert aten.relu.default not in saved_targets
     assert call_nodes(part.bw, aten.relu.default), "backward recomputes the ReLU"
-    assert part.estimate.budget is None and part.estimate.slowdown <= 1 + costmodel.FREE_SLOWDOWN
+    assert part.estimate.budget is None and part.estimate.slowdown <= 1 + targets.FREE_SLOWDOWN
     stock_09 = saved(cnn(), x, enabled=False, memory_budget=0.9)
     assert saved(cnn(), x) <= stock_09 < saved(cnn(), x, enabled=False)
 
@@ -133,7 +132,7 @@ def test_free_default_takes_the_fastest_plan_when_none_is_within_the_time():
     torch.manual_seed(0)
     m, x = _SquaredReLUFFN(), torch.randn(4, 16, 64)
     part = capture(m, x)
-    assert part.estimate.slowdown > 1 + costmodel.FREE_SLOWDOWN, "nothing fits the time here"
+    assert part.estimate.slowdown > 1 + targets.FREE_SLOWDOWN, "nothing fits the time here"
     compressed = [i for i in part.infos if i.decision.name == "COMPRESS"]
     assert [i.node.target for i in compressed] == [aten.relu.default] * 2
     assert all(c.total_s >= part.estimate.total_s for c in part.candidates)
@@ -238,7 +237,7 @@ def test_fraction_keeps_stocks_recompute_of_statistics_over_convolutions():
     stepped at 1.05-1.08x stock's (CPU), where the roofline underprices them.
     """
     def plan(name, saved, recompute_s, flop_s):
-        return [name], costmodel.Estimate(0.3, saved, recompute_s, 0.0, 0.0, 1.0, 0.0, recompute_flop_s=flop_s)
+        return [name], targets.Estimate(0.3, saved, recompute_s, 0.0, 0.0, 1.0, 0.0, recompute_flop_s=flop_s)
 
     stock, convs = plan("stock", 100, 0.01, 0.0), plan("convs", 36, 0.01, 0.01)
     prices = costmodel.JointPrices(1, Options.from_dict({}))
@@ -355,17 +354,6 @@ def test_memory_budget_values():
     for bad in (-0.1, 1.5, "lots", True, [1]):
         with pytest.raises(ValueError, match="memory_budget"):
             Options(memory_budget=bad)
-
-
-def test_partitioner_patches_are_scoped():
-    stock = (partitioners._size_of, partitioners.choose_saved_values_set, partitioners.solve_min_cut,
-             torch._functorch.config.activation_memory_budget_runtime_estimator,
-             torch._functorch.config.activation_memory_budget_solver)
-    costmodel.check_torch()
-    capture(cnn(), torch.randn(2, 3, 16, 16))
-    assert stock == (partitioners._size_of, partitioners.choose_saved_values_set, partitioners.solve_min_cut,
-                     torch._functorch.config.activation_memory_budget_runtime_estimator,
-                     torch._functorch.config.activation_memory_budget_solver)
 
 
 def test_sweep_predicts_measured_saved_bytes():

@@ -1,0 +1,287 @@
+"""Every private torch API bitfx touches, in one module, gated on the tested torch versions.
+
+bitfx takes part in PyTorch's partitioner and in Inductor's lowering through
+names that are not public.  Each one it reads is listed in :data:`NAMES` and
+imported on first use (``torch_internals.ir``), so that ``import bitfx``
+stays light and a torch that moved one fails here, by name.  The partitioner
+functions bitfx replaces are replaced here only (:func:`priced`), after
+:func:`check` has verified their signatures.  A test (``tests/test_torch_internals.py``)
+fails if another bitfx module imports from ``torch._*``; CI runs the suite on
+the oldest and the newest torch of :data:`TESTED` (``.ci/run``).
+
+The partitioner hooks
+---------------------
+PyTorch's min-cut partitioner decides what forward saves in
+``choose_saved_values_set``; it prices each candidate with ``_size_of`` and
+solves min-cuts in ``solve_min_cut``.  Inside :func:`priced`, those three are
+replaced by functions that ask the active plan (an object with ``size_of``,
+``choose``, ``knapsack_value``, ``solve_slack``; see
+:class:`bitfx.passes.costmodel.JointPrices`), and the knapsack's runtime
+estimator and solver are set through PyTorch's own extension points
+(``activation_memory_budget_runtime_estimator`` and ``_solver``).  They are
+replaced only while some thread is inside :func:`priced`, and dispatch on a
+thread-local: a thread that is not partitioning with bitfx meanwhile sees
+stock's behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import threading
+import warnings
+
+import torch
+
+log = logging.getLogger("bitfx")
+
+# The torch releases bitfx is tested with: at least the first, below the
+# second.  pyproject.toml states the same range (tested).
+TESTED = ("2.13", "2.15")
+
+# name -> (module, attribute or None for the module itself).
+NAMES = {
+    "counters": ("torch._dynamo.utils", "counters"),
+    "aot_autograd": ("torch._dynamo.backends.common", "aot_autograd"),
+    "make_boxed_func": ("torch._functorch.aot_autograd", "make_boxed_func"),
+    "functorch_config": ("torch._functorch.config", None),
+    "partitioners": ("torch._functorch.partitioners", None),
+    "min_cut_rematerialization_partition": ("torch._functorch.partitioners", "min_cut_rematerialization_partition"),
+    "get_default_op_list": ("torch._functorch.partitioners", "get_default_op_list"),
+    "inductor_config": ("torch._inductor.config", None),
+    "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
+    "compile_fx_inner": ("torch._inductor.compile_fx", "compile_fx_inner"),
+    "list_mode_options": ("torch._inductor", "list_mode_options"),
+    "select_decomp_table": ("torch._inductor.decomposition", "select_decomp_table"),
+    "CustomPartitionerFn": ("torch._inductor.custom_graph_pass", "CustomPartitionerFn"),
+    "CustomKnapsackSolver": ("torch._inductor.custom_graph_pass", "CustomKnapsackSolver"),
+    "CustomRuntimeEstimator": ("torch._inductor.custom_graph_pass", "CustomRuntimeEstimator"),
+    "register_lowering": ("torch._inductor.lowering", "register_lowering"),
+    "fallback_handler": ("torch._inductor.lowering", "fallback_handler"),
+    "ir": ("torch._inductor.ir", None),
+    "V": ("torch._inductor.virtualized", "V"),
+    "is_non_overlapping_and_dense_or_false": ("torch._prims_common", "is_non_overlapping_and_dense_or_false"),
+    "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),
+    "FakeTensorMode": ("torch._subclasses.fake_tensor", "FakeTensorMode"),
+    "OpOverload": ("torch._ops", "OpOverload"),
+    "TracingContext": ("torch._guards", "TracingContext"),
+    "trace_structured": ("torch._logging", "trace_structured"),
+}
+# Modules to import first: select_decomp_table is filled by Inductor's lowerings.
+_BEFORE = {"select_decomp_table": "torch._inductor.lowering"}
+
+
+def __getattr__(name: str):
+    if name not in NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _BEFORE:
+        importlib.import_module(_BEFORE[name])
+    module, attr = NAMES[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        try:
+            value = getattr(value, attr)
+        except AttributeError:
+            raise RuntimeError(f"bitfx: torch {torch.__version__} has no {module}.{attr}; bitfx is tested with "
+                               f"{tested_range()}") from None
+    return value  # not cached here: a patched torch attribute (a test's spy) is seen
+
+
+def tested_range() -> str:
+    return f"torch>={TESTED[0]},<{TESTED[1]}"
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def in_tested_range(version: str = torch.__version__) -> bool:
+    return _release(TESTED[0]) <= _release(version) < _release(TESTED[1])
+
+
+_warned = False
+
+
+def check() -> None:
+    """Fail loudly where this torch's partitioner differs from the one the hooks are written for.
+
+    Run on entry to every bitfx partition.  A torch outside :data:`TESTED`
+    whose functions still match gets one warning.
+    """
+    global _warned
+    p = __getattr__("partitioners")
+    choose = getattr(p, "choose_saved_values_set", None)
+    cut = getattr(p, "solve_min_cut", None)
+    params = list(inspect.signature(choose).parameters) if callable(choose) else None
+    cut_params = list(inspect.signature(cut).parameters) if callable(cut) else None
+    if (params != ["joint_graph", "node_info", "memory_budget"] or not callable(getattr(p, "_size_of", None))
+            or cut_params != ["joint_graph", "node_info", "min_cut_options", "dont_ban"]):
+        raise RuntimeError(
+            f"bitfx: torch {torch.__version__}'s partitioner lacks choose_saved_values_set(joint_graph, "
+            f"node_info, memory_budget), solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban) "
+            f"or _size_of(node) (found {params}, {cut_params}); bitfx is tested with {tested_range()}."
+        )
+    if not _warned and not in_tested_range():
+        _warned = True
+        warnings.warn(f"bitfx is tested with {tested_range()}, not torch {torch.__version__}", stacklevel=2)
+
+
+# -- scoped replacement of the partitioner's private functions -----------------
+
+_local = threading.local()
+_lock = threading.Lock()
+_depth = 0
+_stock: dict[str, object] = {}
+
+
+def active():
+    """The plan being priced in this thread (inside :func:`priced`), else None."""
+    return getattr(_local, "prices", None)
+
+
+def stock_size_of(node) -> int:
+    """PyTorch's own ``_size_of`` (dense bytes), also while it is replaced."""
+    return (_stock.get("_size_of") or __getattr__("partitioners")._size_of)(node)
+
+
+def _size_of(node) -> int:
+    prices = active()
+    size = prices.size_of(node) if prices is not None else None
+    return stock_size_of(node) if size is None else size
+
+
+def _solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban=None):
+    # choose_saved_values_set solves the same three cuts before every
+    # knapsack; bitfx asks it for several budgets, so cuts are remembered
+    # per joint graph, pricing and arguments.
+    prices = active()
+    stock = _stock["solve_min_cut"]
+    if prices is None:
+        return stock(joint_graph, node_info, min_cut_options, dont_ban)
+    key = (prices._stock_mode, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
+    if key not in prices._cuts:
+        prices._cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
+    saved, banned = prices._cuts[key]
+    return list(saved), type(banned)(banned)
+
+
+def _choose_saved_values_set(joint_graph, node_info, memory_budget: float = 1):
+    prices = active()
+    stock = _stock["choose_saved_values_set"]
+    if prices is None:
+        return stock(joint_graph, node_info, memory_budget=memory_budget)
+    return prices.choose(stock, joint_graph, node_info, memory_budget)
+
+
+def _estimator():
+    class RooflineEstimator(__getattr__("CustomRuntimeEstimator")):
+        """``activation_memory_budget_runtime_estimator`` while bitfx partitions.
+
+        In a bitfx partition: the plan's ``knapsack_value``.  While it solves
+        stock's own plan, and in any other thread meanwhile: what was
+        configured before (``"flops"`` by default).
+        """
+
+        def __call__(self, node) -> float:
+            prices = active()
+            if prices is not None and not prices._stock_mode:
+                return prices.knapsack_value(node)
+            prior = _stock["estimator"]
+            if isinstance(prior, __getattr__("CustomRuntimeEstimator")):
+                return prior(node)
+            if prior == "testing":
+                return 1
+            if prior != "flops":
+                log.warning("bitfx: the %r runtime estimator is replaced by FLOP counts while bitfx partitions",
+                            prior)
+            from bitfx.passes.pricing import _flops
+
+            return max(_flops(node, node.meta.get("val")), 1.0)
+
+        def uuid(self):
+            return "bitfx-roofline-1"
+
+    return RooflineEstimator()
+
+
+def _solver():
+    class SlackKnapsack(__getattr__("CustomKnapsackSolver")):
+        """``activation_memory_budget_solver`` while bitfx partitions.
+
+        The plan's time knapsack (``solve_slack``) when it is solving one (the
+        free default, fractions); otherwise the solver configured before,
+        ``"dp"`` by default, on the runtime estimate in force.
+        """
+
+        def __call__(self, memory, joint_graph, max_memory, node_info, nodes):
+            prices = active()
+            if prices is not None and not prices._stock_mode and prices.slack_s is not None:
+                return prices.solve_slack(memory, nodes)
+            return self._prior(memory, joint_graph, max_memory, node_info, nodes)
+
+        @staticmethod
+        def _prior(memory, joint_graph, max_memory, node_info, nodes):
+            prior = _stock["solver"]
+            if isinstance(prior, __getattr__("CustomKnapsackSolver")):
+                return prior(memory, joint_graph, max_memory, node_info, nodes)
+            # PyTorch dispatches on the name inside _optimize_runtime_with_given_memory,
+            # reading the global config; calling it with the config set back would
+            # hand the stock solver to bitfx partitions in other threads meanwhile.
+            stock = {"dp": "dp_knapsack", "greedy": "greedy_knapsack", "ilp": "ilp_knapsack",
+                     "dp_knapsack_sliding_hirschberg": "dp_knapsack_sliding_hirschberg"}.get(prior)
+            if stock is None:
+                raise RuntimeError(f"bitfx: activation_memory_budget_solver={prior!r} cannot run inside a bitfx "
+                                   "partition")
+            p = __getattr__("partitioners")
+            runtimes = [p.estimate_runtime(n) for n in nodes]
+            _, saved, recomputed = getattr(p, stock)(memory, runtimes, max_memory)
+            return saved, recomputed
+
+        def uuid(self):
+            return "bitfx-slack-knapsack-1"
+
+    return SlackKnapsack()
+
+
+_HOOKS: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def priced(prices):
+    """Run PyTorch's partitioner with ``prices``'s sizes and plan choice, in this thread."""
+    global _depth
+    check()
+    p, config = __getattr__("partitioners"), __getattr__("functorch_config")
+    with _lock:
+        if not _HOOKS:
+            _HOOKS.update(estimator=_estimator(), solver=_solver())
+        if _depth == 0:
+            _stock["_size_of"] = p._size_of
+            _stock["choose_saved_values_set"] = p.choose_saved_values_set
+            _stock["estimator"] = config.activation_memory_budget_runtime_estimator
+            _stock["solver"] = config.activation_memory_budget_solver
+            _stock["solve_min_cut"] = p.solve_min_cut
+            p.solve_min_cut = _solve_min_cut
+            p._size_of = _size_of
+            p.choose_saved_values_set = _choose_saved_values_set
+            config.activation_memory_budget_runtime_estimator = _HOOKS["estimator"]
+            config.activation_memory_budget_solver = _HOOKS["solver"]
+        _depth += 1
+    _local.prices = prices
+    try:
+        yield prices
+    finally:
+        _local.prices = None
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                p._size_of = _stock["_size_of"]
+                p.solve_min_cut = _stock["solve_min_cut"]
+                p.choose_saved_values_set = _stock["choose_saved_values_set"]
+                config.activation_memory_budget_runtime_estimator = _stock["estimator"]
+                config.activation_memory_budget_solver = _stock["solver"]
+                _stock.clear()

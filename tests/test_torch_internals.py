@@ -1,0 +1,104 @@
+"""The one module that touches private torch APIs (bitfx/torch_internals.py).
+
+CI runs this on the oldest and the newest torch of the tested range.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch._functorch.config
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import bitfx
+from bitfx import torch_internals
+from bitfx.passes.knapsack import slack_knapsack
+from bitfx.passes.rng import pin_rng
+
+ROOT = Path(__file__).resolve().parents[1]
+# torch._check is documented public API (torch's reference lists it).
+ALLOWED = {"torch._check"}
+
+
+def _private_uses(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch._"):
+            found.append(f"{path.name}:{node.lineno} from {node.module}")
+        elif isinstance(node, ast.Import):
+            found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name.startswith("torch._")]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
+                and node.attr.startswith("_") and not node.attr.startswith("__") and f"torch.{node.attr}" not in ALLOWED:
+            found.append(f"{path.name}:{node.lineno} torch.{node.attr}")
+    return found
+
+
+def test_no_other_module_touches_private_torch():
+    files = [*(ROOT / "bitfx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]
+    files = [f for f in files if f.name != "torch_internals.py"]
+    assert len(files) > 20
+    assert [u for f in files for u in _private_uses(f)] == []
+
+
+def test_the_checker_sees_private_uses(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch._inductor.config\nfrom torch._ops import OpOverload\nx = torch._C\ntorch._check(True)\n")
+    assert len(_private_uses(bad)) == 3
+
+
+def test_every_name_resolves_on_this_torch():
+    for name, (module, attr) in torch_internals.NAMES.items():
+        assert getattr(torch_internals, name) is not None, f"{module}.{attr}"
+    with pytest.raises(AttributeError):
+        torch_internals.not_a_name  # noqa: B018
+
+
+def test_pyproject_states_the_tested_range():
+    deps = re.search(r"^dependencies = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    torch_dep = next(d.strip(' "') for d in deps.split('",') if d.strip(' "').startswith("torch"))
+    assert torch_dep.replace(" ", "") == torch_internals.tested_range()
+    assert torch_internals.in_tested_range()  # the suite runs on a tested torch
+
+
+@pytest.mark.parametrize(("version", "ok"), [("2.13.0", True), ("2.14.1+cu130", True), ("2.15.0.dev20270101", False),
+                                             ("2.12.1", False), ("3.0.0", False)])
+def test_tested_range(version, ok):
+    assert torch_internals.in_tested_range(version) is ok
+
+
+def test_a_changed_partitioner_fails_by_name(monkeypatch):
+    monkeypatch.setattr(torch_internals.partitioners, "choose_saved_values_set", lambda joint_graph, budget: None)
+    with pytest.raises(RuntimeError, match=r"choose_saved_values_set.*tested with torch>=2\.13,<2\.15"):
+        torch_internals.check()
+
+
+def test_partitioner_hooks_are_scoped():
+    p, config = torch_internals.partitioners, torch._functorch.config
+
+    def stock():
+        return (p._size_of, p.choose_saved_values_set, p.solve_min_cut,
+                config.activation_memory_budget_runtime_estimator, config.activation_memory_budget_solver)
+
+    before = stock()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    torch.compile(m, backend=bitfx.backend(inner="eager"))(torch.randn(4, 8)).sum().backward()
+    assert stock() == before
+
+
+def test_slack_knapsack_recomputes_most_bytes_per_second():
+    # Per second: 10, 1 and 4 bytes freed; 3 s of slack take the first and the third.
+    saved, recomputed = slack_knapsack([10.0, 1.0, 8.0], [1.0, 1.0, 2.0], 3.0)
+    assert (saved, recomputed) == ([1], [0, 2])
+    assert slack_knapsack([10.0, 1.0], [1.0, 1.0], 0.0) == ([0, 1], [])
+
+
+def test_pin_rng_marks_random_ops_must_save():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    gm = make_fx(lambda x: torch.nn.functional.dropout(x, 0.5, training=True) * x)(torch.randn(4))
+    pin_rng(gm.graph)
+    pinned = [n for n in gm.graph.nodes if n.meta.get("recompute") is CheckpointPolicy.MUST_SAVE]
+    assert pinned and all(torch.Tag.nondeterministic_seeded in n.target.tags for n in pinned)
+    assert len(pinned) < len([n for n in gm.graph.nodes if n.op == "call_function"])
