@@ -34,7 +34,7 @@ def main() -> None:
             x = example()
             counters.clear()
             on = run(make, x, autocast)
-            compressed = counters["bitfx"]["compress"]
+            compressed = (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"])
             dense = run(make, x, autocast, compress=False)
             off = run(make, x, autocast, enabled=False)
             on1 = run(make, x, autocast, memory_budget=1.0)

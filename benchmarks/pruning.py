@@ -156,7 +156,7 @@ def _footprint(model: nn.Module, x, y, config: str, counters) -> dict:
     return {"config": config, "parameter_bytes": params, "optimizer_bytes": state, "gradient_bytes": peak.gradient_bytes,
             "peak_bytes": peak.peak, "peak_check": peak.check, "saved_activation_bytes": saved,
             "footprint_bytes": params + state + peak.peak,
-            "bitmap_tensors": counters["bitfx"]["compress"], "exponent_tensors": counters["bitfx"]["exponent"]}
+            "bitmap_tensors": (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"]), "exponent_tensors": counters["bitfx"]["exponent"]}
 
 
 def main(argv=None) -> int:

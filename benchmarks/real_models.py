@@ -148,11 +148,11 @@ def exact(name) -> dict:
     row = {}
     counters.clear()
     on = grads(name, "bittrain", inner="eager")
-    note = "" if counters["bitfx"]["compress"] else " (nothing compressed)"
+    note = "" if (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"]) else " (nothing compressed)"
     row["eager = stock"] = f"{_same(on, grads(name, 'bittrain', inner='eager', enabled=False))}/{len(on)}{note}"
     counters.clear()
     on = grads(name, "bittrain", inner="inductor")
-    note = "" if counters["bitfx"]["compress"] else " (nothing compressed)"
+    note = "" if (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"]) else " (nothing compressed)"
     row["inductor = dense"] = f"{_same(on, grads(name, 'bittrain', inner='inductor', compress=False))}/{len(on)}{note}"
     off = grads(name, "bittrain", inner="inductor", enabled=False)
     again = grads(name, "bittrain", inner="inductor", enabled=False)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 INNER_CHOICES = ("inductor", "eager")
-CODEC_CHOICES = ("auto", "bitmap", "bitmap+exponent", "none")
+CODEC_CHOICES = ("auto", "bitmap", "bitmap+exponent", "dense")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ class Options:
         120 KB; smaller ones cost more in per-call overhead than they save),
         and, under the free default or a fraction, only as far as the plan's
         estimated step time stays within 2% (most bytes per second first).
-        ``"none"``: no value is compressed (bool masks still follow
-        ``pack_masks``).
+        ``"dense"``: every value stored dense, and the plan priced so (bool
+        masks still follow ``pack_masks``); ``compress=False`` instead keeps
+        the plan priced with the codecs and stores it dense.
     densities
         Measured densities to plan with instead of the assumed ones:
         ``{key: density}``, keys as :func:`bitfx.runtime_stats.stats` names
@@ -93,6 +94,9 @@ class Options:
             raise ValueError(
                 f"bittrain option inner={self.inner!r} is not valid; choose one of {INNER_CHOICES}"
             )
+        if self.codec == "none":
+            raise ValueError('bittrain option codec="none" is now codec="dense" (bitfx\'s storage names: '
+                             f'{CODEC_CHOICES[1:]})')
         if self.codec not in CODEC_CHOICES:
             raise ValueError(f"bittrain option codec={self.codec!r} is not valid; choose one of {CODEC_CHOICES}")
         for name in ("enabled", "compress", "pack_masks", "report"):

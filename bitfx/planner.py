@@ -29,7 +29,7 @@ from tabulate import tabulate
 from .backend import compile_graph
 from .liveness import simulate
 from .options import Options, format_bytes
-from .passes.analysis import Decision
+from .passes.pricing import Codec
 from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS, dense_bytes
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
@@ -48,9 +48,8 @@ class TensorRow:
     dense_bytes: int
     density: float | None
     stored_bytes: int
-    decision: str
+    codec: str  # pricing.Codec's value: how it is stored
     reason: str
-    codec: str = "dense"  # pricing.Codec: how it is stored
     ratio: float = 1.0  # stored over dense bytes (measured when calibrated)
 
 
@@ -77,12 +76,12 @@ class MemoryPlan:
         rows = [
             [t.name, t.op, "x".join(map(str, t.shape)), t.dtype.replace("torch.", ""), format_bytes(t.dense_bytes),
              "" if t.density is None else f"{t.density:.2f}", format_bytes(t.stored_bytes), f"{t.ratio:.2f}", t.codec,
-             t.decision, t.reason]
+             t.reason]
             for t in self.tensors
         ]
         per_tensor = tabulate(
-            rows, headers=["saved tensor", "op", "shape", "dtype", "dense", "density", "stored", "ratio", "codec",
-                           "decision", "why"],
+            rows, headers=["saved tensor", "op", "shape", "dtype", "dense", "density", "stored", "ratio", "stored as",
+                           "why"],
             disable_numparse=True,
         )
         base, bit = self.saved_bytes["baseline"], self.saved_bytes["bittrain"]
@@ -289,10 +288,10 @@ def plan(
             continue
         d = None
         got = measured_by_info.get(id(info))
-        if info.decision is Decision.COMPRESS:
+        if info.codec.bitmap:
             d = got[0] if got else densities_by_kind.get(info.kind or "relu", info.assumed_density)
             stored = info.stored_bytes(d, got[2] if got else None)
-        elif info.decision is Decision.EXPONENT:
+        elif info.codec is Codec.EXPONENT:
             stored = info.stored_bytes(ratio=got[1] if got else None)
         else:
             stored = info.stored_bytes()
@@ -300,7 +299,7 @@ def plan(
         label = info.module_path or name
         dense = info.dense_bytes()
         rows.append(TensorRow(label, _op_name(info.node), tuple(int(s) for s in info.val.shape), str(info.val.dtype),
-                              dense, d, stored, info.decision.value, info.reason, info.codec.value,
+                              dense, d, stored, info.codec.value, info.reason,
                               stored / dense if dense else 1.0))
     saved_bytes = {
         # The baseline is stock's own plan (what plain inductor saves), not
@@ -418,12 +417,12 @@ def _payload_sizes(comp, stored_by_name) -> dict:
     """Predicted bytes of each compress node's payload output (its size is unbacked)."""
     sizes = {}
     for info in comp.infos:
-        if info.decision is Decision.COMPRESS and info.parts:
+        if info.codec.bitmap and info.parts:
             offsets, payload = info.parts
             sizes[payload] = stored_by_name.get(info.node.name, 0) - dense_bytes(offsets.meta["val"])
             if info.bw_parts:
                 sizes[info.bw_parts[1]] = sizes[payload]
-        elif info.decision is Decision.EXPONENT and info.parts:
+        elif info.codec is Codec.EXPONENT and info.parts:
             sizes[info.parts[0]] = stored_by_name.get(info.node.name, 0)
             if info.bw_parts:
                 sizes[info.bw_parts[0]] = sizes[info.parts[0]]

@@ -72,10 +72,10 @@ def label(info: SavedTensor) -> str:
 def decisions_table(infos: list[SavedTensor]) -> str:
     rows = [
         [group(i), label(i), i.node.name, "x".join(str(s) for s in i.val.shape), str(i.val.dtype).replace("torch.", ""),
-         i.dense_bytes(), i.stored_bytes(), i.decision.value, i.reason]
+         i.dense_bytes(), i.stored_bytes(), i.codec.value, i.reason]
         for i in infos
     ]
-    return tabulate(rows, headers=["what", "name", "node", "shape", "dtype", "dense B", "predicted B", "decision", "why"],
+    return tabulate(rows, headers=["what", "name", "node", "shape", "dtype", "dense B", "predicted B", "stored as", "why"],
                     disable_numparse=True)
 
 

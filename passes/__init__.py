@@ -5,7 +5,8 @@
 * :mod:`.partition` wraps PyTorch's partitioner and runs both.
 """
 
-from .analysis import Decision, SavedTensor, analyze
+from .analysis import SavedTensor, analyze
 from .partition import BitfxPartitioner, partition
+from .pricing import Codec
 
-__all__ = ["BitfxPartitioner", "Decision", "SavedTensor", "analyze", "partition"]
+__all__ = ["BitfxPartitioner", "Codec", "SavedTensor", "analyze", "partition"]

@@ -4,17 +4,18 @@ The forward graph that PyTorch's partitioner produces returns
 ``(*forward_outputs, *saved_tensors, *saved_symints)``.  :func:`analyze`
 walks the forward graph once, marks every node whose output is zero wherever
 a ReLU-family output is zero ("sparse by construction"), and gives each saved
-tensor a :class:`Decision`:
+tensor a :class:`~bitfx.passes.pricing.Codec`, with the reason:
 
-``COMPRESS``
-    a sparse float/int tensor: ``bitfx::compress`` right after its producer.
+``BITMAP`` / ``BITMAP_EXPONENT``
+    a sparse float/int tensor: ``bitfx::compress`` (or, with the nonzeros
+    exponent-coded, ``bitfx::bitmap_exp_compress``) right after its producer.
 ``EXPONENT``
     any other saved fp32/bf16/fp16 tensor, under ``codec="bitmap+exponent"``
     or where ``codec="auto"`` finds it pays: ``bitfx::exp_compress``.
-``PACK``
+``BOOL``
     any other saved bool tensor: stored at 1 bit per element.
-``KEEP``
-    everything else, with the reason.
+``DENSE``
+    everything else.
 
 The analysis never affects correctness, only benefit: compression is
 lossless whatever the data, and a tensor that turns out dense at run time is
@@ -52,17 +53,6 @@ prims = torch.ops.prims
 # What the user wrote (Dynamo's source_fn_stack: module class or function
 # name) -> kind, for the activations that decompose into a clamp at 0.
 _KIND_BY_SOURCE = {"hardswish": "hardswish", "hardsigmoid": "hardsigmoid", "relu6": "relu6"}
-
-
-class Decision(enum.Enum):
-    COMPRESS = "compressed"
-    EXPONENT = "exponent-coded"
-    PACK = "bool-packed"
-    KEEP = "kept dense"
-
-
-# Decisions that replace a saved tensor by bitfx:: ops.
-CHANGED = (Decision.COMPRESS, Decision.EXPONENT, Decision.PACK)
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -238,12 +228,11 @@ class SavedTensor:
 
     node: fx.Node
     index: int  # position among the saved values
-    decision: Decision
+    codec: Codec  # how it is stored
     reason: str
     kind: str | None = None  # what made it sparse ("relu", "hardswish", "max_pool"), if anything
     assumed_density: float | None = None  # before anything runs (see assumed_density())
     assumed_ratio: float | None = None  # exponent codec: stored over dense bytes assumed (pricing.DEFAULT_EXP_RATIO)
-    values_exp: bool = False  # a COMPRESS whose nonzero values are exponent-coded too (bitmap_exp_compress)
     input_name: str | None = None  # for a graph input: its name (``layer1.0.conv1.weight``)
     source_input_name: str | None = None  # for a cast of a graph input: that input's name
     parts: list[fx.Node] = field(default_factory=list)  # forward outputs replacing it
@@ -266,13 +255,6 @@ class SavedTensor:
         # Sequential), or G['model'] behind an entry function (bitfx.plan).
         return re.sub(r"^[LG]\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
 
-    @property
-    def codec(self) -> Codec:
-        if self.decision is Decision.COMPRESS and self.values_exp:
-            return Codec.BITMAP_EXPONENT
-        return {Decision.COMPRESS: Codec.BITMAP, Decision.EXPONENT: Codec.EXPONENT, Decision.PACK: Codec.BOOL}.get(
-            self.decision, Codec.DENSE)
-
     def dense_bytes(self) -> int:
         return stored_bytes(self.val, Codec.DENSE)
 
@@ -283,7 +265,7 @@ class SavedTensor:
         elements, or the nonzeros behind a bitmap), as ``calibrate=True``
         measures it.
         """
-        if self.decision is Decision.EXPONENT:
+        if self.codec is Codec.EXPONENT:
             return stored_bytes(self.val, Codec.EXPONENT, ratio=ratio if ratio is not None else self.assumed_ratio)
         if density is None:
             density = self.assumed_density if self.assumed_density is not None else DEFAULT_DENSITY["relu"]
@@ -316,11 +298,11 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     for i, node in saved:
         info = _decide(node, i, kind, fwd_outputs, options, dens.get(node))
         if exponent is not None and node.name not in exponent:
-            if info.decision is Decision.EXPONENT:
-                info = SavedTensor(node, i, Decision.KEEP, "dense; the exponent codec did not fit this plan's time "
+            if info.codec is Codec.EXPONENT:
+                info = SavedTensor(node, i, Codec.DENSE, "dense; the exponent codec did not fit this plan's time "
                                    f"(codec={options.codec!r})")
-            elif info.values_exp:
-                info.values_exp = False
+            elif info.codec is Codec.BITMAP_EXPONENT:
+                info.codec = Codec.BITMAP
                 info.reason = info.reason.replace("; nonzeros exponent-coded", "")
         result.append(info)
         by_node[node] = info
@@ -330,7 +312,7 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
 def _decide(node, index, kind, fwd_outputs, options, density: float | None = None) -> SavedTensor:
     """How ``node`` is stored if saved; ``density``: measured, else the assumed one."""
     val = node.meta["val"]
-    keep = lambda why, k=None: SavedTensor(node, index, Decision.KEEP, why, k)  # noqa: E731
+    keep = lambda why, k=None: SavedTensor(node, index, Codec.DENSE, why, k)  # noqa: E731
     if node.op == "placeholder":
         return keep("graph input (parameter, buffer or user input)")
     if node in fwd_outputs:
@@ -340,14 +322,14 @@ def _decide(node, index, kind, fwd_outputs, options, density: float | None = Non
     if val.dtype == torch.bool:
         if not options.pack_masks:
             return keep("bool mask; pack_masks=False")
-        return SavedTensor(node, index, Decision.PACK, "bool mask: 1 bit per element")
+        return SavedTensor(node, index, Codec.BOOL, "bool mask: 1 bit per element")
     k = kind.get(node)
     if k is None:
         return _exponent_or_keep(node, index, val, options)
     if val.dtype.is_complex or val.dtype.itemsize not in (1, 2, 4, 8):
         return keep(f"dtype {val.dtype} not supported", k)
-    if options.codec == "none":
-        return keep(f"{describe(node)}; codec='none'", k)
+    if options.codec == "dense":
+        return keep(f"{describe(node)}; codec='dense'", k)
     d = density if density is not None else assumed_density(node, kind)
     predicted, dense = stored_bytes(val, Codec.BITMAP, d), stored_bytes(val, Codec.DENSE)
     if predicted >= dense:
@@ -355,13 +337,13 @@ def _decide(node, index, kind, fwd_outputs, options, density: float | None = Non
                     f"({predicted} >= {dense} bytes)", k)
         info.assumed_density = d
         return info
-    info = SavedTensor(node, index, Decision.COMPRESS, f"sparse: {describe(node)}", k)
+    info = SavedTensor(node, index, Codec.BITMAP, f"sparse: {describe(node)}", k)
     info.assumed_density = d
     if exp_ratio(val.dtype) is not None and (
         options.codec == "bitmap+exponent"
         or options.codec == "auto" and exponent_pays(val, machine_for(node.graph), values_only=True)
     ):
-        info.values_exp = True
+        info.codec = Codec.BITMAP_EXPONENT
         info.reason += "; nonzeros exponent-coded"
     return info
 
@@ -369,14 +351,14 @@ def _decide(node, index, kind, fwd_outputs, options, density: float | None = Non
 def _exponent_or_keep(node, index, val, options) -> SavedTensor:
     """A saved tensor that is not sparse: the exponent codec, where the options let it pay."""
     ratio = exp_ratio(val.dtype)
-    if options.codec in ("bitmap", "none") or ratio is None:
+    if options.codec in ("bitmap", "dense") or ratio is None:
         why = "not sparse by construction"
         if ratio is None and options.codec in ("auto", "bitmap+exponent"):
             why += f"; the exponent codec does not take {val.dtype}"
-        return SavedTensor(node, index, Decision.KEEP, why)
+        return SavedTensor(node, index, Codec.DENSE, why)
     if options.codec == "auto" and not exponent_pays(val, machine_for(node.graph)):
-        return SavedTensor(node, index, Decision.KEEP, "not sparse; too small for the exponent codec to pay (codec=auto)")
-    info = SavedTensor(node, index, Decision.EXPONENT, f"dense {describe(node)}: exponents packed")
+        return SavedTensor(node, index, Codec.DENSE, "not sparse; too small for the exponent codec to pay (codec=auto)")
+    info = SavedTensor(node, index, Codec.EXPONENT, f"dense {describe(node)}: exponents packed")
     info.assumed_ratio = ratio
     return info
 
@@ -393,5 +375,5 @@ def describe(node: fx.Node) -> str:
 def summarize(infos: Sequence[SavedTensor]) -> str:
     counts: dict[str, int] = {}
     for info in infos:
-        counts[info.decision.value] = counts.get(info.decision.value, 0) + 1
+        counts[info.codec.value] = counts.get(info.codec.value, 0) + 1
     return ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing saved"

@@ -38,9 +38,10 @@ import torch.fx as fx
 from bitfx import torch_internals
 from bitfx.options import Options, format_bytes
 
-from .analysis import Decision, SavedTensor, _decide, propagate_sparsity, resolve_densities
+from .analysis import SavedTensor, _decide, propagate_sparsity, resolve_densities
 from .knapsack import slack_knapsack
 from .pricing import (
+    Codec,
     Machine,
     _flops,
     codec_seconds,
@@ -100,7 +101,7 @@ class JointPrices:
         for node in joint.nodes:
             if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
                 info = _decide(node, -1, kind, fwd_outputs, self.options, dens.get(node))
-                if info.decision is not Decision.KEEP:
+                if info.codec is not Codec.DENSE:
                     self.infos[node] = info
 
     @contextlib.contextmanager
@@ -134,13 +135,13 @@ class JointPrices:
 
     @staticmethod
     def _exp_candidate(info: SavedTensor) -> bool:
-        return info.decision is Decision.EXPONENT or info.values_exp
+        return info.codec.exponent
 
     def _without_exponent(self, info: SavedTensor) -> SavedTensor | None:
         """``info`` as stored without the exponent codec: dense, or the bitmap alone."""
-        if info.decision is Decision.EXPONENT:
+        if info.codec is Codec.EXPONENT:
             return None
-        return dataclasses.replace(info, values_exp=False)
+        return dataclasses.replace(info, codec=Codec.BITMAP)
 
     def knapsack_value(self, node: fx.Node) -> float:
         """Seconds saved by keeping ``node`` instead of recomputing it."""

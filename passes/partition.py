@@ -22,7 +22,8 @@ from bitfx import runtime_stats
 from bitfx import torch_internals as ti
 from bitfx.options import Options, densities_for
 
-from .analysis import Decision, SavedTensor, analyze, summarize
+from .analysis import SavedTensor, analyze, summarize
+from .pricing import Codec
 from .costmodel import JointPrices
 from .targets import Estimate, Target
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
@@ -83,17 +84,15 @@ def partition(
             _trace("bitfx_forward_after", fw)
             _trace("bitfx_backward_after", bw)
             for info in infos:
-                ti.counters["bitfx"][info.decision.name.lower()] += 1
-                if info.values_exp:
-                    ti.counters["bitfx"]["nonzeros_exponent"] += 1
-                if info.decision in (Decision.COMPRESS, Decision.EXPONENT):
+                ti.counters["bitfx"][info.codec.value] += 1
+                if info.codec.bitmap or info.codec.exponent:
                     runtime_stats.register(info.stats_key, codec=info.codec.value, module=info.module_path,
                                            planned_density=info.assumed_density, dense_bytes=info.dense_bytes())
         log.debug("bitfx partition: %s", summarize(infos))
     if not options.enabled and (options.report or on_partition is not None):
         infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
         for info in infos:
-            info.decision, info.reason = Decision.KEEP, f"enabled=False ({info.reason})"
+            info.codec, info.reason = Codec.DENSE, f"enabled=False ({info.reason})"
     if options.report:
         from bitfx.report import log_decisions, plan_line
 

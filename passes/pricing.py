@@ -72,13 +72,28 @@ def dense_bytes(val) -> int:
 
 
 class Codec(enum.Enum):
-    """How a saved tensor is stored."""
+    """How a saved tensor is stored: bitfx's one storage vocabulary.
 
-    DENSE = "dense"
+    The same words name it in the options (``codec=``), the plan, the
+    report, ``bitfx.stats``, the pricing and the docs; the ops that store
+    each are named beside it.
+    """
+
+    DENSE = "dense"  # as PyTorch saves it
     BITMAP = "bitmap"  # bitfx::compress: per-block bitmap plus the nonzero values
-    BOOL = "bool-packed"  # bitfx::pack_bool: 1 bit per element
-    EXPONENT = "exponent"  # bitfx::exp_compress: a dense float tensor, exponents packed
     BITMAP_EXPONENT = "bitmap+exponent"  # bitfx::bitmap_exp_compress: bitmap, nonzeros exponent-coded
+    EXPONENT = "exponent"  # bitfx::exp_compress: a dense float tensor, exponents packed
+    BOOL = "bool-packed"  # bitfx::pack_bool: 1 bit per element
+
+    @property
+    def bitmap(self) -> bool:
+        """Stored as a bitmap plus nonzeros (the values exponent-coded or not)."""
+        return self in (Codec.BITMAP, Codec.BITMAP_EXPONENT)
+
+    @property
+    def exponent(self) -> bool:
+        """Stored with the exponent codec (all values, or the nonzeros behind a bitmap)."""
+        return self in (Codec.EXPONENT, Codec.BITMAP_EXPONENT)
 
 
 # Stored bytes over dense bytes of a dense tensor under the exponent codec,

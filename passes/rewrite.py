@@ -26,7 +26,7 @@ Compression sits right after the producer, so the dense tensor is freed after
 its last forward use; decompression sits right before the first backward use,
 so the dense tensor is alive only from there on.  Saved bool masks get
 ``bitfx::pack_bool`` / ``bitfx::unpack_bool`` the same way, and dense float
-tensors the exponent codec (``Decision.EXPONENT``)::
+tensors the exponent codec (``Codec.EXPONENT``)::
 
     conv = aten.convolution(x, w, ...)      conv = aten.convolution(x, w, ...)
                                             pay = bitfx.exp_compress(conv)  # uint8[u1]
@@ -50,7 +50,8 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from bitfx.ops import compress_fake, exp_compress_fake, fresh_size
 
-from .analysis import CHANGED, Decision, SavedTensor
+from .analysis import SavedTensor
+from .pricing import Codec
 from .symbolic import SymIntEmitter, missing_symbols, symbol_sources
 
 log = logging.getLogger("bitfx")
@@ -105,15 +106,15 @@ def rewrite_forward(gm: fx.GraphModule, num_fwd_outputs: int, infos: list[SavedT
     descs = output.meta.get("desc")
     for j, value in enumerate(outs[num_fwd_outputs:]):
         info = by_index.get(j)
-        decision = info.decision if info else Decision.KEEP
-        if decision is Decision.COMPRESS:
-            op = bitfx_ops.bitmap_exp_compress.default if info.values_exp else bitfx_ops.compress.default
+        codec = info.codec if info else Codec.DENSE
+        if codec.bitmap:
+            op = bitfx_ops.bitmap_exp_compress.default if codec is Codec.BITMAP_EXPONENT else bitfx_ops.compress.default
             parts = _insert_compress(value, emitter, op, info.stats_key)
             info.layout_key = parts[0].args[0].meta[LAYOUT_KEY]
-        elif decision is Decision.EXPONENT:
+        elif codec is Codec.EXPONENT:
             parts = [_insert_exp_compress(value, emitter, info.stats_key)]
             info.layout_key = parts[0].meta[LAYOUT_KEY]
-        elif decision is Decision.PACK:
+        elif codec is Codec.BOOL:
             val = value.meta["val"]
             with _after(value):
                 packed = graph.call_function(
@@ -228,14 +229,14 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
     """Turn each changed saved-tensor placeholder into compressed parts + decode."""
     graph = bw.graph
     phs = {i.node.name: i.placeholder for i in fw_infos}
-    changed = [i for i in fw_infos if i.decision is not Decision.KEEP]
+    changed = [i for i in fw_infos if i.codec is not Codec.DENSE]
     emitter = SymIntEmitter(graph, exclude={phs[i.node.name] for i in changed})
 
     for info in changed:
         ph = phs[info.node.name]
         fw_parts = info.parts
-        suffixes = {Decision.COMPRESS: ("offsets", "payload"), Decision.EXPONENT: ("payload",)}.get(
-            info.decision, ("packed",))
+        suffixes = (("offsets", "payload") if info.codec.bitmap
+                    else ("payload",) if info.codec is Codec.EXPONENT else ("packed",))
         with graph.inserting_before(ph):
             new_phs = [fresh_placeholder(graph, f"{info.node.name}_{sfx}") for sfx in suffixes]
         for new_ph, part in zip(new_phs, fw_parts):
@@ -245,10 +246,11 @@ def rewrite_backward(bw: fx.GraphModule, fw_infos: list[SavedTensor]) -> None:
         size = [emitter.arg(s) for s in val.shape]
         stride = [emitter.arg(s) for s in val.stride()]
         with graph.inserting_before(_first_user(ph)):
-            if info.decision is Decision.COMPRESS:
-                op = bitfx_ops.bitmap_exp_decompress.default if info.values_exp else bitfx_ops.decompress.default
+            if info.codec.bitmap:
+                op = (bitfx_ops.bitmap_exp_decompress.default if info.codec is Codec.BITMAP_EXPONENT
+                      else bitfx_ops.decompress.default)
                 dense = graph.call_function(op, (*new_phs, size, stride, val.dtype))
-            elif info.decision is Decision.EXPONENT:
+            elif info.codec is Codec.EXPONENT:
                 dense = graph.call_function(bitfx_ops.exp_decompress.default, (*new_phs, size, stride, val.dtype))
             else:
                 dense = graph.call_function(bitfx_ops.unpack_bool.default, (*new_phs, size, stride))
@@ -268,12 +270,12 @@ def demote_inexpressible(bw: fx.GraphModule, infos: list[SavedTensor]) -> None:
     partitioner saves every symbol backward needs; this is a guard, and it
     says so in the log when it fires.
     """
-    changed = [i for i in infos if i.decision in CHANGED]
+    changed = [i for i in infos if i.codec is not Codec.DENSE]
     sources = symbol_sources(bw.graph, exclude={i.placeholder for i in changed})
     for info in changed:
         val = info.node.meta["val"]
         missing = missing_symbols((*val.shape, *val.stride()), sources)
         if missing:
             log.warning("bitfx: keeping %s dense: backward has no value for %s", info.node.name, sorted(missing))
-            info.decision = Decision.KEEP
+            info.codec = Codec.DENSE
             info.reason = f"size uses {sorted(missing)}, unknown in backward"

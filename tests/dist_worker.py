@@ -100,7 +100,7 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         on = train(kind, True, rank)
-        compressed = counters["bitfx"]["compress"]
+        compressed = (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"])
         off = train(kind, False, rank)
         torch.save({"on": on, "off": off, "compressed": compressed}, out_dir / f"{kind}_rank{rank}.pt")
     finally:

@@ -6,7 +6,7 @@ import torch
 
 from bitfx.backend import Backend
 from bitfx.options import Options
-from bitfx.passes import Decision
+from bitfx.passes import Codec
 
 
 @dataclass
@@ -28,8 +28,8 @@ class Captured:
     def infos(self):
         return self.graphs[-1][2]
 
-    def decided(self, decision):
-        return [i for i in self.infos if i.decision is decision]
+    def stored_as(self, codec):
+        return [i for i in self.infos if i.codec is codec]
 
 
 def compile_and_capture(model, *inputs, dynamic=False, backward=True, **options):
@@ -54,4 +54,4 @@ def saved_outputs(gm):
     return list(gm.graph.find_nodes(op="output")[0].args[0][1:])
 
 
-__all__ = ["Captured", "Decision", "call_nodes", "compile_and_capture", "saved_outputs"]
+__all__ = ["Captured", "Codec", "call_nodes", "compile_and_capture", "saved_outputs"]

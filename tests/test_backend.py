@@ -46,7 +46,7 @@ def _grads_by_name(options: dict):
     m = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 2))
     x = torch.randn(64, 64)
     torch.compile(m, backend="bittrain", options=options)(x).sum().backward()
-    return [p.grad for p in m.parameters()], counters["bitfx"]["compress"]
+    return [p.grad for p in m.parameters()], (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"])
 
 
 def test_compile_by_name_with_options():
@@ -106,7 +106,7 @@ def test_every_compile_mode_is_accepted_and_reaches_inductor(mode, monkeypatch):
 
     counters.clear()
     on = grads("bittrain")
-    assert counters["bitfx"]["compress"] == 1
+    assert (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"]) == 1
     off = grads(bitfx.backend(compress=False))
     assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(on, off, strict=True))
     want = torch._inductor.list_mode_options(mode)
@@ -140,7 +140,7 @@ def test_report_option_logs_decisions(caplog):
     with caplog.at_level(logging.INFO, logger="bitfx"):
         torch.compile(m, backend=bitfx.backend(inner="eager", report=True))(torch.randn(32, 8)).sum().backward()
     text = caplog.text
-    assert "compressed" in text and "relu" in text and "predicted" in text
+    assert "bitmap" in text and "relu" in text and "predicted" in text
     assert "bitfx: bitfx" not in text and "bitfx:bitfx" not in text
     # Parameters by their module path, totals by what they count.
     assert "2.weight" in text and "primals_" not in text.split("node")[0]
@@ -158,7 +158,8 @@ def test_report_is_true_with_enabled_false(caplog):
             torch.randn(32, 8)).sum().backward()
     text = caplog.text
     assert "nothing saved" not in text and "0 -> 0 bytes" not in text
-    assert "enabled=False" in text and "compressed" not in text.replace("nothing compressed", "")
+    assert "enabled=False" in text and "bitmap" not in text
+    assert "saved for backward (enabled=False: stock pipeline, nothing compressed): 3 dense" in text
     # the 32x256 float32 ReLU output, stored dense
     assert "activations: 1, 32,768 -> 32,768 bytes" in text
 
@@ -176,7 +177,7 @@ def test_report_prints_without_logging_configured():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "bitfx: saved for backward" in out.stderr and "compressed" in out.stderr
+    assert "bitfx: saved for backward" in out.stderr and "bitmap" in out.stderr
 
 
 def test_callable_backend_merges_torch_compile_options():
@@ -189,7 +190,13 @@ def test_callable_backend_merges_torch_compile_options():
     m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     torch.compile(m, backend=b, options={"enabled": False})(torch.randn(4, 8)).sum().backward()
     assert isinstance(seen[0], Partition) and seen[0].infos  # enabled=False took effect: stock's tensors, all dense
-    assert all(i.decision.name == "KEEP" and i.reason.startswith("enabled=False") for i in seen[0].infos)
+    assert all(i.codec.value == "dense" and i.reason.startswith("enabled=False") for i in seen[0].infos)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown bittrain option"):
         torch.compile(m, backend=bitfx.backend(), options={"nope": 1})(torch.randn(4, 8))
+
+
+def test_codec_none_is_refused_with_its_storage_name():
+    with pytest.raises(ValueError, match='codec="dense"'):
+        Options(codec="none")
+    assert Options(codec="dense").codec == "dense"

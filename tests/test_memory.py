@@ -82,5 +82,5 @@ def test_inductor_counts_weight_copies_as_weights():
 
 def test_packed_masks_cost_an_eighth():
     cap, _ = compile_and_capture(models.BasicBlock(8, 8), torch.randn(2, 8, 6, 6), backward=False)
-    (packed,) = [i for i in cap.infos if i.decision.value == "bool-packed"]
+    (packed,) = [i for i in cap.infos if i.codec.value == "bool-packed"]
     assert packed.stored_bytes() == (packed.val.numel() + 7) // 8

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from graph_utils import Decision, call_nodes, compile_and_capture, saved_outputs
+from graph_utils import Codec, call_nodes, compile_and_capture, saved_outputs
 
 import models
 
@@ -92,7 +92,7 @@ def test_mlp_compresses_relu_outputs():
     assert not any(s in saved for s in srcs), "dense relu outputs must no longer be saved"
     assert sum(1 for s in saved if s.target is operator.getitem and s.args[0].target is bitfx.compress.default) == 4
     # parameters and the input stay as they are
-    assert {i.node.name for i in cap.decided(Decision.KEEP)} <= {s.name for s in saved}
+    assert {i.node.name for i in cap.stored_as(Codec.DENSE)} <= {s.name for s in saved}
     assert len(call_nodes(cap.bw, bitfx.decompress.default)) == 2
 
 
@@ -103,7 +103,7 @@ def test_conv_bn_relu_keeps_conv_output_dense():
     assert src.target is torch.ops.aten.relu.default
     conv = call_nodes(cap.fw, torch.ops.aten.convolution.default)[0]
     assert conv in saved_outputs(cap.fw)
-    assert any(i.node is conv and i.decision is Decision.KEEP for i in cap.infos)
+    assert any(i.node is conv and i.codec is Codec.DENSE for i in cap.infos)
 
 
 def test_residual_block():
@@ -125,7 +125,7 @@ def test_max_pool_values_compressed_and_offsets_kept():
     assert src.target is operator.getitem and "max_pool" in str(src.args[0].target)
     info = next(i for i in cap.infos if i.node is src)
     assert info.kind == "max_pool" and info.assumed_density == pytest.approx(1 - 0.5**4)
-    kept = [i.node for i in cap.decided(Decision.KEEP) if i.val.dtype == torch.int8]
+    kept = [i.node for i in cap.stored_as(Codec.DENSE) if i.val.dtype == torch.int8]
     assert kept and kept[0] in saved_outputs(cap.fw)
 
 
@@ -136,9 +136,9 @@ def test_tensors_that_would_not_shrink_are_kept_dense_and_named_as_written():
     cap, _ = compile_and_capture(m, torch.randn(2, 3, 14, 14))
     check_invariants(cap)
     by_kind = {i.kind: i for i in cap.infos if i.kind}
-    assert by_kind["max_pool"].decision is Decision.KEEP and "would not shrink" in by_kind["max_pool"].reason
+    assert by_kind["max_pool"].codec is Codec.DENSE and "would not shrink" in by_kind["max_pool"].reason
     hs = by_kind["hardswish"]
-    assert hs.decision is Decision.KEEP and hs.reason.startswith("hardswish output")
+    assert hs.codec is Codec.DENSE and hs.reason.startswith("hardswish output")
     assert not any("div output" in i.reason or "mul output" in i.reason for i in cap.infos)
 
 
@@ -227,7 +227,7 @@ def test_model_without_relu_family_compiles_to_identical_graphs():
     off, _ = compile_and_capture(silu_net(), x, enabled=False)
     assert on.fw.code == off.fw.code
     assert on.bw.code == off.bw.code
-    assert not any(i.decision is not Decision.KEEP for i in on.infos)
+    assert not any(i.codec is not Codec.DENSE for i in on.infos)
 
 
 def test_min_bytes_keeps_small_tensors():
@@ -298,32 +298,32 @@ def test_exponent_codec_rewrites_dense_saved_floats():
     assert isinstance(enc.meta["val"], torch.Tensor) and enc.meta["val"].dtype == torch.uint8
     assert "unbacked_bindings" in enc.meta
     decs = call_nodes(cap.bw, bitfx.exp_decompress.default)
-    assert len(decs) == len(cap.decided(Decision.EXPONENT)) >= 1
+    assert len(decs) == len(cap.stored_as(Codec.EXPONENT)) >= 1
     for dec in decs:
         val = dec.meta["val"]
         assert list(dec.args[1]) == list(val.shape) and dec.args[3] == val.dtype
     # The ReLU output keeps its bitmap; its nonzero values are exponent-coded behind it.
-    (relu,) = cap.decided(Decision.COMPRESS)
-    assert relu.values_exp and relu.node.target is torch.ops.aten.relu.default
+    (relu,) = cap.stored_as(Codec.BITMAP_EXPONENT)
+    assert relu.node.target is torch.ops.aten.relu.default
     (enc,) = call_nodes(cap.fw, bitfx.bitmap_exp_compress.default)
     assert enc.args[0] is relu.node and not call_nodes(cap.fw, bitfx.compress.default)
     assert len(call_nodes(cap.bw, bitfx.bitmap_exp_decompress.default)) == 1
 
 
-@pytest.mark.parametrize("codec", ["bitmap", "none"])
+@pytest.mark.parametrize("codec", ["bitmap", "dense"])
 def test_codec_switch_turns_codecs_off(codec):
     cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec=codec)
     assert not call_nodes(cap.fw, bitfx.exp_compress.default)
     assert bool(call_nodes(cap.fw, bitfx.compress.default)) == (codec == "bitmap")
     conv = next(i for i in cap.infos if i.node.target is torch.ops.aten.convolution.default)
-    assert conv.decision is Decision.KEEP and "not sparse" in conv.reason
+    assert conv.codec is Codec.DENSE and "not sparse" in conv.reason
 
 
 def test_auto_codec_skips_tensors_too_small_to_pay():
     # 2x8x8x8 fp32 conv outputs: 4 KiB, far below what two op calls cost on CPU.
     cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec="auto")
     conv = next(i for i in cap.infos if i.node.target is torch.ops.aten.convolution.default)
-    assert conv.decision is Decision.KEEP and "too small for the exponent codec" in conv.reason
+    assert conv.codec is Codec.DENSE and "too small for the exponent codec" in conv.reason
 
 
 def test_auto_codec_codes_large_dense_tensors_within_the_time_left():

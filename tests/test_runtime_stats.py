@@ -85,7 +85,7 @@ def test_replan_is_the_plan_the_cost_model_picks_at_those_densities(inner, monke
     _step(model, assumed, x)
 
     def plan(p):
-        return ([(i.node.name, i.decision, i.codec, i.assumed_density) for i in p.infos],
+        return ([(i.node.name, i.codec, i.assumed_density) for i in p.infos],
                 p.estimate.label, p.estimate.saved_bytes)
 
     assert plan(replanned_parts[-1]) == plan(assumed_parts[-1])

@@ -37,7 +37,7 @@ print(json.dumps({
     "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
     "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
     "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
-    "compressed": counters["bitfx"]["compress"],
+    "compressed": counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"],
 }))
 """
 
