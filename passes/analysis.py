@@ -24,7 +24,6 @@ stored dense by the compressor.
 
 from __future__ import annotations
 
-import enum
 import re
 import operator
 from collections.abc import Sequence

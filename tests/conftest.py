@@ -48,34 +48,6 @@ def kernels():
     bitfx.kernels.use(before)
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit pattern, for exact comparisons that see NaN payloads and -0.0."""
-    from bitfx.format import int_view_dtype
-
-    return t.view(int_view_dtype(t.dtype)) if t.dtype != torch.bool else t
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.device == b.device
-        and torch.equal(bits(a.contiguous()), bits(b.contiguous()))
-    )
-
-
-def triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # Tests marked ``slow`` compile whole models (most under Inductor, whose C++
 # compile dominates on a CPU): they run only with ``--runslow``, so that
 # ``python -m pytest -q`` takes minutes.  CI runs them too (.ci/run), split

@@ -19,28 +19,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import bitfx
-from arch_models import ARCHS
-
-
-def run(make, x, autocast, **options):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = make()
-    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", **options))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = compiled(x)
-    out.float().square().mean().backward()
-    return out.detach(), [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
-
-
-def run_eager(make, x, autocast):
-    torch.manual_seed(0)
-    model = make()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(x)
-    out.float().square().mean().backward()
-    return out.detach(), [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+from arch_models import ARCHS, max_rel_diff, run, run_eager
+from helpers import bitmap_coded
 
 
 def assert_bit_identical(a, b):
@@ -48,12 +28,6 @@ def assert_bit_identical(a, b):
     assert torch.equal(out_a, out_b)
     differing = [n for (n, x), (_, y) in zip(ga, gb, strict=True) if not torch.equal(x, y)]
     assert not differing, f"{len(differing)}/{len(ga)} gradients differ: {differing[:5]}"
-
-
-def max_rel_diff(a, b) -> float:
-    """Largest difference of any parameter's gradient, relative to that gradient's largest magnitude."""
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-               for (_, x), (_, y) in zip(a[1], b[1], strict=True))
 
 
 # Which architecture runs in which precision.  Issue 9's architectures
@@ -80,7 +54,7 @@ def test_exact_against_dense_and_close_to_stock(arch, autocast):
     x = example()
     counters.clear()
     on = run(make, x, autocast)
-    compressed = (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"])
+    compressed = bitmap_coded()
     off = run(make, x, autocast, enabled=False)
     # The error stock's compiled pipeline shows against the true gradients.
     # In bf16 a recomputed value rounds differently from a saved one: priced
@@ -99,5 +73,5 @@ def test_exact_against_dense_and_close_to_stock(arch, autocast):
         # before each ReLU); min-cut's own plan keeps them, compressed.
         counters.clear()
         on = run(make, x, autocast, memory_budget=1.0)
-        assert (counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"]) > 0, "nothing was compressed: the comparison would be vacuous"
+        assert bitmap_coded() > 0, "nothing was compressed: the comparison would be vacuous"
         assert_bit_identical(on, run(make, x, autocast, memory_budget=1.0, compress=False))

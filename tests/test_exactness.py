@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from test_passes import TransformerBlock, conv_bn_relu, mlp, squared_relu_ffn
+from helpers import (TransformerBlock, assert_bit_identical, compressed_something, conv_bn_relu, grads_of, mlp,
+                     squared_relu_ffn)
 
 import bitfx
 import models
@@ -11,34 +12,6 @@ from torch._dynamo.utils import counters
 
 # Inductor's C++ compile dominates these tests' time (conftest.py, "slow").
 INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.slow)]
-
-
-def grads_of(make_model, x, *, autocast=False, seed=0, steps=1, **options):
-    # Min-cut's plan (budget 1.0), where the sparse tensors survive; the free
-    # default's exactness is tested in test_costmodel.py.
-    options.setdefault("memory_budget", 1.0)
-    torch.manual_seed(seed)
-    model = make_model()
-    compiled = torch.compile(model, backend=bitfx.backend(**options))
-    out = None
-    for step in range(steps):
-        torch.manual_seed(seed + 100 + step)  # dropout draws the same masks in both runs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = compiled(x)
-        out.float().sum().backward()
-    return out.detach(), [p.grad.clone() for p in model.parameters()]
-
-
-def compressed_something():
-    """Whether the last compiles stored anything compactly (so an exactness test is not vacuous)."""
-    return counters["bitfx"]["bitmap"] + counters["bitfx"]["bitmap+exponent"] + counters["bitfx"]["bool-packed"] > 0
-
-
-def assert_bit_identical(a, b):
-    (out_a, grads_a), (out_b, grads_b) = a, b
-    assert torch.equal(out_a, out_b)
-    for ga, gb in zip(grads_a, grads_b, strict=True):
-        assert ga.dtype == gb.dtype and torch.equal(ga, gb)
 
 
 CASES = {
@@ -140,7 +113,7 @@ def test_inductor_dynamic_batch_exact():
 def test_inductor_layout_reaches_backward(monkeypatch):
     """Inductor stores conv-net activations channels-last; backward must restore that layout."""
     from bitfx import inductor_layouts
-    from graph_utils import call_nodes
+    from helpers import call_nodes
 
     compiled_bw = []
     apply = inductor_layouts.apply_forward_layouts

@@ -7,14 +7,13 @@ views, so NaN payloads and -0.0 count).
 
 import pytest
 import torch
-from conftest import DEVICE, bit_equal, triton_usable
+from helpers import DEVICE, LAYOUTS, bit_equal, random_bits, special_values, triton_usable
 from torch.library import opcheck
 
 from bitfx import format as fmt
 from bitfx import kernels as K
 from bitfx.kernels import cpu_ext, torch_ref
 
-from test_ops import LAYOUTS, random_bits, special_values
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 100_003]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from graph_utils import compile_and_capture
+from helpers import compile_and_capture
 
 import bitfx
 import models

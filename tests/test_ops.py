@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, bit_equal, triton_usable
+from helpers import DEVICE, LAYOUTS, bit_equal, random_bits, special_values, triton_usable
 from torch.library import opcheck
 
 import bitfx
@@ -43,28 +43,6 @@ KERNELS = [
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"),
     ),
 ]
-
-
-def random_bits(n, dtype, density=0.5, gen=None):
-    """Random bit patterns (NaNs, infs, denormals, -0.0 included) with given density."""
-    ints = fmt.int_view_dtype(dtype)
-    raw = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int64, generator=gen)
-    if ints is not torch.int16:
-        raw = raw * 2**(8 * dtype.itemsize - 16) + torch.randint(0, 2**15, (n,), generator=gen)
-    x = raw.to(ints).view(dtype)
-    keep = torch.rand(n, generator=gen) < density
-    return torch.where(keep, x, torch.zeros((), dtype=dtype))
-
-
-def special_values(dtype):
-    ints = fmt.int_view_dtype(dtype)
-    w = 8 * dtype.itemsize
-    sign = -(2 ** (w - 1))
-    pats = [0, sign, 1, sign + 1]  # +0, -0.0, smallest denormals
-    if dtype.is_floating_point:
-        pats += [int(torch.tensor(float("nan"), dtype=dtype).view(ints)) ^ 1]  # NaN with a payload
-    vals = torch.tensor(pats, dtype=torch.int64).to(ints).view(dtype)
-    return torch.cat([vals, torch.tensor([float("inf"), -float("inf"), 1.5], dtype=dtype)])
 
 
 def roundtrip(x):
@@ -117,23 +95,6 @@ def test_roundtrip_one_byte_dtypes(device, dtype, n):
     packed, y = roundtrip(x)
     assert torch.equal(packed.payload.cpu(), ref[1])
     assert bit_equal(x, y)
-
-
-LAYOUTS = {
-    "contiguous": lambda t: t,
-    "channels_last": lambda t: t.to(memory_format=torch.channels_last),
-    "transposed": lambda t: t.transpose(1, 3),
-    "offset_view": lambda t: t[1:, :, 2:],
-    "strided_gaps": lambda t: t[:, ::2, :, 1::3],
-    "expanded": lambda t: t[:, :1].expand(-1, 5, -1, -1),
-    # Stride 0 outermost: the stored elements are one dense row.
-    "expanded_outer": lambda t: t[:1].expand(4, -1, -1, -1),
-    "expanded_owning": lambda t: t[:1].clone().expand(4, -1, -1, -1),
-    "broadcast_scalar": lambda t: t[:1, :1, :1, :1].expand(3, 5, 7, 9),
-    "broadcast_inner": lambda t: t[..., :1].expand(-1, -1, -1, 4),
-    "overlapping": lambda t: t.reshape(-1)[:200].as_strided((3, 5, 7, 9), (8, 4, 2, 1)),
-    "overlapping_with_broadcast": lambda t: t.reshape(-1)[:50].as_strided((3, 5, 7, 9), (6, 0, 2, 1)),
-}
 
 
 @pytest.mark.parametrize("device", KERNELS, indirect=True)

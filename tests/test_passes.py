@@ -6,15 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from graph_utils import Codec, call_nodes, compile_and_capture, saved_outputs
+from helpers import Codec, TransformerBlock, call_nodes, compile_and_capture, conv_bn_relu, mlp, saved_outputs, squared_relu_ffn
 
 import models
 
 bitfx = torch.ops.bitfx
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
 class FunctionalReLU(nn.Module):
@@ -24,29 +20,6 @@ class FunctionalReLU(nn.Module):
 
     def forward(self, x):
         return self.b(F.relu(self.a(x)))
-
-
-class TransformerBlock(nn.Module):
-    """Post-attention ReLU FFN with dropout, as in the original Transformer."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.att = nn.MultiheadAttention(d, 2, dropout=0.1, batch_first=True)
-        self.fc1, self.fc2, self.drop = nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.Dropout(0.1)
-
-    def forward(self, x):
-        h = self.ln(x)
-        x = x + self.att(h, h, h, need_weights=False)[0]
-        return x + self.fc2(self.drop(F.relu(self.fc1(x))))
-
-
-def squared_relu_ffn():
-    return nn.Sequential(nn.Linear(16, 64), models.SquaredReLU(), nn.Linear(64, 16))
-
-
-def conv_bn_relu():
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
 
 
 def check_invariants(cap):

@@ -253,7 +253,7 @@ def test_cli_help():
 
 def test_calibrated_density_follows_swapped_nodes():
     """Issue 9: the swap pass renames the saved ReLU, and calibration matched densities by name."""
-    from test_passes import squared_relu_ffn
+    from helpers import squared_relu_ffn
 
     torch.manual_seed(0)
     model = squared_relu_ffn()

@@ -1,8 +1,9 @@
 """Small models of the architecture families that real training uses, written here.
 
 Each is a few blocks of the family's characteristic layers, small enough to
-compile in seconds: the exactness matrix (test_arch_exactness.py) compiles
-each under Inductor with and without bitfx, in fp32 and bf16 autocast.
+compile in seconds: the exactness matrix (tests/test_arch_exactness.py)
+and benchmarks/arch_exactness.py compile each under Inductor with and
+without bitfx, in fp32 and bf16 autocast, with :func:`run`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bitfx
 import models
 
 
@@ -173,3 +175,32 @@ ARCHS = {
     "bert_block": (bert_like, lambda: torch.randn(2, 8, 32)),
     "gpt_squared_relu": (gpt_squared_relu, lambda: torch.randint(0, 64, (2, 8))),
 }
+
+
+# -- one training step, for the exactness comparisons ---------------------------
+
+def run(make, x, autocast, **options):
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = make()
+    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", **options))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = compiled(x)
+    out.float().square().mean().backward()
+    return out.detach(), [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+
+
+def run_eager(make, x, autocast):
+    torch.manual_seed(0)
+    model = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out.detach(), [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+
+
+def max_rel_diff(a, b) -> float:
+    """Largest difference of any parameter's gradient, relative to that gradient's largest magnitude."""
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+               for (_, x), (_, y) in zip(a[1], b[1], strict=True))
+
