@@ -24,6 +24,7 @@ plans do not depend on the machine that runs it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import functools
@@ -32,7 +33,6 @@ import logging
 import os
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -74,9 +74,11 @@ def profile_path(device_type: str) -> Path:
                             + ".json")
 
 
-def _median_s(fn, reps: int, device_type: str) -> float:
+def _best_s(fn, reps: int, device_type: str) -> float:
+    """The fastest of ``reps`` timed calls, after one warm-up: other work on the
+    machine only ever adds time, and the profile is saved for later processes."""
     fn()
-    times = []
+    best = float("inf")
     for _ in range(reps):
         if device_type == "cuda":
             torch.cuda.synchronize()
@@ -84,8 +86,8 @@ def _median_s(fn, reps: int, device_type: str) -> float:
         fn()
         if device_type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -114,11 +116,11 @@ def _codec_seconds(n: int, dtype: torch.dtype, device_type: str, reps: int) -> d
         "exp_compress": lambda: ops.exp_compress(dense, stride),
         "exp_decompress": lambda: ops.exp_decompress(stream, size, stride, dtype),
     }
-    return {name: _median_s(fn, reps, device_type) for name, fn in timed.items()}
+    return {name: _best_s(fn, reps, device_type) for name, fn in timed.items()}
 
 
 def codec_timings(device_type: str, sizes=SIZES, reps: int = 50, dtype=torch.float32) -> dict:
-    """Per codec op: [(dense bytes, median seconds)] at each size."""
+    """Per codec op: [(dense bytes, fastest seconds)] at each size."""
     import bitfx.ops  # noqa: F401  (defines torch.ops.bitfx)
 
     out: dict[str, list[tuple[float, float]]] = {}
@@ -132,7 +134,7 @@ def codec_timings(device_type: str, sizes=SIZES, reps: int = 50, dtype=torch.flo
 def _flops(device_type: str, dtype: torch.dtype, n: int, reps: int) -> float:
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
-    return 2 * n**3 / _median_s(lambda: a @ b, reps, device_type)
+    return 2 * n**3 / _best_s(lambda: a @ b, reps, device_type)
 
 
 def measure(device_type: str = "cpu", quick: bool = False) -> dict:
@@ -145,7 +147,7 @@ def measure(device_type: str = "cpu", quick: bool = False) -> dict:
     # (a step reuses its allocator's memory): read plus write.
     x = torch.ones((64 if device_type == "cpu" else 256) * 2**20 // 4, device=device_type)
     y = torch.zeros_like(x)
-    bandwidth = 2 * x.nbytes / _median_s(lambda: y.copy_(x), reps, device_type)
+    bandwidth = 2 * x.nbytes / _best_s(lambda: y.copy_(x), reps, device_type)
     timings = codec_timings(device_type, QUICK_SIZES if quick else SIZES, reps)
     fits = {op: fit(points) for op, points in timings.items()}
     machine = Machine(
@@ -202,10 +204,15 @@ def _machine(device_type: str, override: str | None) -> Machine:
     if path.exists():
         return _load(path, device_type, str(path))
     # No profile yet: a quick measurement, saved so that later processes (and
-    # Inductor's caches, keyed on it) see the same constants.
+    # Inductor's caches, keyed on it) see the same constants.  It runs in a
+    # thread of its own: the compile that asks is inside fake-tensor and
+    # tracing modes, which are thread-local.  Run under them, the ops timed
+    # fake kernels, and the payload sizes they made were unbacked symbols
+    # left pending in the compile's ShapeEnv, which Inductor then refused.
     start = time.perf_counter()
     try:
-        profile = measure(device_type, quick=True)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitfx-calibrate") as pool:
+            profile = pool.submit(measure, device_type, True).result()
     except RuntimeError as e:
         log.warning("bitfx: quick measurement of %s failed (%s); pricing with %s", device_type, e,
                     MACHINES[device_type].name)

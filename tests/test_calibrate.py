@@ -123,3 +123,19 @@ def test_fit_recovers_a_line_and_refuses_noise():
     assert calibrate.fit([(1000, 1e-5 + 1000 / 2e9), (10**6, 1e-5 + 10**6 / 2e9)]) == pytest.approx((1e-5, 2e9))
     with pytest.raises(RuntimeError, match="too noisy"):
         calibrate.fit([(1000, 2e-5), (10**6, 1e-5)])
+
+
+def test_the_first_compile_measures_outside_its_fake_tensors(profile_env):
+    """The quick measurement made inside a compile times real kernels, and leaves the
+    compile's ShapeEnv alone: run in the compiling thread, it timed fake kernels
+    (4 ms at every size) and its unbacked payload sizes failed Inductor's compile
+    of this model."""
+    import bitfx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 256, 10))
+    torch.compile(model, backend=bitfx.backend(compress=False))(torch.randn(8, 1, 32, 32)).sum().backward()
+    profile = json.loads(calibrate.profile_path("cpu").read_text())
+    for op, ((_, small), (_, large)) in profile["timings"].items():
+        assert large > 5 * small, op  # 1K against 1M elements: real work grows with size
