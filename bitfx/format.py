@@ -84,10 +84,12 @@ Sparse tensors under the exponent codec (``bitfx::bitmap_exp_compress``)
     ``offsets`` as above.  Where the bitmap encoding is used (the same rule,
     :func:`use_sparse`, on the count of nonzeros), the payload is the bitmap,
     then the nonzero values as an exponent-coded stream, or raw where that
-    would not be shorter.  Otherwise it is the payload of
-    ``bitfx::exp_compress`` for all ``n`` elements.  The decoder reads the
-    nonzero count from ``offsets[-1]`` to tell which (on a GPU, one
-    synchronization), then raw from coded by length, as for dense tensors.
+    would not be shorter.  Otherwise it is the ``n * itemsize`` raw bytes, as
+    for the bitmap codec: the encoder learns which only at its one read of the
+    count (with the stream's size, on a GPU one synchronization), after the
+    nonzeros are coded.  The decoder reads the nonzero count from
+    ``offsets[-1]`` to tell which (on a GPU, one synchronization); it also
+    decodes a payload of ``bitfx::exp_compress`` for all ``n`` elements there.
 
 Validation
     A decoder checks what it is given before it reads the data
@@ -186,11 +188,19 @@ def _check_offsets_shape(offsets: torch.Tensor, payload: torch.Tensor, n: int) -
     return nblocks
 
 
+def checks_on_host(t: torch.Tensor) -> bool:
+    """Whether decoders check ``t``'s values before decoding: where it lives on
+    the host, so that reading them synchronizes with nothing.  On a GPU the
+    kernels bound every read instead.  (The host-read test patches this to
+    follow the GPU's path on CPU tensors.)"""
+    return t.device.type == "cpu"
+
+
 def _checked_total(offsets: torch.Tensor, n: int) -> int | None:
     """The nonzero total, once the offsets' values are checked; None where they are not read
     (off the CPU: a host synchronization; no blocks: nothing to check)."""
     nblocks = num_blocks(n)
-    if offsets.device.type != "cpu" or nblocks == 0:
+    if not checks_on_host(offsets) or nblocks == 0:
         return None
     steps = offsets.diff()
     lengths = torch.full((nblocks,), BLOCK, dtype=torch.int64)

@@ -217,7 +217,8 @@ def _exp_ratio(flat: torch.Tensor) -> float | None:
 
     if not flat.numel():
         return None
-    _, width_sum = kernels.select(flat.device).exp_header(flat.contiguous().view(int_view_dtype(flat.dtype)))
+    _, width = kernels.select(flat.device).exp_header(flat.contiguous().view(int_view_dtype(flat.dtype)))
+    width_sum = int(width.sum(dtype=torch.int64))
     raw = flat.numel() * flat.element_size()
     return min(exp_stream_bytes(flat.numel(), flat.element_size(), width_sum), raw) / raw
 

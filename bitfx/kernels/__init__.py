@@ -4,18 +4,22 @@ Every backend implements the same functions on flat, contiguous,
 memory-ordered tensors (data as same-width integers) and produces the same
 bytes:
 
-* ``count(ints) -> (offsets, nnz)``: nonzeros before each block, and the
-  total as a Python int (on a GPU, the one device-to-host synchronization)
+* ``count(ints) -> offsets``: nonzeros before each block, on the device
 * ``encode(ints, offsets, bitmap, values)``: fills the sparse payload's parts
 * ``decode(offsets, bitmap, values, out)``: fills ``out``
 * ``pack_bool(flat) -> packed`` and ``unpack_bool(packed, out)``
 * the exponent codec, on a run of float values as same-width ints:
-  ``exp_header(ints) -> (header, width_sum)`` (pass 1, sizing; on a GPU
-  the one synchronization), ``exp_encode(ints, stream)`` (pass 2, writing
-  around the header already in the stream) and ``exp_decode(stream, out)``
+  ``exp_header(ints, k=None) -> (base, width)`` (pass 1, sizing; ``k``, a
+  one-element tensor on the device, limits it to the first ``k`` values),
+  ``exp_encode(ints, stream)`` (pass 2, writing around the header already
+  in the stream) and ``exp_decode(stream, out)``
 
-:func:`compress` and :func:`decompress` hold what is common: the dense
-fallback, the payload layout and the one host synchronization.
+No backend reads a value back to the host.  The functions here hold what is
+common: the dense fallback, the payload layout, and the one read of a size
+per compressed tensor (on a GPU, its one synchronization): ``offsets[-1]``
+for the bitmap, the widths' sum for the exponent codec, both together for
+bitmap+exponent.  Decompression reads nothing, except bitmap+exponent's
+nonzero count.
 
 Which backend runs is chosen per device by :func:`select`, from the choice
 made with :func:`use`, which defaults to the ``BITFX_KERNELS`` environment
@@ -37,11 +41,13 @@ from types import ModuleType
 
 import torch
 
+from .. import format as _format
 from ..format import (
     BITMAP_BYTES_PER_BLOCK,
     CorruptData,
     check_exp_dtype,
     check_exp_stream,
+    exp_groups,
     exp_header_bytes,
     exp_stream_bytes,
     int_view_dtype,
@@ -137,7 +143,8 @@ def compress(k: ModuleType, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """``(offsets, payload)`` of a flat tensor, with backend ``k``."""
     ints = flat.view(int_view_dtype(flat.dtype))
     n, itemsize = ints.numel(), ints.element_size()
-    offsets, nnz = k.count(ints)  # nnz sizes the payload
+    offsets = k.count(ints)
+    nnz = int(offsets[-1])  # sizes the payload: the one host read
     if not use_sparse(n, nnz, itemsize):
         return offsets, ints.clone().view(torch.uint8)
     bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
@@ -162,11 +169,18 @@ def exp_compress(k: ModuleType, flat: torch.Tensor) -> torch.Tensor:
     check_exp_dtype(flat.dtype)
     ints = flat.view(int_view_dtype(flat.dtype))
     n, itemsize = ints.numel(), ints.element_size()
-    header, width_sum = k.exp_header(ints)  # pass 1 sizes the stream
-    stream = torch.empty(exp_stream_bytes(n, itemsize, width_sum), dtype=torch.uint8, device=flat.device)
-    head = n * (itemsize - 1)
-    stream[head : head + header.numel()].copy_(header)
-    k.exp_encode(ints, stream)  # pass 2
+    base, width = k.exp_header(ints)  # pass 1 sizes the stream
+    return _exp_stream(k, ints, base, width, int(width.sum(dtype=torch.int64)))  # the one host read
+
+
+def _exp_stream(k: ModuleType, ints: torch.Tensor, base: torch.Tensor, width: torch.Tensor, width_sum: int):
+    """Pass 2: the stream of ``ints`` around the header pass 1 gave (``base``, ``width`` of at least its groups)."""
+    n, itemsize = ints.numel(), ints.element_size()
+    ng, head = exp_groups(n), n * (itemsize - 1)
+    stream = torch.empty(exp_stream_bytes(n, itemsize, width_sum), dtype=torch.uint8, device=ints.device)
+    stream[head : head + ng].copy_(base[:ng])
+    stream[head + ng : head + 2 * ng].copy_(width[:ng])
+    k.exp_encode(ints, stream)
     return stream
 
 
@@ -180,7 +194,7 @@ def exp_decompress(k: ModuleType, stream: torch.Tensor, out: torch.Tensor) -> No
     check_exp_dtype(out.dtype)
     ints = out.view(int_view_dtype(out.dtype))
     n, itemsize = ints.numel(), ints.element_size()
-    if stream.device.type == "cpu":
+    if _format.checks_on_host(stream):
         check_exp_stream(stream, n, itemsize)
     elif stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() < n * (itemsize - 1) + exp_header_bytes(n):
         raise CorruptData(f"bitfx: exponent stream of {stream.numel()} bytes is too short for {n} values")
@@ -190,27 +204,29 @@ def exp_decompress(k: ModuleType, stream: torch.Tensor, out: torch.Tensor) -> No
 def bitmap_exp_compress(k: ModuleType, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(offsets, payload)`` of a flat float tensor: bitmap plus exponent-coded nonzeros (format.py).
 
-    Passes: count (sizes the bitmap, picks the encoding), compact the
-    nonzeros, the codec's header pass (sizes the stream), its writing pass.
+    Passes: count, compact the nonzeros into a buffer of ``n`` (their count is
+    still on the device), the codec's header pass over the first ``nnz`` of
+    them; then the one host read, of the count and the widths' sum together,
+    sizes the payload and picks the encoding; then the codec's writing pass.
+    A tensor dense at run time is stored raw, as the bitmap codec stores it.
     """
     check_exp_dtype(flat.dtype)
     ints = flat.view(int_view_dtype(flat.dtype))
     n, itemsize = ints.numel(), ints.element_size()
-    offsets, nnz = k.count(ints)
-    if not use_sparse(n, nnz, itemsize):
-        return offsets, _exp_or_raw(k, flat)
+    offsets = k.count(ints)
     bitmap_bytes = num_blocks(n) * BITMAP_BYTES_PER_BLOCK
     bitmap = torch.empty(bitmap_bytes, dtype=torch.uint8, device=flat.device)
-    values = torch.empty(nnz, dtype=ints.dtype, device=flat.device)
+    values = torch.empty(n, dtype=ints.dtype, device=flat.device)
     k.encode(ints, offsets, bitmap, values)
-    return offsets, torch.cat([bitmap, _exp_or_raw(k, values.view(flat.dtype))])
-
-
-def _exp_or_raw(k: ModuleType, flat: torch.Tensor) -> torch.Tensor:
-    stream = exp_compress(k, flat)
-    if stream.numel() >= flat.numel() * flat.element_size():
-        return flat.view(torch.uint8).clone()
-    return stream
+    base, width = k.exp_header(values, offsets[-1:])
+    nnz, width_sum = torch.stack([offsets[-1], width.sum(dtype=torch.int64)]).tolist()  # the one host read
+    if not use_sparse(n, nnz, itemsize):
+        return offsets, ints.clone().view(torch.uint8)
+    values = values[:nnz]
+    stream = _exp_stream(k, values, base, width, width_sum)
+    if stream.numel() >= nnz * itemsize:
+        stream = values.view(torch.uint8)
+    return offsets, torch.cat([bitmap, stream])
 
 
 def bitmap_exp_decompress(k: ModuleType, offsets: torch.Tensor, payload: torch.Tensor, out: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import CorruptData, exp_header_bytes, num_blocks
+from ..format import CorruptData, exp_groups, num_blocks
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +280,11 @@ def _threads(n: int) -> int:
     return max(1, min(torch.get_num_threads(), n // GRAIN_SIZE))
 
 
-def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+def count(ints: torch.Tensor) -> torch.Tensor:
     n = ints.numel()
     offsets = torch.empty(num_blocks(n) + 1, dtype=torch.int64)
-    nnz = _lib().bitfx_count(ints.data_ptr(), n, ints.element_size(), offsets.data_ptr(), _threads(n))
-    return offsets, nnz
+    _lib().bitfx_count(ints.data_ptr(), n, ints.element_size(), offsets.data_ptr(), _threads(n))
+    return offsets
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
@@ -311,12 +311,16 @@ def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     _lib().bitfx_unpack_bool(packed.data_ptr(), out.numel(), out.data_ptr(), _threads(out.numel()))
 
 
-def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
-    k = ints.numel()
-    header = torch.empty(exp_header_bytes(k), dtype=torch.uint8)
-    total = _lib().bitfx_exp_header(ints.data_ptr(), k, ints.element_size(), header.data_ptr(), _threads(k))
-    _status(total, ints)
-    return header, total
+def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    used = ints.numel() if k is None else int(k)  # a CPU tensor: no synchronization
+    ng, ug = exp_groups(ints.numel()), exp_groups(used)
+    header = torch.empty(2 * ug, dtype=torch.uint8)  # the C kernel writes [base, width] of its groups
+    _status(_lib().bitfx_exp_header(ints.data_ptr(), used, ints.element_size(), header.data_ptr(), _threads(used)), ints)
+    if ug == ng:
+        return header[:ng], header[ng:]
+    base, width = torch.full((ng,), 255, dtype=torch.uint8), torch.zeros(ng, dtype=torch.uint8)
+    base[:ug], width[:ug] = header[:ug], header[ug:]
+    return base, width
 
 
 def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:

@@ -463,8 +463,9 @@ std::tuple<at::Tensor, at::Tensor> bitmap_exp_compress(const at::Tensor &x, c10:
     const int nthreads = threads_for(n);
     const int64_t nnz = bitfx_count(flat.data, n, static_cast<int>(isz), offsets.data_ptr<int64_t>(), nthreads);
     const int64_t bitmap_bytes = nblocks * kBitmapBytesPerBlock;
-    if (!(bitmap_bytes + nnz * isz < n * isz)) {
-        at::Tensor payload = exp_or_raw(flat.data, n, isz);
+    if (!(bitmap_bytes + nnz * isz < n * isz)) {  // dense at run time: raw, as the bitmap codec stores it
+        at::Tensor payload = new_cpu(n * isz, at::kByte);
+        if (n) std::memcpy(payload.data_ptr(), flat.data, n * isz);
         record(key, n, nnz, payload.numel() + offsets.numel() * 8);
         return {offsets, payload};
     }

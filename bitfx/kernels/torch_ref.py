@@ -1,13 +1,17 @@
 """Plain-torch kernels: the reference every other backend is tested against.
 
-Vectorized torch ops only, so they run on any device.  Data is moved as
-same-width integers, never as floats, so bit patterns are preserved.
+Vectorized torch ops only, so they run on any device, and none reads a
+value back to the host: shapes never depend on the data (no boolean
+indexing), so on a GPU the callers' one read of a count is the only
+synchronization, as with the Triton kernels.  Data is moved as same-width
+integers, never as floats, so bit patterns are preserved.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import format as fmt
 from ..format import BLOCK, EXP_GROUP, CorruptData, exp_groups, exp_split, num_blocks
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -32,34 +36,45 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(-1)[:n]
 
 
-def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+def count(ints: torch.Tensor) -> torch.Tensor:
     n = ints.numel()
     nblocks = num_blocks(n)
     nonzero = torch.zeros(nblocks * BLOCK, dtype=torch.int64, device=ints.device)
     nonzero[:n] = ints.ne(0)
     offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     torch.cumsum(nonzero.view(nblocks, BLOCK).sum(1), 0, out=offsets[1:])
-    return offsets, int(offsets[-1])
+    return offsets
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
+    """``values`` holds at least the nonzeros (bitmap+exponent passes a buffer of ``n``)."""
     nonzero = ints.ne(0)
     bitmap.copy_(pack_bits(nonzero, bitmap.numel()))
-    values.copy_(ints[nonzero])
+    # Each nonzero to its rank, the zeros to one spare slot past the end.
+    n = ints.numel()
+    rank = torch.where(nonzero, torch.cumsum(nonzero, 0) - 1, n)
+    slots = torch.empty(n + 1, dtype=ints.dtype, device=ints.device)
+    slots.scatter_(0, rank, ints)
+    values.copy_(slots[: values.numel()])
 
 
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     n = out.numel()
     nonzero = unpack_bits(bitmap, n)
     # Each block's bitmap must hold as many set bits as its offsets say, or
-    # it would take another block's values.  On a GPU this check synchronizes:
-    # these kernels are the reference there, not the fast path.
-    per_block = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.int64, device=out.device)
-    per_block[:n] = nonzero
-    if not torch.equal(per_block.view(-1, BLOCK).sum(1), offsets.diff()):
-        raise CorruptData("bitfx: the bitmap's set bits do not match the offsets")
-    out.zero_()
-    out.masked_scatter_(nonzero, values)
+    # it would take another block's values.  Checked where that reads nothing
+    # back from a device (fmt.checks_on_host); elsewhere every read is
+    # clamped into ``values``, so corrupt parts decode wrong but never fault.
+    if fmt.checks_on_host(out):
+        per_block = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.int64, device=out.device)
+        per_block[:n] = nonzero
+        if not torch.equal(per_block.view(-1, BLOCK).sum(1), offsets.diff()):
+            raise CorruptData("bitfx: the bitmap's set bits do not match the offsets")
+    if values.numel() == 0:
+        out.zero_()
+        return
+    rank = (torch.cumsum(nonzero, 0) - 1).clamp_(0, values.numel() - 1)
+    out.copy_(torch.where(nonzero, values[rank], 0))
 
 
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
@@ -95,13 +110,22 @@ def _groups(hi: torch.Tensor, fill: int) -> torch.Tensor:
     return padded.view(ng, EXP_GROUP)
 
 
-def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Pass 1 (sizing): ``base`` then ``width`` bytes of every group, and the sum of the widths."""
+def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 (sizing): the ``base`` and ``width`` bytes of every group.
+
+    ``k`` (a one-element tensor on the device): only the first ``k`` values
+    count; groups past them get base 255 and width 0.
+    """
     hi, _, _ = _fields(ints)
-    base = _groups(hi, 255).min(1).values
-    span = _groups(hi, 0).max(1).values - base
+    if k is None:
+        lo_fill, hi_fill = hi, hi
+    else:
+        valid = torch.arange(hi.numel(), device=hi.device) < k
+        lo_fill, hi_fill = torch.where(valid, hi, 255), torch.where(valid, hi, 0)
+    base = _groups(lo_fill, 255).min(1).values
+    span = _groups(hi_fill, 0).max(1).values - base
     width = _BIT_LENGTH.to(hi.device)[span.clamp(min=0)]
-    return torch.cat([base, width]).to(torch.uint8), int(width.sum())
+    return base.to(torch.uint8), width.to(torch.uint8)
 
 
 def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
@@ -119,9 +143,14 @@ def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
     delta = torch.where(valid, delta, 0)  # padding: hi = base
     shifts = torch.arange(8, device=ints.device)
     bits = (delta[:, None, :] >> shifts[None, :, None]) & 1  # (group, plane, value)
-    planes = pack_bits(bits.reshape(-1).to(torch.bool), ng * 8 * 4).view(ng, 8, 4)
-    keep = shifts[None, :] < width[:, None]
-    stream[head + 2 * ng :] = planes[keep].reshape(-1)
+    planes = pack_bits(bits.reshape(-1).to(torch.bool), ng * 8 * 4).view(ng * 8, 4)
+    keep = (shifts[None, :] < width[:, None]).reshape(-1)
+    # The kept planes in order, by rank; the others to one spare row.
+    kept = stream[head + 2 * ng :].view(-1, 4)
+    rank = torch.where(keep, torch.cumsum(keep, 0) - 1, kept.shape[0])
+    rows = torch.empty(kept.shape[0] + 1, 4, dtype=torch.uint8, device=ints.device)
+    rows.index_copy_(0, rank, planes)
+    kept.copy_(rows[:-1])
 
 
 def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
@@ -137,9 +166,13 @@ def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
     base = stream[head : head + ng].to(torch.int64)
     width = stream[head + ng : head + 2 * ng].to(torch.int64)
     shifts = torch.arange(8, device=out.device)
-    keep = shifts[None, :] < width[:, None]
-    planes = torch.zeros(ng, 8, 4, dtype=torch.uint8, device=out.device)
-    planes[keep] = stream[head + 2 * ng :].view(-1, 4)
+    keep = (shifts[None, :] < width[:, None]).reshape(-1)
+    kept = stream[head + 2 * ng :].view(-1, 4)
+    if kept.shape[0]:
+        rank = (torch.cumsum(keep, 0) - 1).clamp_(0, kept.shape[0] - 1)
+        planes = torch.where(keep[:, None], kept[rank], 0).to(torch.uint8).view(ng, 8, 4)
+    else:
+        planes = torch.zeros(ng, 8, 4, dtype=torch.uint8, device=out.device)
     bits = unpack_bits(planes.view(-1), ng * 8 * 32).view(ng, 8, EXP_GROUP).to(torch.int64)
     delta = (bits << shifts[None, :, None]).sum(1)
     hi = ((base[:, None] + delta) & 0xFF).view(-1)[:k]

@@ -3,11 +3,12 @@
 One program per block of ``BLOCK`` (1024) elements:
 
 1. ``_count_kernel``: nonzeros per block.
-2. host (:func:`count`): ``offsets = cumsum(counts)``, then
-   ``offsets[-1]`` is read -- the one device-to-host synchronization per
-   compressed tensor.  It sizes the payload (and picks sparse or dense
-   encoding); it waits for the count kernel, so its cost is the launch
-   latency plus that kernel, not a data transfer.
+2. :func:`count`: ``offsets = cumsum(counts)``, on the device.  The caller
+   (:func:`bitfx.kernels.compress`) reads ``offsets[-1]``: the one
+   device-to-host synchronization per compressed tensor.  It sizes the
+   payload (and picks sparse or dense encoding); it waits for the count
+   kernel, so its cost is the launch latency plus that kernel, not a data
+   transfer.
 3. ``_compress_kernel``: each block writes its 128 bitmap bytes and compacts
    its nonzeros to ``values[offsets[b]:]`` with a prefix sum inside the block.
 
@@ -22,7 +23,7 @@ import os
 
 import torch
 
-from ..format import BLOCK, exp_groups, exp_header_bytes, exp_split, num_blocks
+from ..format import BLOCK, exp_groups, exp_split, num_blocks
 
 try:
     import triton
@@ -135,15 +136,21 @@ if triton is not None:
         return g, offs, valid, x
 
     @triton.jit
-    def _exp_header_kernel(x_ptr, header_ptr, k, ng, P: tl.constexpr, GP: tl.constexpr):
+    def _exp_header_kernel(x_ptr, base_ptr, width_ptr, k, k_ptr, ng, P: tl.constexpr, GP: tl.constexpr,
+                           K_ON_DEVICE: tl.constexpr):
+        # K_ON_DEVICE: the value count is read from k_ptr (bitmap+exponent codes
+        # the nonzeros before their count is on the host); groups past it get
+        # base 255 and width 0, as the torch reference gives them.
+        if K_ON_DEVICE:
+            k = tl.load(k_ptr)
         g, offs, valid, x = _exp_tile(x_ptr, k, GP)
         hi = (x >> P) & 0xFF
         mn = tl.min(tl.where(valid, hi, 255), axis=1)
         mx = tl.max(tl.where(valid, hi, 0), axis=1)
-        span = mx - mn
+        span = tl.maximum(mx - mn, 0)  # 0 in a group past k (mn 255, mx 0)
         width = tl.sum(((span[:, None] >> tl.arange(0, 8)[None, :]) != 0).to(tl.int32), axis=1)
-        tl.store(header_ptr + g, mn.to(tl.uint8), mask=g < ng)
-        tl.store(header_ptr + ng + g, width.to(tl.uint8), mask=g < ng)
+        tl.store(base_ptr + g, mn.to(tl.uint8), mask=g < ng)
+        tl.store(width_ptr + g, width.to(tl.uint8), mask=g < ng)
 
     @triton.jit
     def _exp_encode_kernel(x_ptr, stream_ptr, starts_ptr, k, ng, head, P: tl.constexpr, WBITS: tl.constexpr,
@@ -192,13 +199,13 @@ if triton is not None:
         tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def count(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
+def count(ints: torch.Tensor) -> torch.Tensor:
     nblocks = num_blocks(ints.numel())
     offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     if nblocks:
         _count_kernel[(nblocks,)](ints, offsets[1:], ints.numel(), BLOCK=BLOCK)
         torch.cumsum(offsets[1:], 0, out=offsets[1:])
-    return offsets, int(offsets[-1])  # the one device-to-host synchronization
+    return offsets
 
 
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
@@ -241,14 +248,15 @@ def _starts(width: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def exp_header(ints: torch.Tensor) -> tuple[torch.Tensor, int]:
-    k = ints.numel()
-    header = torch.empty(exp_header_bytes(k), dtype=torch.uint8, device=ints.device)
-    if k:
+def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    cap = ints.numel()
+    ng = exp_groups(cap)
+    header = torch.empty(2 * ng, dtype=torch.uint8, device=ints.device)
+    if cap:
         p = exp_split(ints.element_size())
-        _exp_header_kernel[_exp_grid(k)](ints, header, k, exp_groups(k), P=p, GP=EXP_GROUPS_PER_PROGRAM)
-    # The one device-to-host synchronization: the widths size the stream.
-    return header, int(header[exp_groups(k) :].sum(dtype=torch.int64))
+        _exp_header_kernel[_exp_grid(cap)](ints, header[:ng], header[ng:], cap, ints if k is None else k, ng, P=p,
+                                           GP=EXP_GROUPS_PER_PROGRAM, K_ON_DEVICE=k is not None)
+    return header[:ng], header[ng:]
 
 
 def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
