@@ -52,7 +52,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
     from .passes.partition import partition
 
     names = None
-    if options.report:
+    if options.report or on_partition is not None:  # the report's and the planner's names
         from .report import input_names
 
         names = input_names(gm)

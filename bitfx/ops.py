@@ -390,7 +390,7 @@ def _unpack_bool_fake(packed, size, stride):
     return torch.empty_strided(size, stride, dtype=torch.bool, device=packed.device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Packed:
     """A compressed tensor: what :func:`compress` returns."""
 
@@ -403,6 +403,13 @@ class Packed:
     @property
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.payload.nbytes
+
+    def __repr__(self) -> str:
+        # What it stands for and what it costs; its parts are raw bytes, not worth printing.
+        dense = stored_numel(self.size, self.stride) * self.dtype.itemsize
+        how = "dense fallback" if self.is_dense else "bitmap"
+        return (f"Packed(size={list(self.size)}, dtype={self.dtype}, {how}, {self.nbytes:,} bytes of "
+                f"{dense:,} dense, device={self.payload.device})")
 
     def to(self, device) -> Packed:
         """The same compressed tensor on another device (the bytes do not change)."""

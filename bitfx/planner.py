@@ -30,6 +30,7 @@ from .backend import compile_graph
 from .liveness import simulate
 from .options import Options, format_bytes
 from .passes.pricing import Codec
+from .report import label as report_label
 from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS, dense_bytes
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
@@ -297,7 +298,7 @@ def plan(
         else:
             stored = info.stored_bytes()
         stored_by_name[name] = stored
-        label = info.module_path or name
+        label = report_label(info)  # as report=True names it
         dense = info.dense_bytes()
         rows.append(TensorRow(label, _op_name(info.node), tuple(int(s) for s in info.val.shape), str(info.val.dtype),
                               dense, d, stored, info.codec.value, info.reason,

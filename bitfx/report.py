@@ -66,7 +66,8 @@ def label(info: SavedTensor) -> str:
     node = info.node
     if group(info) in ("parameter copy", "input copy"):
         return f"{info.source_input_name or node.args[0].name} as {str(info.val.dtype).replace('torch.', '')}"
-    return info.module_path or node.name
+    path = info.module_path
+    return node.name if path in ("", "<root>") else path
 
 
 def decisions_table(infos: list[SavedTensor]) -> str:

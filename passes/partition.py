@@ -93,10 +93,11 @@ def partition(
         infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
         for info in infos:
             info.codec, info.reason = Codec.DENSE, f"enabled=False ({info.reason})"
+    if options.report or on_partition is not None:
+        _name_inputs(fw, infos, input_names)  # the report's and the planner's names
     if options.report:
         from bitfx.report import log_decisions, plan_line
 
-        _name_inputs(fw, infos, input_names)
         log_decisions(infos, options.enabled,
                       plan_line(prices.target, prices.chosen, prices.machine.name) if prices else "")
     if on_partition is not None:

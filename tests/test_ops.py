@@ -465,3 +465,12 @@ def test_building_does_not_change_the_build_key(monkeypatch, tmp_path):
     before = cpu_ext._build_key("c++")
     cpu_ext._cpp_extension_load("bitfx_cpu_test", tmp_path)
     assert cpu_ext._build_key("c++") == before
+
+
+def test_packed_repr_names_the_tensor_not_its_bytes():
+    x = torch.relu(torch.randn(64, 1024))
+    packed = bitfx.compress(x)
+    text = repr(packed)
+    assert text.startswith("Packed(size=[64, 1024], dtype=torch.float32, bitmap, ") and "262,144 dense" in text
+    assert f"{packed.nbytes:,} bytes" in text and "tensor(" not in text and len(text) < 150
+    assert "dense fallback" in repr(bitfx.compress(torch.randn(8, 8) + 10))
