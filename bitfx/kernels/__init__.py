@@ -168,7 +168,6 @@ def exp_compress(k: ModuleType, flat: torch.Tensor) -> torch.Tensor:
     """The exponent-coded stream of a flat fp32/bf16/fp16 tensor, with backend ``k``."""
     check_exp_dtype(flat.dtype)
     ints = flat.view(int_view_dtype(flat.dtype))
-    n, itemsize = ints.numel(), ints.element_size()
     base, width = k.exp_header(ints)  # pass 1 sizes the stream
     return _exp_stream(k, ints, base, width, int(width.sum(dtype=torch.int64)))  # the one host read
 

@@ -199,41 +199,72 @@ if triton is not None:
         tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+# -- the launchers, each a torch.library.triton_op --------------------------------
+# Registered as ops (bitfx::triton_*), their kernels launched through
+# wrap_triton: torch.compile traces into them and Inductor calls the kernels
+# directly wherever the ops appear in a graph, and the profiler names them.
+# The bitmap ops' payload sizes are read on the host between these launches
+# (bitfx.kernels.compress), so bitfx::compress itself stays one opaque op.
+
+LAUNCHERS: dict[str, object] = {}  # op name -> its Python function (what the op runs)
+
+
+def _op(name: str, mutates_args=()):
+    def register(fn):
+        LAUNCHERS[f"triton_{name}"] = fn
+        if triton is None:
+            return fn
+        torch.library.triton_op(f"bitfx::triton_{name}", fn, mutates_args=mutates_args)
+        return getattr(torch.ops.bitfx, f"triton_{name}").default
+
+    return register
+
+
+def _launch(kernel):
+    return torch.library.wrap_triton(kernel)
+
+
+@_op("count")
 def count(ints: torch.Tensor) -> torch.Tensor:
     nblocks = num_blocks(ints.numel())
     offsets = torch.zeros(nblocks + 1, dtype=torch.int64, device=ints.device)
     if nblocks:
-        _count_kernel[(nblocks,)](ints, offsets[1:], ints.numel(), BLOCK=BLOCK)
+        _launch(_count_kernel)[(nblocks,)](ints, offsets[1:], ints.numel(), BLOCK=BLOCK)
         torch.cumsum(offsets[1:], 0, out=offsets[1:])
     return offsets
 
 
+@_op("encode", mutates_args=("bitmap", "values"))
 def encode(ints: torch.Tensor, offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor) -> None:
     nblocks = num_blocks(ints.numel())
     if nblocks:
-        _compress_kernel[(nblocks,)](ints, offsets, bitmap, values, ints.numel(), BLOCK=BLOCK)
+        _launch(_compress_kernel)[(nblocks,)](ints, offsets, bitmap, values, ints.numel(), BLOCK=BLOCK)
 
 
+@_op("decode", mutates_args=("out",))
 def decode(offsets: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
     nblocks = num_blocks(out.numel())
     if nblocks:
-        _decompress_kernel[(nblocks,)](offsets, bitmap, values, out, out.numel(), values.numel(), BLOCK=BLOCK)
+        _launch(_decompress_kernel)[(nblocks,)](offsets, bitmap, values, out, out.numel(), values.numel(),
+                                                BLOCK=BLOCK)
 
 
+@_op("pack_bool")
 def pack_bool(flat: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
     if n:
         grid = (triton.cdiv(out.numel(), PACK_BYTES),)
-        _pack_bool_kernel[grid](flat.view(torch.uint8), out, n, NBYTES=PACK_BYTES)
+        _launch(_pack_bool_kernel)[grid](flat.view(torch.uint8), out, n, NBYTES=PACK_BYTES)
     return out
 
 
+@_op("unpack_bool", mutates_args=("out",))
 def unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     n = out.numel()
     if n:
         grid = (triton.cdiv(packed.numel(), PACK_BYTES),)
-        _unpack_bool_kernel[grid](packed, out.view(torch.uint8), n, NBYTES=PACK_BYTES)
+        _launch(_unpack_bool_kernel)[grid](packed, out.view(torch.uint8), n, NBYTES=PACK_BYTES)
 
 
 def _exp_grid(k: int) -> tuple[int]:
@@ -248,30 +279,38 @@ def _starts(width: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@_op("exp_header")
+def _exp_header(ints: torch.Tensor, k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     cap = ints.numel()
     ng = exp_groups(cap)
-    header = torch.empty(2 * ng, dtype=torch.uint8, device=ints.device)
+    base = torch.empty(ng, dtype=torch.uint8, device=ints.device)
+    width = torch.empty(ng, dtype=torch.uint8, device=ints.device)
     if cap:
         p = exp_split(ints.element_size())
-        _exp_header_kernel[_exp_grid(cap)](ints, header[:ng], header[ng:], cap, ints if k is None else k, ng, P=p,
-                                           GP=EXP_GROUPS_PER_PROGRAM, K_ON_DEVICE=k is not None)
-    return header[:ng], header[ng:]
+        _launch(_exp_header_kernel)[_exp_grid(cap)](ints, base, width, cap, ints if k is None else k, ng, P=p,
+                                                    GP=EXP_GROUPS_PER_PROGRAM, K_ON_DEVICE=k is not None)
+    return base, width
 
 
+def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _exp_header(ints, k)
+
+
+@_op("exp_encode", mutates_args=("stream",))
 def exp_encode(ints: torch.Tensor, stream: torch.Tensor) -> None:
     k, s = ints.numel(), ints.element_size()
     if k:
         ng, head = exp_groups(k), k * (s - 1)
         starts = _starts(stream[head + ng : head + 2 * ng])
-        _exp_encode_kernel[_exp_grid(k)](ints, stream, starts, k, ng, head, P=exp_split(s), WBITS=8 * s,
-                                         GP=EXP_GROUPS_PER_PROGRAM)
+        _launch(_exp_encode_kernel)[_exp_grid(k)](ints, stream, starts, k, ng, head, P=exp_split(s), WBITS=8 * s,
+                                                  GP=EXP_GROUPS_PER_PROGRAM)
 
 
+@_op("exp_decode", mutates_args=("out",))
 def exp_decode(stream: torch.Tensor, out: torch.Tensor) -> None:
     k, s = out.numel(), out.element_size()
     if k:
         ng, head = exp_groups(k), k * (s - 1)
         starts = _starts(stream[head + ng : head + 2 * ng])
-        _exp_decode_kernel[_exp_grid(k)](stream, starts, out, k, ng, head, stream.numel(), P=exp_split(s), WBITS=8 * s,
-                                         GP=EXP_GROUPS_PER_PROGRAM)
+        _launch(_exp_decode_kernel)[_exp_grid(k)](stream, starts, out, k, ng, head, stream.numel(), P=exp_split(s),
+                                                  WBITS=8 * s, GP=EXP_GROUPS_PER_PROGRAM)
