@@ -2,10 +2,11 @@
 
 ``python -m bitfx calibrate`` measures, on the current device (CPU, or CUDA
 with ``--device cuda``): matmul FLOP/s in fp32 and bf16, memory bandwidth
-(a clone, read plus write), and for each codec op its cost per call and its
-throughput, fitted (``seconds = per_call + dense bytes / throughput``) to
-the ``bitfx::`` ops called as a compiled graph calls them, on ReLU outputs
-(bitmap) and dense normal values (exponent) at several sizes.  The profile
+(a copy between two buffers larger than the caches, read plus write), and
+for each codec op its cost per call and its throughput, fitted
+(``seconds = per_call + dense bytes / throughput``) to the ``bitfx::`` ops
+called as a compiled graph calls them, on ReLU outputs (bitmap) and dense
+normal values (exponent) at two sizes (:data:`SIZES`).  The profile
 is a JSON file, with the device's name, torch version and date, under
 ``$BITFX_CACHE/profiles/`` (else ``~/.cache/bitfx/profiles/``), one per
 device.
@@ -125,7 +126,7 @@ def codec_timings(device_type: str, sizes=SIZES, reps: int = 50, dtype=torch.flo
 
     out: dict[str, list[tuple[float, float]]] = {}
     for n in sizes:
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         for name, seconds in _codec_seconds(n, dtype, device_type, reps).items():
             out.setdefault(name, []).append((nbytes, seconds))
     return out

@@ -61,8 +61,7 @@ def gpu_path(monkeypatch, kernels):
     # dispatch mode sees nothing: call their functions instead, so that the
     # torch ops they run are counted too.
     for name, fn in triton_kernels.LAUNCHERS.items():
-        attr = name.removeprefix("triton_")
-        monkeypatch.setattr(triton_kernels, "_exp_header" if attr == "exp_header" else attr, fn)
+        monkeypatch.setattr(triton_kernels, name.removeprefix("triton_"), fn)
     return kernels
 
 

@@ -280,7 +280,7 @@ def _starts(width: torch.Tensor) -> torch.Tensor:
 
 
 @_op("exp_header")
-def _exp_header(ints: torch.Tensor, k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     cap = ints.numel()
     ng = exp_groups(cap)
     base = torch.empty(ng, dtype=torch.uint8, device=ints.device)
@@ -290,10 +290,6 @@ def _exp_header(ints: torch.Tensor, k: torch.Tensor | None) -> tuple[torch.Tenso
         _launch(_exp_header_kernel)[_exp_grid(cap)](ints, base, width, cap, ints if k is None else k, ng, P=p,
                                                     GP=EXP_GROUPS_PER_PROGRAM, K_ON_DEVICE=k is not None)
     return base, width
-
-
-def exp_header(ints: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _exp_header(ints, k)
 
 
 @_op("exp_encode", mutates_args=("stream",))
