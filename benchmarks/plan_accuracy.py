@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
 import bitfx  # noqa: E402
-from bitfx.measure import model_saved_bytes, peak_cpu_bytes  # noqa: E402
+from bitfx.measure import model_saved_bytes, step_peak  # noqa: E402
 
 CASES = {
     "resnet18 4x3x64x64": (lambda: models.resnet18(10), (4, 3, 64, 64)),
@@ -41,8 +41,9 @@ def measure(model, x, enabled):
 
     step()
     step()
-    model.zero_grad(set_to_none=True)
-    return model_saved_bytes(c, x), peak_cpu_bytes(step)
+    peak = step_peak(step, model)
+    assert peak.ok, peak.check
+    return model_saved_bytes(c, x), peak.peak
 
 
 def main():

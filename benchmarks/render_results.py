@@ -107,12 +107,18 @@ def run_frontier(rows: list[dict]) -> list[str]:
             if base is None:
                 continue
             saved_x = r["saved_activation_bytes"] / base["saved_activation_bytes"] if base["saved_activation_bytes"] else None
-            latest[(r.get("model"), r.get("config"), r.get("autocast") or "")] = (r, saved_x)
-    body = [[m, a or "fp32", c, _num(x), _num(r.get("step_x_inductor")), _stamp(r)]
-            for (m, c, a), (r, x) in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], _config_key(kv[0][1])))]
+            # Rows without a passed peak check predate bitfx.measure.step_peak
+            # and may miss the gradients' bytes: their peaks are not shown.
+            peak_x = (r["peak_bytes"] / base["peak_bytes"]
+                      if r.get("peak_check") == "ok" and base.get("peak_check") == "ok" else None)
+            latest[(r.get("model"), r.get("config"), r.get("autocast") or "")] = (r, saved_x, peak_x)
+    body = [[m, a or "fp32", c, _num(x), _num(p) if p is not None else "not measured", _num(r.get("step_x_inductor")),
+             _stamp(r)]
+            for (m, c, a), (r, x, p) in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], _config_key(kv[0][1])))]
     return (["Per model and configuration, the latest measurement, as a ratio to `inductor` in the same run "
-             "(step times paired by round).", ""]
-            + _table(["model", "dtype", "config", "saved x inductor", "step x inductor", "measured on"], body))
+             "(step times paired by round; step peaks from `bitfx.measure.step_peak`).", ""]
+            + _table(["model", "dtype", "config", "saved x inductor", "step peak x inductor", "step x inductor",
+                      "measured on"], body))
 
 
 def _config_key(config: str):

@@ -19,8 +19,10 @@ people train.
 
 Per model and configuration: saved-activation bytes (what saved_tensors_hooks
 sees, parameters and buffers excluded), peak memory of one full training step
-(CUDA: torch.cuda.max_memory_allocated; CPU: allocator-level peak from
-torch.profiler memory events, above the level before the step), median step
+(:func:`bitfx.measure.step_peak`: gradients set to None first, then CUDA
+torch.cuda.max_memory_allocated or CPU allocator events, above the level
+before the step, with the check that the step left exactly the gradients'
+bytes), median step
 time over several steps after warm-up (the configurations of a model are timed
 in interleaved rounds), and compile time (the first step).
 Ratios are against ``inductor``; step-time ratios are the median of each
@@ -57,7 +59,7 @@ import models  # noqa: E402
 import results_io  # noqa: E402
 
 import bitfx  # noqa: E402
-from bitfx.measure import peak_cpu_bytes, saved_activation_bytes  # noqa: E402
+from bitfx.measure import StepPeak, saved_activation_bytes, step_peak  # noqa: E402
 from bitfx.planner import fresh_entry  # noqa: E402
 
 CONFIGS = ["eager", "inductor", "inductor@0.5", "bittrain-eager", "bittrain", "bittrain@0.5"]
@@ -241,23 +243,17 @@ class Run:
         self.sync()
         self.times.append(time.perf_counter() - t0)
 
-    def memory(self) -> tuple[int, int]:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            self.step()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = peak_cpu_bytes(self.step)
+    def memory(self) -> tuple[int, StepPeak]:
+        peak = step_peak(self.step, self.model, self.device)
         exclude = [*self.model.parameters(), *self.model.buffers()]
         saved = saved_activation_bytes(self.forward_loss, exclude)
         return saved, peak
 
-    def row(self, saved: int, peak: int) -> dict:
+    def row(self, saved: int, peak: StepPeak) -> dict:
         return {
             "model": self.w.name, "label": self.w.label, "config": self.config,
             "autocast": str(self.autocast).replace("torch.", "") if self.autocast else "",
-            "saved_activation_bytes": saved, "peak_bytes": peak,
+            "saved_activation_bytes": saved, "peak_bytes": peak.peak, "peak_check": peak.check,
             "step_ms": 1e3 * statistics.median(self.times), "compile_s": self.compile_s,
         }
 

@@ -56,26 +56,6 @@ def model_saved_bytes(model: nn.Module, *inputs, loss_fn=None) -> int:
     return saved_activation_bytes(lambda: loss_fn(model(*inputs)), exclude)
 
 
-def peak_cpu_bytes(fn: Callable[[], object]) -> int:
-    """Peak of CPU allocator bytes above the level at the start of ``fn()``.
-
-    Read from ``torch.profiler`` memory events (every allocation and free of
-    the CPU allocator), so it is allocator-level, not RSS.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    level = peak = 0
-    for e in events:
-        if e.device_type() == torch.autograd.DeviceType.CPU:
-            level += e.nbytes()
-            peak = max(peak, level)
-    return peak
-
-
 @dataclass(frozen=True)
 class StepPeak:
     """The peak of one training step, and the check that the measurement saw the whole step."""
@@ -90,20 +70,27 @@ class StepPeak:
         return self.check == "ok"
 
 
-def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.device = "cpu") -> StepPeak:
+def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.device | None = None) -> StepPeak:
     """Peak memory of ``step()`` (forward, loss, backward, optionally the optimizer).
 
-    The gradients are set to None first (as ``zero_grad(set_to_none=True)``
-    leaves them), so the step allocates them; at its end the net allocation
-    must then be exactly their bytes, which :attr:`StepPeak.check` verifies.
+    The gradients are set to None before the measurement starts (as
+    ``zero_grad(set_to_none=True)`` leaves them), so the step allocates them;
+    at its end the net allocation must then be exactly their bytes, which
+    :attr:`StepPeak.check` verifies.  Setting them to None outside the window
+    is what makes consecutive measurements agree: a step that calls
+    ``zero_grad(set_to_none=True)`` itself frees the previous step's
+    gradients inside the window, so a peak read above the window's start
+    then misses the gradients' bytes, and only a model's first measurement
+    (when it has no gradients yet) would see them.
     CPU: allocator events from ``torch.profiler``; CUDA:
     ``torch.cuda.max_memory_allocated`` above the level before the step.
+    ``device`` defaults to the parameters' device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

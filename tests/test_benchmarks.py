@@ -175,17 +175,24 @@ def test_render_results_from_rows(tmp_path):
 
     res = tmp_path / "results"
     for commit, saved in (("aaa", 100), ("bbb", 50)):  # two runs; only the latest counts
-        rows = [{"model": "m", "config": "inductor", "autocast": "", "saved_activation_bytes": 200, "step_x_inductor": 1.0},
-                {"model": "m", "config": "bittrain", "autocast": "", "saved_activation_bytes": saved, "step_x_inductor": 1.02}]
+        rows = [{"model": "m", "config": "inductor", "autocast": "", "saved_activation_bytes": 200, "step_x_inductor": 1.0,
+                 "peak_bytes": 400, "peak_check": "ok"},
+                {"model": "m", "config": "bittrain", "autocast": "", "saved_activation_bytes": saved, "step_x_inductor": 1.02,
+                 "peak_bytes": 300, "peak_check": "ok"},
+                # a row whose peak measurement failed its check: its peak is not shown
+                {"model": "m", "config": "bittrain@0.5", "autocast": "", "saved_activation_bytes": 20, "step_x_inductor": 1.1,
+                 "peak_bytes": 10, "peak_check": "net allocation 0 bytes, gradients 8"}]
         results_io.append_rows("run", rows, res / "run.jsonl")
         lines = (res / "run.jsonl").read_text().splitlines()
         (res / "run.jsonl").write_text("\n".join(
             line.replace(f'"commit": "{results_io._commit()["commit"]}"', f'"commit": "{commit}"')
-            if i >= len(lines) - 2 else line for i, line in enumerate(lines)) + "\n")
+            if i >= len(lines) - 3 else line for i, line in enumerate(lines)) + "\n")
     results_io.append_rows("other", [{"x": 1.5, "name": "n"}], res / "other.jsonl")
     text = render_results.render(res)
     row = next(line for line in text.splitlines() if line.startswith("| m | fp32 | bittrain |"))
-    assert "| 0.250 | 1.020 |" in row and "commit bbb" in row
+    assert "| 0.250 | 0.750 | 1.020 |" in row and "commit bbb" in row
+    failed = next(line for line in text.splitlines() if line.startswith("| m | fp32 | bittrain@0.5 |"))
+    assert "| 0.100 | not measured | 1.100 |" in failed
     assert "## `other`" in text and "| 1.500 | n |" in text
     out = tmp_path / "results.md"
     assert render_results.main(["--results", str(res), "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ from helpers import compile_and_capture
 import bitfx
 import models
 from bitfx import format as fmt
-from bitfx.measure import model_saved_bytes
+from bitfx.measure import model_saved_bytes, step_peak
 
 
 def measured(make, x, **options):
@@ -84,3 +84,39 @@ def test_packed_masks_cost_an_eighth():
     cap, _ = compile_and_capture(models.BasicBlock(8, 8), torch.randn(2, 8, 6, 6), backward=False)
     (packed,) = [i for i in cap.infos if i.codec.value == "bool-packed"]
     assert packed.stored_bytes() == (packed.val.numel() + 7) // 8
+
+
+def test_step_peak_sees_the_gradients_whatever_ran_before():
+    # A step that frees the last step's gradients itself (zero_grad with
+    # set_to_none) must measure the same peak on its first and later
+    # measurements: step_peak sets them to None before its window opens.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    x = torch.randn(32, 256)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    first = step_peak(step, model)
+    again = step_peak(step, model)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert first.ok and again.ok, (first.check, again.check)
+    assert first.gradient_bytes == grad_bytes
+    assert first.peak == again.peak >= grad_bytes
+
+
+def test_step_peak_check_names_what_outlived_the_step():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    x = torch.randn(8, 64)
+    kept = []
+
+    def leaky_step():
+        out = model(x)
+        kept.append(out.detach())  # outlives the step
+        out.sum().backward()
+
+    got = step_peak(leaky_step, model)
+    assert not got.ok and "outlived" in got.check
+    assert got.net == got.gradient_bytes + kept[0].nbytes
