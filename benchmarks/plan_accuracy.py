@@ -1,70 +1,115 @@
-"""The planner's predictions against measurements, in one run.
+"""The planner's predictions against measurements: saved bytes and the step peak.
 
-    python benchmarks/plan_accuracy.py
+    python benchmarks/plan_accuracy.py [--models resnet18,mobilenet_v3_small] [--batch 4] [--size 96]
+                                       [--autocast bf16] [--inner inductor]
 
-Saved bytes are measured with saved_tensors_hooks; the peak of one training
-step (forward + backward, after warm-up) with torch.profiler's CPU allocator
-events, above the level before the step.  The planner's peak is compared on
-the same basis: its liveness peak without the resident parameters, buffers
-and inputs.
+For each model and configuration (``inductor``: stock's default plan;
+``inductor@0.9``: stock at budget 0.9; ``bittrain``: bitfx's default), one
+fresh process plans the model (fake tensors, nothing runs), then compiles
+it, runs two warm-up steps and measures one: saved bytes with
+``saved_tensors_hooks``, the step peak with :func:`bitfx.measure.step_peak`
+(gradients set to None first; the row keeps its check).  A fresh process per
+measurement keeps one configuration's compiled code, caches and allocator
+state out of the next one's.  Rows append to
+``benchmarks/results/plan_accuracy.jsonl``; each has the predicted and
+measured figures, and where the planner puts the peak.
 """
 
 from __future__ import annotations
 
-import platform
+import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from tabulate import tabulate
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
 
-import bitfx  # noqa: E402
-from bitfx.measure import model_saved_bytes, step_peak  # noqa: E402
+import results_io  # noqa: E402
 
-CASES = {
-    "resnet18 4x3x64x64": (lambda: models.resnet18(10), (4, 3, 64, 64)),
-    "mobilenet_v2 4x3x64x64": (lambda: models.mobilenet_v2(10), (4, 3, 64, 64)),
-    "relu_mlp 256x1024": (lambda: models.relu_mlp(1024, 2048, 4, 10), (256, 1024)),
-}
+CONFIGS = ("inductor", "inductor@0.9", "bittrain")
 
 
-def measure(model, x, enabled):
-    torch._dynamo.reset()
-    c = torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled))
+def measure_one(model_name: str, config: str, batch: int, size: int, autocast: str, inner: str) -> dict:
+    """Plan, then measure, one configuration (run in a process of its own)."""
+    import contextlib
+
+    import torch
+    import torchvision
+
+    import bitfx
+    from bitfx.measure import saved_activation_bytes, step_peak
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)(num_classes=10)
+    x = torch.randn(batch, 3, size, size)
+    enabled = config == "bittrain"
+    budget = float(config.partition("@")[2]) if "@" in config else None
+
+    def ac():
+        if autocast == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    options = {"inner": inner, "enabled": enabled}
+    if budget is not None:
+        options["memory_budget"] = budget
+    with ac():
+        plan = bitfx.plan(model, x, **options)
+    compiled = torch.compile(model, backend=bitfx.backend(**options))
+
+    def forward_loss():
+        with ac():
+            return compiled(x).float().sum()
 
     def step():
-        model.zero_grad(set_to_none=True)
-        c(x).sum().backward()
+        forward_loss().backward()
 
     step()
     step()
     peak = step_peak(step, model)
-    assert peak.ok, peak.check
-    return model_saved_bytes(c, x), peak.peak
+    saved = saved_activation_bytes(forward_loss, [*model.parameters(), *model.buffers()])
+    at = plan.peak_at["bittrain"]
+    predicted = plan.step_peak_bytes["bittrain"]
+    return {"model": model_name, "config": config, "autocast": autocast or "", "inner": inner,
+            "batch": batch, "size": size,
+            "saved_bytes": saved, "saved_predicted": plan.saved_bytes["bittrain"],
+            "peak_bytes": peak.peak, "peak_check": peak.check, "peak_predicted": predicted,
+            "peak_error": predicted / peak.peak - 1 if peak.peak else None,
+            "peak_phase": at.phase, "peak_node": at.node}
 
 
-def main():
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,mobilenet_v3_small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--autocast", choices=["", "bf16"], default="")
+    ap.add_argument("--inner", default="inductor")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # model:config, in the child process
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.one:
+        name, config = args.one.split(":")
+        print(json.dumps(measure_one(name, config, args.batch, args.size, args.autocast, args.inner)))
+        return 0
     rows = []
-    for name, (make, shape) in CASES.items():
-        torch.manual_seed(0)
-        model, x = make(), torch.randn(*shape)
-        plan = bitfx.plan(model, x, inner="eager")
-        cal = bitfx.plan(model, x, inner="eager", calibrate=True)
-        resident = plan.parameter_bytes + x.nbytes
-        for key, enabled in (("baseline", False), ("bittrain", True)):
-            saved, peak = measure(model, x, enabled)
-            pred_peak = plan.peak_bytes[key] - resident
-            rows.append([name, key, saved, plan.saved_bytes[key], f"{100 * (plan.saved_bytes[key] / saved - 1):+.1f}%",
-                         cal.saved_bytes[key], f"{100 * (cal.saved_bytes[key] / saved - 1):+.1f}%",
-                         peak, pred_peak, f"{100 * (pred_peak / peak - 1):+.1f}%"])
-    print(f"torch {torch.__version__}, {platform.machine()} CPU x{torch.get_num_threads()} threads, inner=eager; "
-          f"command: python benchmarks/plan_accuracy.py")
-    print(tabulate(rows, headers=["model", "", "saved (measured B)", "predicted", "error", "calibrated", "error",
-                                  "step peak (measured B)", "predicted", "error"], disable_numparse=True))
+    for name in args.models.split(","):
+        for config in CONFIGS:
+            cmd = [sys.executable, __file__, "--one", f"{name}:{config}", "--batch", str(args.batch),
+                   "--size", str(args.size), "--autocast", args.autocast, "--inner", args.inner]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{name} {args.autocast or 'fp32'} {config}: peak measured {row['peak_bytes'] / 2**20:.2f} MiB "
+                  f"({row['peak_check']}), predicted {row['peak_predicted'] / 2**20:.2f} MiB "
+                  f"({100 * row['peak_error']:+.1f}%, {row['peak_phase']} at {row['peak_node']}); saved measured "
+                  f"{row['saved_bytes'] / 2**20:.2f} MiB, predicted {row['saved_predicted'] / 2**20:.2f} MiB",
+                  flush=True)
+    path = results_io.append_rows("plan_accuracy", rows, args.out)
+    print(f"rows appended to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

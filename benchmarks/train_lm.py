@@ -35,7 +35,7 @@ measured, in fp32 and, with ``--bf16``, under bf16 autocast, for:
   ``bitfx.stats()`` measured on the previous step).
 
 Each gets saved-activation bytes, the step's peak (CPU allocator events,
-``bitfx.measure.step_peak_cpu``; CUDA ``max_memory_allocated``), and step
+``bitfx.measure.step_peak``; CUDA ``max_memory_allocated``), and step
 time over ``--rounds`` interleaved rounds, as a ratio to ``inductor`` paired
 by round.  The FFNs' measured densities and the bytes their ReLU outputs are
 stored in come from ``bitfx.stats()``.

@@ -12,15 +12,24 @@ Rules:
 * graph outputs never die within the graph: forward outputs include the
   saved tensors, which live on into backward; backward outputs are the
   gradients.
-* graph inputs are resident (``inputs_resident``) or freed after their last
-  use (backward's saved tensors: AOTAutograd releases them as it goes).
+* graph inputs are resident (``inputs_resident``), or counted from the
+  start and freed after their last use (backward's saved tensors under
+  Inductor, whose compiled code releases its inputs as it goes), or, with
+  ``keep_inputs``, counted until the graph returns (a backward graph run as
+  Python: autograd holds its saved tensors until it returns);
+* ``late_inputs`` are inputs that the compiled graph copies before it uses
+  them (Inductor's channels-last copies of convolution weights): each
+  copy is allocated at the input's first use and freed after its last,
+  unless it is an output (forward saves it for backward);
+* ``workspace`` bytes of a node are alive while it runs only (a kernel's
+  scratch buffers, an output produced in one layout and copied to another).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -36,6 +45,8 @@ class Liveness:
     peak: int  # largest total of live non-resident storages
     peak_node: str  # where it happened
     end: int  # live bytes when the graph returns (its outputs)
+    alive_at_peak: dict[str, int] = field(default_factory=dict)  # storage -> bytes, at the peak
+    timeline: list[tuple[str, int]] = field(default_factory=list)  # (node, live bytes after it allocated)
 
 
 def storage_root(node: fx.Node) -> fx.Node:
@@ -61,12 +72,18 @@ def simulate(
     size_of: Callable[[fx.Node], int],
     *,
     inputs_resident: bool,
+    late_inputs: dict[fx.Node, int] | None = None,
+    workspace: dict[fx.Node, int] | None = None,
+    keep_inputs: bool = False,
 ) -> Liveness:
     """Walk ``graph`` once, tracking live storage bytes."""
+    late = dict(late_inputs or {})
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
     outputs = {storage_root(a) for a in output.all_input_nodes}
+    if keep_inputs:
+        outputs |= {n for n in nodes if n.op == "placeholder"}
     # last use of each storage, through its aliases
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
@@ -76,20 +93,31 @@ def simulate(
     live: dict[fx.Node, int] = {}
     total = peak = 0
     peak_node = ""
+    alive_at_peak: dict[str, int] = {}
+    timeline: list[tuple[str, int]] = []
     for n in nodes:
         if n.op == "output":
             break
         root = storage_root(n)
-        if root is n and not (n.op == "placeholder" and inputs_resident):
+        if root is n and n not in late and not (n.op == "placeholder" and inputs_resident):
             size = size_of(n)
             if size:
                 live[n] = size
                 total += size
-        if total > peak:
-            peak, peak_node = total, n.name
+        for a in {storage_root(x) for x in n.all_input_nodes}:
+            if a in late:  # first use of an input the graph copies
+                live[a] = late.pop(a)
+                total += live[a]
+        scratch = (workspace or {}).get(n, 0)
+        timeline.append((n.name, total + scratch))
+        if total + scratch > peak:
+            peak, peak_node = total + scratch, n.name
+            alive_at_peak = {k.name: v for k, v in live.items()}
+            if scratch:
+                alive_at_peak[f"{n.name} (workspace)"] = scratch
         for a in {storage_root(x) for x in n.all_input_nodes}:
             if a in live and last_use.get(a) == order[n] and a not in outputs:
                 total -= live.pop(a)
         if root is n and n in live and n not in last_use and n not in outputs:
             total -= live.pop(n)  # produced but never used
-    return Liveness(peak, peak_node, total)
+    return Liveness(peak, peak_node, total, alive_at_peak, timeline)

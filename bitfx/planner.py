@@ -27,7 +27,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .backend import compile_graph
-from .liveness import simulate
+from .liveness import Liveness, simulate
 from .options import Options, format_bytes
 from .passes.pricing import Codec
 from .report import label as report_label
@@ -67,10 +67,16 @@ class MemoryPlan:
     options: dict = field(default_factory=dict)
     densities: dict[str, float | str] = field(default_factory=dict)  # assumed, by kind (unused when calibrated)
     estimate: dict = field(default_factory=dict)  # the cost model's view of the chosen plan (passes/costmodel.py)
+    # The step peak (see docs/design.md): bytes above the parameters, buffers, optimizer state and inputs.
+    step_peak_bytes: dict[str, int] = field(default_factory=dict)
+    peak_at: dict[str, PeakAt] = field(default_factory=dict)
+    inputs_bytes: int = 0
+    step_models: dict[str, StepModel] = field(default_factory=dict, repr=False)  # timelines, for plotting
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tensors"] = [asdict(t) for t in self.tensors]
+        del d["step_models"]
         return d
 
     def __str__(self) -> str:
@@ -98,6 +104,9 @@ class MemoryPlan:
             headers=["", "baseline", "bittrain", "saving"],
             disable_numparse=True,
         )
+        for key, at in self.peak_at.items():
+            alive = ", ".join(f"{name} {format_bytes(b)}" for name, b in at.alive)
+            totals += f"\n{key} peak: in {at.phase} at {at.node}; largest alive: {alive}"
         if self.estimate:
             e = self.estimate
             totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
@@ -317,12 +326,12 @@ def plan(
     inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
 
     payload_bytes = _payload_sizes(comp, stored_by_name)
-    peak = {
-        "baseline": _peak(base, lambda n: _dense_size(n)),
-        "bittrain": _peak(comp, lambda n: payload_bytes.get(n, _dense_size(n))),
+    models = {
+        "baseline": _step_model(base, _dense_size, on.inner),
+        "bittrain": _step_model(comp, lambda n: payload_bytes.get(n, _dense_size(n)), on.inner),
     }
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
-    peak_bytes = {k: fixed + v for k, v in peak.items()}
+    peak_bytes = {k: fixed + m.peak for k, m in models.items()}
     estimate = {}
     if comp.estimate is not None:
         e = comp.estimate
@@ -332,7 +341,9 @@ def plan(
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
                       optimizer, calibrate, options=asdict(on),
                       densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind},
-                      estimate=estimate)
+                      estimate=estimate, step_peak_bytes={k: m.peak for k, m in models.items()},
+                      peak_at={k: m.at for k, m in models.items()}, inputs_bytes=inputs_bytes,
+                      step_models=models)
 
 
 SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
@@ -437,17 +448,69 @@ def _dense_size(node) -> int:
     return dense_bytes(val) if isinstance(val, torch.Tensor) else 0
 
 
-def _peak(part, size_of) -> int:
+@dataclass
+class PeakAt:
+    """Where a predicted step peak happens, and the largest storages alive there."""
+
+    phase: str  # "forward" or "backward"
+    node: str  # the graph node running at the peak
+    alive: list[tuple[str, int]]  # (storage, bytes), largest first, at most PEAK_ALIVE_SHOWN
+
+
+PEAK_ALIVE_SHOWN = 5
+
+
+@dataclass
+class StepModel:
+    """The liveness model of one step: its peak and the two graphs' timelines."""
+
+    peak: int  # activation + gradient + workspace bytes above the resident ones
+    at: PeakAt
+    forward: Liveness
+    backward: Liveness
+
+
+def _conv_weight_copies(part, inner: str) -> set[str]:
+    """Forward inputs that Inductor copies to channels-last before its convolutions.
+
+    With Inductor's layout optimization on, each convolution weight is copied
+    in forward, and the copy, not the parameter, is what forward saves for
+    backward: those bytes are alive from the first convolution that uses the
+    weight until backward's last use of it.
+    """
+    from .torch_internals import inductor_layout_opt
+
+    if inner != "inductor" or not inductor_layout_opt(part.fw):
+        return set()
+    conv = torch.ops.aten.convolution.default
+    return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
+            if n.args[1].op == "placeholder"}
+
+
+def _step_model(part, size_of, inner: str) -> StepModel:
     """Peak activation + gradient bytes over forward then backward.
 
     Backward placeholders named like forward inputs are the parameters and
-    inputs themselves (already counted as resident), not new storage.
+    inputs themselves (already counted as resident), not new storage, except
+    the convolution weights' copies (:func:`_conv_weight_copies`).
     """
-    fw_inputs = {p.name for p in part.fw.graph.find_nodes(op="placeholder")}
+    fw_inputs = {p.name: p for p in part.fw.graph.find_nodes(op="placeholder")}
+    copies = _conv_weight_copies(part, inner)
 
     def bw_size(n):
-        return 0 if n.op == "placeholder" and n.name in fw_inputs else size_of(n)
+        if n.op == "placeholder" and n.name in fw_inputs:
+            return _dense_size(n) if n.name in copies else 0
+        return size_of(n)
 
-    fw = simulate(part.fw.graph, size_of, inputs_resident=True)
-    bw = simulate(part.bw.graph, bw_size, inputs_resident=False)
-    return max(fw.peak, bw.peak)
+    fw = simulate(part.fw.graph, size_of, inputs_resident=True,
+                  late_inputs={fw_inputs[c]: _dense_size(fw_inputs[c]) for c in copies})
+    # Under layout optimization, a copied weight's gradient comes out of
+    # convolution_backward channels-last and is copied to the parameter's
+    # layout: both are alive for a moment.
+    conv_bw = torch.ops.aten.convolution_backward.default
+    workspace = {n: _dense_size(n.args[2]) for n in part.bw.graph.find_nodes(op="call_function", target=conv_bw)
+                 if n.args[2].name in copies}
+    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
+    phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
+    alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
+    return StepModel(top.peak, PeakAt(phase, top.peak_node, alive), fw, bw)

@@ -62,6 +62,7 @@ NAMES = {
     "register_lowering": ("torch._inductor.lowering", "register_lowering"),
     "fallback_handler": ("torch._inductor.lowering", "fallback_handler"),
     "ir": ("torch._inductor.ir", None),
+    "GraphLowering": ("torch._inductor.graph", "GraphLowering"),
     "V": ("torch._inductor.virtualized", "V"),
     "is_non_overlapping_and_dense_or_false": ("torch._prims_common", "is_non_overlapping_and_dense_or_false"),
     "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),
@@ -136,6 +137,11 @@ _local = threading.local()
 _lock = threading.Lock()
 _depth = 0
 _stock: dict[str, object] = {}
+
+
+def inductor_layout_opt(gm) -> bool:
+    """Whether Inductor's layout optimization (channels-last convolutions) applies to training graph ``gm``."""
+    return bool(__getattr__("GraphLowering").decide_layout_opt(gm, is_inference=False))
 
 
 def active():

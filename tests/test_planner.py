@@ -65,6 +65,45 @@ def test_liveness_outputs_never_die():
     assert live.peak == 100 and live.end == 80
 
 
+def test_liveness_copied_inputs_and_workspaces():
+    g = hand_graph()
+    x = next(iter(g.find_nodes(op="placeholder")))
+    mul = next(n for n in g.nodes if n.name == "mul")
+    # x is resident, but the graph copies it (10) at its first use (relu),
+    # and frees the copy after its last; mul needs 25 of scratch while it runs.
+    live = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=True,
+                    late_inputs={x: 10}, workspace={mul: 25})
+    assert [t for _, t in live.timeline] == [0, 110, 100, 165, 47]  # the copy dies after relu
+    assert live.peak == 165 and live.peak_node == "mul"
+    assert live.alive_at_peak == {"relu": 100, "mul": 40, "mul (workspace)": 25}
+    assert live.end == 7
+
+
+def test_liveness_kept_inputs_live_until_the_graph_returns():
+    g = hand_graph()
+    freed = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=False)
+    kept = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=False, keep_inputs=True)
+    assert (freed.peak, kept.peak) == (140, 150) and kept.end == 17
+
+
+def test_plan_says_where_the_peak_is_and_counts_inductors_weight_copies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    x = torch.randn(2, 3, 16, 16)
+    conv_weights = sum(m.weight.nbytes for m in model if isinstance(m, nn.Conv2d))
+    got = {inner: bitfx.plan(model, x, inner=inner, enabled=False) for inner in ("eager", "inductor")}
+    fw = {inner: p.step_models["baseline"].forward for inner, p in got.items()}
+    # Inductor's layout optimization saves channels-last copies of the conv
+    # weights for backward: the forward ends with them alive; eager has none.
+    assert fw["inductor"].end - fw["eager"].end == conv_weights
+    at = got["inductor"].peak_at["baseline"]
+    assert at.phase in ("forward", "backward") and at.node and at.alive
+    assert got["inductor"].step_peak_bytes["baseline"] == max(
+        got["inductor"].step_models["baseline"].forward.peak, got["inductor"].step_models["baseline"].backward.peak)
+    assert "baseline peak: in " in str(got["inductor"])
+
+
 def _measured(model, x, enabled, **options):
     torch._dynamo.reset()
     return model_saved_bytes(torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled, **options)), x)
