@@ -17,3 +17,7 @@ __all__ += ["MemoryPlan", "plan"]
 from .runtime_stats import replan, stats, stats_table  # noqa: E402
 
 __all__ += ["replan", "stats", "stats_table"]
+
+from .fit import Fit, fit  # noqa: E402
+
+__all__ += ["Fit", "fit"]

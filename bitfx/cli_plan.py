@@ -39,6 +39,12 @@ size like 1.5GiB).  --sweep plans stock PyTorch and bittrain at budgets 1.0,
 cost model's estimated step time against stock's default plan; it recommends
 the setting with the least saved memory within --max-slowdown (default 1.05).
 
+--fit 4GiB answers the largest batch whose whole training step fits that
+memory (parameters, optimizer state from --optimizer, inputs and the
+predicted step peak), for bittrain and for stock PyTorch (its default and
+budget 0.9). The first size of every input is its batch; --batch-step
+rounds the answer (default 1). Fake tensors only: nothing is allocated.
+
 Exit codes: 0 success, 2 bad arguments or a model that cannot be planned."""
 
 _DTYPES = {
@@ -74,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="plan stock and bittrain at memory budgets 1.0 ... 0.1 and recommend a setting")
     p.add_argument("--max-slowdown", type=float, default=1.05, metavar="X",
                    help="with --sweep: the largest estimated step time, relative to stock's default plan (default 1.05)")
+    p.add_argument("--fit", default=None, metavar="SIZE",
+                   help="the largest batch whose training step fits SIZE (e.g. 4GiB), bittrain and stock")
+    p.add_argument("--batch-step", type=int, default=1, metavar="N", help="with --fit: answer multiples of N")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks and torch's own log output")
     return p
@@ -234,6 +243,25 @@ def _quiet_torch(debug: bool):
         logger.propagate = propagate
 
 
+def _fit(args, model, specs, fit_bytes, density):
+    """--fit: the first size of every input is the batch."""
+    from .fit import fit
+
+    if any(s.name is None for s in specs) and any(s.name is not None for s in specs):
+        raise _Fail("--fit takes positional inputs or keyword inputs, not both")
+
+    def make_inputs(batch):
+        made = [InputSpec(s.name, [batch, *s.shape[1:]], s.dtype).make(real=False) for s in specs]
+        keywords = {s.name: t for s, t in zip(specs, made) if s.name is not None}
+        return keywords or tuple(made)
+
+    try:
+        return fit(model, make_inputs, fit_bytes, batch_step=args.batch_step, optimizer=args.optimizer,
+                   inner=args.inner, density=density)
+    except Exception as e:  # noqa: BLE001 - anything the model does while traced
+        raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .planner import plan, sweep
@@ -244,30 +272,26 @@ def main(argv=None) -> int:
         budget = _budget(args.memory_budget)
         if args.sweep and budget is not None:
             raise _Fail("--sweep plans every budget itself; drop --memory-budget")
+        fit_bytes = None
+        if args.fit is not None:
+            if args.sweep or budget is not None or args.calibrate:
+                raise _Fail("--fit plans each pipeline itself on fake inputs; drop --sweep, --memory-budget and --calibrate")
+            from .options import parse_bytes
+
+            try:
+                fit_bytes = parse_bytes(args.fit)
+            except ValueError as e:
+                raise _Fail(f"bad --fit {args.fit!r}: {e}") from None
+            if args.batch_step < 1:
+                raise _Fail(f"--batch-step must be >= 1, got {args.batch_step}")
         if args.max_slowdown < 1.0:
             raise _Fail(f"--max-slowdown must be >= 1, got {args.max_slowdown:g}")
         model = _load(args.spec)
         with _quiet_torch(args.debug):
-            if args.calibrate:
-                made = [s.make(real=True) for s in specs]
+            if fit_bytes is not None:
+                result = _fit(args, model, specs, fit_bytes, density)
             else:
-                from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-                from .torch_internals import FakeTensorMode
-
-                with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
-                    made = [s.make(real=False) for s in specs]
-            positional = [t for s, t in zip(specs, made) if s.name is None]
-            keywords = {s.name: t for s, t in zip(specs, made) if s.name is not None}
-            common = dict(inputs_kwargs=keywords, calibrate=args.calibrate, optimizer=args.optimizer,
-                          inner=args.inner, density=density)
-            try:
-                if args.sweep:
-                    result = sweep(model, *positional, max_slowdown=args.max_slowdown, **common)
-                else:
-                    result = plan(model, *positional, memory_budget=budget, **common)
-            except Exception as e:  # noqa: BLE001 - anything the model does while traced
-                raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e
+                result = _plan_or_sweep(args, model, specs, budget, density, plan, sweep)
     except _Fail as e:
         if args.debug:
             raise
@@ -279,3 +303,25 @@ def main(argv=None) -> int:
     else:
         print(result)
     return 0
+
+
+def _plan_or_sweep(args, model, specs, budget, density, plan, sweep):
+    if args.calibrate:
+        made = [s.make(real=True) for s in specs]
+    else:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        from .torch_internals import FakeTensorMode
+
+        with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
+            made = [s.make(real=False) for s in specs]
+    positional = [t for s, t in zip(specs, made) if s.name is None]
+    keywords = {s.name: t for s, t in zip(specs, made) if s.name is not None}
+    common = dict(inputs_kwargs=keywords, calibrate=args.calibrate, optimizer=args.optimizer,
+                  inner=args.inner, density=density)
+    try:
+        if args.sweep:
+            return sweep(model, *positional, max_slowdown=args.max_slowdown, **common)
+        return plan(model, *positional, memory_budget=budget, **common)
+    except Exception as e:  # noqa: BLE001 - anything the model does while traced
+        raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e

@@ -1,0 +1,86 @@
+"""bitfx.fit: the batch it names fits the memory when measured, and the next one up does not."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bitfx
+from bitfx.measure import step_peak
+
+STEP = 64
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def measured_total(model, batch, enabled):
+    """Parameters + inputs + the measured step peak (no optimizer state), for one real step."""
+    torch._dynamo.reset()
+    x = torch.randn(batch, 512)
+    compiled = torch.compile(model, backend=bitfx.backend(inner="eager", enabled=enabled))
+
+    def step():
+        compiled(x).sum().backward()
+
+    step()
+    peak = step_peak(step, model)
+    assert peak.ok, peak.check
+    return sum(p.nbytes for p in model.parameters()) + x.nbytes + peak.peak
+
+
+def test_fit_names_the_largest_batch_that_fits_when_measured():
+    model = mlp()
+    memory = 64 * 2**20
+    got = bitfx.fit(model, lambda b: (torch.randn(b, 512),), "64MiB", batch_step=STEP, inner="eager",
+                    optimizer="none", pipelines=("bittrain", "stock"))
+    assert got.memory == memory and [p.pipeline for p in got.points] == ["bittrain", "stock"]
+    for point in got.points:
+        assert point.batch > 0 and point.batch % STEP == 0
+        assert point.total_bytes <= memory < point.next_total_bytes
+        enabled = point.pipeline == "bittrain"
+        assert measured_total(model, point.batch, enabled) <= memory, point
+        assert measured_total(model, point.batch + STEP, enabled) > memory, point
+    # bitfx stores the ReLU outputs as bitmaps: a larger batch fits
+    assert got["bittrain"].batch > got["stock"].batch
+    assert "largest batch" in str(got)
+
+
+def test_fit_counts_optimizer_state_and_reports_nothing_fits():
+    model = mlp()
+    none = bitfx.fit(model, lambda b: (torch.randn(b, 512),), "64MiB", batch_step=STEP, inner="eager",
+                     optimizer="none", pipelines=("stock",))
+    adam = bitfx.fit(model, lambda b: (torch.randn(b, 512),), "64MiB", batch_step=STEP, inner="eager",
+                     optimizer="adam", pipelines=("stock",))
+    # Adam's two moments (40 MiB) leave room for no batch of 64 at all
+    assert none["stock"].batch > 0 and adam["stock"].batch == 0 and adam["stock"].total_bytes is None
+    assert adam["stock"].next_total_bytes > 64 * 2**20
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"memory": "lots"}, "cannot read"),
+    ({"memory": 0}, "positive"),
+    ({"batch_step": 0}, "batch_step"),
+    ({"pipelines": ("mine",)}, "unknown pipeline"),
+    ({"memory_budget": 0.5}, "does not take memory_budget"),
+])
+def test_fit_errors(kwargs, message):
+    args = {"memory": "1GiB", **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        bitfx.fit(mlp(), lambda b: (torch.randn(b, 512),), **args)
+
+
+def test_cli_fit_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "bitfx", "plan", "tests.test_fit:mlp", "--input-shape", "8,512", "--inner", "eager",
+         "--fit", "64MiB", "--batch-step", str(STEP), "--json"],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "BITFX_PROFILE": "builtin"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["memory"] == 64 * 2**20 and {p["pipeline"] for p in got["points"]} == {"bittrain", "stock", "stock@0.9"}
+    assert all(p["batch"] % STEP == 0 for p in got["points"])
