@@ -21,3 +21,7 @@ __all__ += ["replan", "stats", "stats_table"]
 from .fit import Fit, fit  # noqa: E402
 
 __all__ += ["Fit", "fit"]
+
+from .options import PeakBudget  # noqa: E402
+
+__all__ += ["PeakBudget"]

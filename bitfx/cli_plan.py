@@ -33,8 +33,8 @@ take several (transformers models take input_ids=..., labels=...):
 SHAPE is sizes joined by x or commas; integer inputs are drawn from
 [LOW, HIGH) when calibrating (default 0-100).
 
---memory-budget plans the backend's memory_budget option (a fraction, or a
-size like 1.5GiB).  --sweep plans stock PyTorch and bittrain at budgets 1.0,
+--memory-budget plans the backend's memory_budget option (a fraction, a
+size like 1.5GiB for saved activations, or peak:2GiB for the step peak).  --sweep plans stock PyTorch and bittrain at budgets 1.0,
 0.9, 0.7, 0.5, 0.3, 0.1 (and bitfx's default): saved bytes, peak, and the
 cost model's estimated step time against stock's default plan; it recommends
 the setting with the least saved memory within --max-slowdown (default 1.05).
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density", default=None,
                    help="assumed density in [0, 1] of every sparse tensor (default by kind)")
     p.add_argument("--memory-budget", default=None, metavar="B",
-                   help="the backend's memory_budget: a fraction in [0, 1] or a size like 1.5GiB (default: bitfx's free default)")
+                   help="the backend's memory_budget: a fraction in [0, 1], a size like 1.5GiB, or a step-peak target "
+                        "like peak:2GiB (default: bitfx's free default)")
     p.add_argument("--sweep", action="store_true",
                    help="plan stock and bittrain at memory budgets 1.0 ... 0.1 and recommend a setting")
     p.add_argument("--max-slowdown", type=float, default=1.05, metavar="X",
@@ -196,7 +197,9 @@ def _budget(text: str | None):
 
     try:
         value = text
-        if text.replace(".", "", 1).isdigit():  # a bare number: a fraction up to 1, else bytes
+        if text.startswith("peak:"):
+            value = {"peak": text[len("peak:"):]}
+        elif text.replace(".", "", 1).isdigit():  # a bare number: a fraction up to 1, else bytes
             value = float(text) if float(text) <= 1 else int(float(text))
         return Options(memory_budget=value).memory_budget
     except ValueError as e:

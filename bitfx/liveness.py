@@ -46,7 +46,7 @@ class Liveness:
     peak_node: str  # where it happened
     end: int  # live bytes when the graph returns (its outputs)
     alive_at_peak: dict[str, int] = field(default_factory=dict)  # storage -> bytes, at the peak
-    timeline: list[tuple[str, int]] = field(default_factory=list)  # (node, live bytes after it allocated)
+    timeline: list[tuple[str, int]] = field(default_factory=list)  # (op node, live bytes while it runs)
 
 
 def storage_root(node: fx.Node) -> fx.Node:
@@ -109,7 +109,8 @@ def simulate(
                 live[a] = late.pop(a)
                 total += live[a]
         scratch = (workspace or {}).get(n, 0)
-        timeline.append((n.name, total + scratch))
+        if n.op != "placeholder":  # inputs are all there before the first op runs
+            timeline.append((n.name, total + scratch))
         if total + scratch > peak:
             peak, peak_node = total + scratch, n.name
             alive_at_peak = {k.name: v for k, v in live.items()}

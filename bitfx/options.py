@@ -49,6 +49,13 @@ class Options:
         whose saved activations fit it, per compiled graph, among the free
         default's plan and PyTorch's cut at each fraction with and without
         the exponent codec, or an error naming the smallest plan.
+        ``{"peak": "2GiB"}`` (or ``bitfx.PeakBudget("2GiB")``): the fastest
+        plan whose predicted step peak (:func:`bitfx.plan`'s
+        ``step_peak_bytes``: activations, gradients and what backward
+        allocates, above parameters and inputs) fits, per compiled graph,
+        among the free default's plan and each fraction's; or an error
+        naming the smallest predicted peak.  Each candidate is partitioned
+        at compile time, so compiling takes up to thirteen partitions longer.
     codec
         How saved values are stored.  ``"bitmap"``: sparse tensors (ReLU
         family) as a bitmap plus their nonzero values; the rest dense.
@@ -83,7 +90,7 @@ class Options:
     pack_masks: bool = True
     min_bytes: int = 0
     report: bool = False
-    memory_budget: float | int | str | None = None
+    memory_budget: float | int | str | dict | PeakBudget | None = None
     codec: str = "auto"
     densities: tuple[tuple[str, float], ...] | None = None
 
@@ -143,10 +150,40 @@ def densities_for(options: "Options", fingerprint: str) -> dict[str, float]:
 _MIN_INT_BYTES = 1024
 
 
+@dataclass(frozen=True)
+class PeakBudget:
+    """``memory_budget={"peak": "2GiB"}``: the fastest plan whose predicted step peak fits ``bytes``.
+
+    The step peak is what :func:`bitfx.plan` reports as ``step_peak_bytes``:
+    activations, gradients, recomputed, decompressed and copied tensors of
+    one compiled graph's step, above the parameters, buffers and inputs.
+    """
+
+    bytes: int
+
+    def __post_init__(self) -> None:
+        value = parse_bytes(self.bytes) if isinstance(self.bytes, str) else self.bytes
+        if isinstance(value, bool) or not isinstance(value, int) or value < _MIN_INT_BYTES:
+            raise ValueError(f"a peak budget is a size like '2GiB' or an int of at least {_MIN_INT_BYTES} bytes, "
+                             f"got {self.bytes!r}")
+        object.__setattr__(self, "bytes", value)
+
+    def __str__(self) -> str:
+        return f"peak {format_bytes(self.bytes)}"
+
+
 def _budget(value):
-    """None, a fraction (a float in [0, 1]) or bytes (a size with units, or an int of at least 1 KiB)."""
-    if value is None:
-        return None
+    """None, a fraction (a float in [0, 1]), bytes (a size with units, or an int of at least 1 KiB),
+    or a :class:`PeakBudget` (also written ``{"peak": size}``)."""
+    if value is None or isinstance(value, PeakBudget):
+        return value
+    if isinstance(value, dict):
+        if set(value) != {"peak"}:
+            raise ValueError(f'bittrain option memory_budget as a dict is {{"peak": size}}, got {value!r}')
+        try:
+            return PeakBudget(value["peak"])
+        except ValueError as e:
+            raise ValueError(f"bittrain option memory_budget: {e}") from None
     if isinstance(value, str):
         try:
             return parse_bytes(value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitfx.options import Options, format_bytes
+from bitfx.options import Options, PeakBudget, format_bytes
 
 # The free default may cost this much estimated step time over stock's default plan.
 FREE_SLOWDOWN = 0.02
@@ -40,6 +40,9 @@ def resolve_target(options: Options, torch_budget: float) -> Target:
     ``region_activation_memory_budget`` around the region).
     """
     b = options.memory_budget
+    if isinstance(b, PeakBudget):
+        raise RuntimeError("bitfx: a peak budget is resolved to a plan before partitioning "
+                           "(bitfx.planner.choose_for_peak); the partitioner got it unresolved")
     if b is not None:
         return Target("fraction", float(b)) if isinstance(b, float) else Target("bytes", float(b))
     if torch_budget < 1.0:

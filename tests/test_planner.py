@@ -73,7 +73,7 @@ def test_liveness_copied_inputs_and_workspaces():
     # and frees the copy after its last; mul needs 25 of scratch while it runs.
     live = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=True,
                     late_inputs={x: 10}, workspace={mul: 25})
-    assert [t for _, t in live.timeline] == [0, 110, 100, 165, 47]  # the copy dies after relu
+    assert [t for _, t in live.timeline] == [110, 100, 165, 47]  # the copy dies after relu
     assert live.peak == 165 and live.peak_node == "mul"
     assert live.alive_at_peak == {"relu": 100, "mul": 40, "mul (workspace)": 25}
     assert live.end == 7
@@ -328,3 +328,55 @@ def test_plan_shows_the_exponent_codec_and_calibrates_its_ratio():
     assert all(t.ratio != pytest.approx(0.903, abs=1e-4) for t in measured if t.dense_bytes >= 1 << 20)
     assert cal.saved_bytes["bittrain"] == pytest.approx(_measured(model, x, True, codec="bitmap+exponent",
                                                                   memory_budget=1.0), rel=0.005)
+
+
+def _wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048),
+                         nn.GELU(), nn.Linear(2048, 10))
+
+
+def test_peak_budget_is_typed():
+    from bitfx.options import Options
+
+    assert Options(memory_budget={"peak": "2GiB"}).memory_budget == bitfx.PeakBudget(2 * 2**30)
+    assert Options(memory_budget=bitfx.PeakBudget("1TB")).memory_budget.bytes == 10**12
+    for bad in ({"peak": 2}, {"peak": "lots"}, {"saved": "1GiB"}, {"peak": "1GiB", "x": 1}):
+        with pytest.raises(ValueError, match="memory_budget"):
+            Options(memory_budget=bad)
+
+
+def test_peak_budget_takes_the_fastest_plan_whose_predicted_peak_fits():
+    from bitfx.passes.targets import BUDGET_GRID
+
+    model, x = _wide_mlp(), torch.randn(512, 512)
+    each = {}
+    for b in (None, *BUDGET_GRID):
+        p = bitfx.plan(model, x, inner="eager", memory_budget=b)
+        each[b] = (p.step_peak_bytes["bittrain"], p.estimate["slowdown"])
+    peaks = sorted({peak for peak, _ in each.values()})
+    assert len(peaks) >= 2  # the budgets do trade time for peak here
+    for target in peaks:
+        got = bitfx.plan(model, x, inner="eager", memory_budget={"peak": target})
+        fastest = min(t for peak, t in each.values() if peak <= target)
+        assert got.step_peak_bytes["bittrain"] <= target
+        assert got.estimate["slowdown"] == pytest.approx(fastest)
+    # a target below every plan's peak names the smallest
+    from bitfx.passes.targets import BudgetError
+
+    with pytest.raises(Exception, match=r"smallest is .*MiB") as e:
+        bitfx.plan(model, x, inner="eager", memory_budget={"peak": peaks[0] - 2**20})
+    cause = e.value
+    while cause is not None and not isinstance(cause, BudgetError):
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__
+    assert isinstance(cause, BudgetError)
+
+
+def test_peak_budget_compiles_and_trains():
+    model, x = _wide_mlp(), torch.randn(64, 512)
+    ref = _wide_mlp()
+    ref(x).sum().backward()
+    compiled = torch.compile(model, backend=bitfx.backend(inner="eager", memory_budget={"peak": "1GiB"}))
+    compiled(x).sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
