@@ -234,6 +234,45 @@ def machine(device_type: str) -> Machine:
     return _machine(device_type, os.environ.get("BITFX_PROFILE") or None)
 
 
+@functools.cache
+def conv_backward_workspace(channels_last: bool) -> float:
+    """Scratch bytes of a CPU ``convolution_backward`` (grad input and weight) over its weight's bytes.
+
+    oneDNN's weight-gradient kernel allocates weight-sized buffers beyond the
+    gradients it returns (measured on torch 2.14: 2x the weight for a
+    channels-last weight, 3x for a contiguous one, for any batch above 1 and
+    any thread count).  Measured once per process on one small convolution,
+    in a thread of its own, as the quick profile is (the planner may be
+    inside fake-tensor modes).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitfx-calibrate") as pool:
+        return pool.submit(_conv_backward_workspace, channels_last).result()
+
+
+def _conv_backward_workspace(channels_last: bool) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    w = torch.randn(32, 32, 3, 3).contiguous(memory_format=layout)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                   [True, True, False])
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+    level = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    returned = sum(t.nbytes for t in out if t is not None)
+    return max(peak - returned, 0) / w.nbytes
+
+
 def key() -> str:
     """What decides the profiles :func:`machine` would use, for cache keys; measures nothing."""
     override = os.environ.get("BITFX_PROFILE") or ""

@@ -538,6 +538,24 @@ def _stopped(e: BaseException | None) -> bool:
     return False
 
 
+def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
+    """Scratch bytes of each CPU weight-gradient ``convolution_backward`` (see
+    :func:`bitfx.calibrate.conv_backward_workspace`; not measured on CUDA, so 0 there)."""
+    from .calibrate import conv_backward_workspace
+
+    out = {}
+    for n in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default):
+        weight, grad = n.args[2], n.args[0].meta.get("val")
+        mask = n.args[-1]
+        if not (isinstance(grad, torch.Tensor) and grad.device.type == "cpu" and mask[1] and grad.shape[0] > 1):
+            continue
+        # The gradients it returns are counted at its getitems, after it
+        # ran; while it runs they are alive beside the scratch.
+        returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
+        out[n] = int(conv_backward_workspace(weight.name in copies) * _dense_size(weight)) + returned
+    return out
+
+
 def _conv_weight_copies(part, inner: str) -> set[str]:
     """Forward inputs that Inductor copies to channels-last before its convolutions.
 
@@ -572,12 +590,7 @@ def _step_model(part, size_of, inner: str) -> StepModel:
 
     fw = simulate(part.fw.graph, size_of, inputs_resident=True,
                   late_inputs={fw_inputs[c]: _dense_size(fw_inputs[c]) for c in copies})
-    # Under layout optimization, a copied weight's gradient comes out of
-    # convolution_backward channels-last and is copied to the parameter's
-    # layout: both are alive for a moment.
-    conv_bw = torch.ops.aten.convolution_backward.default
-    workspace = {n: _dense_size(n.args[2]) for n in part.bw.graph.find_nodes(op="call_function", target=conv_bw)
-                 if n.args[2].name in copies}
+    workspace = _conv_backward_workspaces(part.bw, copies)
     bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
