@@ -133,10 +133,41 @@ def generic(rows: list[dict]) -> list[str]:
     return [f"Command: `{run[-1].get('command')}`; {_stamp(run[-1])}.", ""] + _table(cols, body)
 
 
+def plan_accuracy(rows: list[dict]) -> list[str]:
+    """The latest row of each (model, dtype, config): predicted against measured step peak and saved bytes."""
+    latest = {(r["model"], r.get("autocast") or "fp32", r["config"]): r for r in rows}
+    body = [[m, a, c, _mib(r["peak_bytes"]), r["peak_check"], _mib(r["peak_predicted"]),
+             f"{100 * r['peak_error']:+.1f}%", f"{r['peak_phase']}: {r['peak_node']}", _mib(r["saved_bytes"]),
+             _mib(r["saved_predicted"]), _stamp(r)]
+            for (m, a, c), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1], _config_key(kv[0][2])))]
+    return (["The planner's step peak (fake tensors, nothing run) against one measured step "
+             "(`bitfx.measure.step_peak`, each configuration in a fresh process).", ""]
+            + _table(["model", "dtype", "config", "step peak MiB", "check", "predicted MiB", "error", "predicted at",
+                      "saved MiB", "predicted MiB", "measured on"], body))
+
+
+def timeline(rows: list[dict]) -> list[str]:
+    """Each model's latest timeline rows, and its plot."""
+    latest: dict = {}
+    for run in results_io.runs(rows):
+        latest[run[-1]["model"]] = run
+    out = ["Live bytes over one step, stock against bitfx: the planner's model and a measured step "
+           "(`benchmarks/timeline.py`).", ""]
+    for model, run in sorted(latest.items()):
+        body = [[r["config"], _mib(r["peak_bytes"]), r["peak_check"], _mib(r["peak_predicted"]),
+                 f"{100 * (r['peak_predicted'] / r['peak_bytes'] - 1):+.1f}%", r["peak_at"]] for r in run]
+        out += [f"{model}, batch {run[-1]['batch']}, size {run[-1]['size']}, fp32; {_stamp(run[-1])}.", ""]
+        out += _table(["config", "step peak MiB", "check", "predicted MiB", "error", "predicted at"], body)
+        out += ["", f"![{model} memory timeline](../benchmarks/results/timeline_{model}.png)", ""]
+    return out
+
+
 SECTIONS = {
     "train_lm": ("A squared-ReLU GPT trained under bitfx (`benchmarks/train_lm.py`)", train_lm),
     "pruning": ("BitTrain's pruning claim (`benchmarks/pruning.py`)", pruning),
     "run": ("Held-out models: defaults and budgets (`benchmarks/run.py`)", run_frontier),
+    "timeline": ("Memory timelines (`benchmarks/timeline.py`)", timeline),
+    "plan_accuracy": ("The planner's step peak against measurements (`benchmarks/plan_accuracy.py`)", plan_accuracy),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -64,13 +64,16 @@ class StepPeak:
     net: int  # allocated at the end of the step less before it
     gradient_bytes: int  # of the parameters that require grad
     check: str  # "ok", or why the net allocation is not the gradients' bytes
+    # (seconds since the step began, bytes above its start) after each allocation or free; CPU, timeline=True
+    timeline: tuple[tuple[float, int], ...] = field(default=(), repr=False)
 
     @property
     def ok(self) -> bool:
         return self.check == "ok"
 
 
-def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.device | None = None) -> StepPeak:
+def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.device | None = None, *,
+              timeline: bool = False) -> StepPeak:
     """Peak memory of ``step()`` (forward, loss, backward, optionally the optimizer).
 
     The gradients are set to None before the measurement starts (as
@@ -84,7 +87,9 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
     (when it has no gradients yet) would see them.
     CPU: allocator events from ``torch.profiler``; CUDA:
     ``torch.cuda.max_memory_allocated`` above the level before the step.
-    ``device`` defaults to the parameters' device.
+    ``device`` defaults to the parameters' device.  ``timeline=True`` keeps
+    the live bytes after every allocator event (CPU only: CUDA's counters
+    give the peak, not its history).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -98,8 +103,9 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
         step()
         torch.cuda.synchronize()
         peak, net = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+        history = ()
     else:
-        peak, net = _cpu_peak_and_net(step)
+        peak, net, history = _cpu_peak_and_net(step)
     have = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     if net == grad_bytes:
         check = "ok"
@@ -107,10 +113,10 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
         check = f"the step left {have} of {grad_bytes} gradient bytes (some parameters got no gradient)"
     else:
         check = f"net allocation {net} bytes, gradients {grad_bytes}: something allocated in the step outlived it"
-    return StepPeak(peak, net, grad_bytes, check)
+    return StepPeak(peak, net, grad_bytes, check, history if timeline else ())
 
 
-def _cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int]:
+def _cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int, tuple[tuple[float, int], ...]]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -118,8 +124,11 @@ def _cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int]:
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     level = peak = 0
+    history = []
+    t0 = events[0].start_ns() if events else 0
     for e in events:
         if e.device_type() == torch.autograd.DeviceType.CPU:
             level += e.nbytes()
             peak = max(peak, level)
-    return peak, level
+            history.append((1e-9 * (e.start_ns() - t0), level))
+    return peak, level, tuple(history)
