@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -98,8 +97,7 @@ def main(argv=None) -> int:
         for config in CONFIGS:
             cmd = [sys.executable, __file__, "--one", f"{name}:{config}", "--batch", str(args.batch),
                    "--size", str(args.size), "--autocast", args.autocast, "--inner", args.inner]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            row = results_io.json_from_process(cmd)
             rows.append(row)
             print(f"{name} {args.autocast or 'fp32'} {config}: peak measured {row['peak_bytes'] / 2**20:.2f} MiB "
                   f"({row['peak_check']}), predicted {row['peak_predicted'] / 2**20:.2f} MiB "

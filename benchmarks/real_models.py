@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -215,8 +214,7 @@ def cold_compile(name, backend) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "BITFX_CACHE": f"{tmp}/bitfx"}
         code = COLD.format(here=str(HERE), name=name, backend=backend)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return results_io.json_from_process([sys.executable, "-c", code], env)
 
 
 def main(argv=None) -> int:

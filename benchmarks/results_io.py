@@ -70,6 +70,16 @@ def provenance() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
+def json_from_process(argv: list[str], env: dict | None = None):
+    """Run ``argv`` in a fresh process and parse the JSON of its last stdout line.
+
+    Benchmarks measure each configuration this way, so that no compiled
+    code, cache or allocator state carries from one configuration to the next.
+    """
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def append_rows(benchmark: str, rows: list[dict], path: Path | None = None) -> Path:
     """Append ``rows``, each with the provenance columns, to ``<benchmark>.jsonl``."""
     path = path or RESULTS / f"{benchmark}.jsonl"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -114,8 +113,7 @@ def main(argv=None) -> int:
     for config in CONFIGS:
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
                "--one", config]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(results_io.json_from_process(cmd))
     path = results_io.RESULTS / f"timeline_{args.model}.png"
     plot(results, path)
     rows = [{k: v for k, v in r.items() if k not in ("predicted_forward", "predicted_backward", "measured")}

@@ -12,9 +12,7 @@ process (interpreter and import time excluded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,8 +47,7 @@ print(json.dumps({{
 def run_once(backend: str, caches: Path, batch: int, size: int) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "BITFX_CACHE": str(caches / "bitfx")}
     code = CHILD.format(here=str(HERE), backend=backend, batch=batch, size=size)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return results_io.json_from_process([sys.executable, "-c", code], env)
 
 
 def main(argv=None) -> int:

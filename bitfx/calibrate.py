@@ -250,7 +250,7 @@ def conv_backward_workspace(channels_last: bool) -> float:
 
 
 def _conv_backward_workspace(channels_last: bool) -> float:
-    from torch.profiler import ProfilerActivity, profile
+    from .measure import cpu_peak_and_net
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
     w = torch.randn(32, 32, 3, 3).contiguous(memory_format=layout)
@@ -262,13 +262,8 @@ def _conv_backward_workspace(channels_last: bool) -> float:
                                                    [True, True, False])
 
     run()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = run()
-    level = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()):
-        level += e.nbytes()
-        peak = max(peak, level)
+    out = []
+    peak, _, _ = cpu_peak_and_net(lambda: out.extend(run()))
     returned = sum(t.nbytes for t in out if t is not None)
     return max(peak - returned, 0) / w.nbytes
 

@@ -267,7 +267,6 @@ def _fit(args, model, specs, fit_bytes, density):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .planner import plan, sweep
 
     try:
         specs = _specs(args)
@@ -294,7 +293,7 @@ def main(argv=None) -> int:
             if fit_bytes is not None:
                 result = _fit(args, model, specs, fit_bytes, density)
             else:
-                result = _plan_or_sweep(args, model, specs, budget, density, plan, sweep)
+                result = _plan_or_sweep(args, model, specs, budget, density)
     except _Fail as e:
         if args.debug:
             raise
@@ -308,7 +307,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plan_or_sweep(args, model, specs, budget, density, plan, sweep):
+def _plan_or_sweep(args, model, specs, budget, density):
+    from .planner import plan, sweep
+
     if args.calibrate:
         made = [s.make(real=True) for s in specs]
     else:

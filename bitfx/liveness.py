@@ -78,6 +78,7 @@ def simulate(
 ) -> Liveness:
     """Walk ``graph`` once, tracking live storage bytes."""
     late = dict(late_inputs or {})
+    workspace = workspace or {}
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -104,11 +105,12 @@ def simulate(
             if size:
                 live[n] = size
                 total += size
-        for a in {storage_root(x) for x in n.all_input_nodes}:
+        used = {storage_root(x) for x in n.all_input_nodes}
+        for a in used:
             if a in late:  # first use of an input the graph copies
                 live[a] = late.pop(a)
                 total += live[a]
-        scratch = (workspace or {}).get(n, 0)
+        scratch = workspace.get(n, 0)
         if n.op != "placeholder":  # inputs are all there before the first op runs
             timeline.append((n.name, total + scratch))
         if total + scratch > peak:
@@ -116,7 +118,7 @@ def simulate(
             alive_at_peak = {k.name: v for k, v in live.items()}
             if scratch:
                 alive_at_peak[f"{n.name} (workspace)"] = scratch
-        for a in {storage_root(x) for x in n.all_input_nodes}:
+        for a in used:
             if a in live and last_use.get(a) == order[n] and a not in outputs:
                 total -= live.pop(a)
         if root is n and n in live and n not in last_use and n not in outputs:

@@ -105,7 +105,7 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
         peak, net = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
         history = ()
     else:
-        peak, net, history = _cpu_peak_and_net(step)
+        peak, net, history = cpu_peak_and_net(step)
     have = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     if net == grad_bytes:
         check = "ok"
@@ -116,7 +116,8 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
     return StepPeak(peak, net, grad_bytes, check, history if timeline else ())
 
 
-def _cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int, tuple[tuple[float, int], ...]]:
+def cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int, tuple[tuple[float, int], ...]]:
+    """CPU allocator bytes while ``fn()`` runs, above the level at its start: (peak, net at its end, history)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -159,10 +159,7 @@ def _capture(model, inputs, kwargs, options: Options):
             *inputs, **kwargs
         )
     except Exception as e:  # Dynamo wraps what the backend raises
-        cause = e
-        while cause is not None and not isinstance(cause, _Stop):
-            cause = getattr(cause, "inner_exception", None) or cause.__cause__
-        if not isinstance(cause, _Stop):
+        if not _stopped(e):
             raise
     if "partition" not in got:
         raise RuntimeError("bitfx.plan: the model ran without a backward graph (do its outputs require grad?)")
@@ -326,11 +323,7 @@ def plan(
     opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
     inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
 
-    payload_bytes = _payload_sizes(comp, stored_by_name)
-    models = {
-        "baseline": _step_model(base, _dense_size, on.inner),
-        "bittrain": _step_model(comp, lambda n: payload_bytes.get(n, _dense_size(n)), on.inner),
-    }
+    models = {"baseline": _step_model(base, _dense_size, on.inner), "bittrain": predict_step(comp, on.inner, stored_by_name)}
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + m.peak for k, m in models.items()}
     estimate = {}
@@ -482,7 +475,7 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None)
 def choose_for_peak(gm, example_inputs, options: Options, mode: str | None = None) -> Options:
     """Resolve ``memory_budget={"peak": ...}`` for one graph: the options of the fastest plan that fits.
 
-    Partitions ``gm`` (a copy) at the free default and at each fraction of
+    Partitions ``gm`` at the free default and at each fraction of
     :data:`bitfx.passes.targets.BUDGET_GRID`, predicts each plan's step
     peak (:func:`predict_step`) and estimated step time, and returns the
     options of the fastest plan whose peak fits; raises

@@ -1,6 +1,7 @@
 """bitfx.fit: the batch it names fits the memory when measured, and the next one up does not."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ def test_cli_fit_json():
     out = subprocess.run(
         [sys.executable, "-m", "bitfx", "plan", "tests.test_fit:mlp", "--input-shape", "8,512", "--inner", "eager",
          "--fit", "64MiB", "--batch-step", str(STEP), "--json"],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "BITFX_PROFILE": "builtin"})
+        capture_output=True, text=True, timeout=600, env={**os.environ, "BITFX_PROFILE": "builtin"})
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["memory"] == 64 * 2**20 and {p["pipeline"] for p in got["points"]} == {"bittrain", "stock", "stock@0.9"}
