@@ -262,7 +262,16 @@ def inner_compile(gm, example_inputs, **kwargs):
     config, compile_fx_inner = torch_internals.inductor_config, torch_internals.compile_fx_inner
     if kwargs.get("is_backward"):
         apply_forward_layouts(gm)
-        return compile_fx_inner(gm, example_inputs, **kwargs)
+        # Stock's default backward has no convolution, so Inductor never turns
+        # its layout optimization on there (decide_layout_opt: on CPU, any
+        # convolution does).  One that bitfx recomputes would turn it on for
+        # the whole graph, and every convolution_backward then gets
+        # channels-last inputs: oneDNN's depthwise backward allocates 14 MiB
+        # of scratch for a 4x576x3x3 input that way, 0.6 MiB contiguous
+        # (MobileNetV3-small: a step peak 1.65x stock's).  So backward is
+        # compiled with the layouts stock's would have.
+        with config.patch(layout_optimization=False):
+            return compile_fx_inner(gm, example_inputs, **kwargs)
     keep_cast_inputs_in_place(gm)
     tagged = _tagged(gm, _PRODUCERS)
     compiled = compile_fx_inner(gm, example_inputs, **kwargs)

@@ -138,6 +138,27 @@ def test_inductor_layout_reaches_backward(monkeypatch):
     assert not any(d.meta["bitfx_layout_key"] in inductor_layouts._LAYOUTS for d in decomp)
 
 
+def test_backward_compiles_with_stock_layouts(monkeypatch):
+    """A convolution bitfx recomputes in backward must not turn on Inductor's layout
+    optimization there: stock's backward has none, and channels-last inputs make
+    oneDNN's depthwise convolution_backward allocate 14 MiB of scratch (MobileNetV3-small)."""
+    from bitfx import torch_internals
+
+    real = torch_internals.compile_fx_inner
+    seen = []
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.append((bool(kwargs.get("is_backward")), torch_internals.inductor_config.layout_optimization))
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(torch_internals, "compile_fx_inner", spy)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    torch.compile(m, backend=bitfx.backend(inner="inductor"))(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert (False, True) in seen and (True, False) in seen and (True, True) not in seen, seen
+
+
 def test_inductor_compresses_the_activation_it_keeps():
     """Under Inductor, compress reads the buffer the next layer reads: no second copy of the activation.
 
