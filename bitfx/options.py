@@ -77,6 +77,20 @@ class Options:
         from a measured tensor to the tensors computed from it (a squared
         ReLU has its ReLU's zeros) and back to its ReLU.  Usually made by
         :func:`bitfx.replan`, not by hand.
+    peak_guard
+        Under the free default (``memory_budget=None``), compare the plan's
+        predicted step peak (:func:`bitfx.plan`'s ``step_peak_bytes``) with
+        stock's default plan's and stock's plan at budget 0.9, per compiled
+        graph (:func:`bitfx.passes.peak.guard`).  A plan that peaks above
+        either is replaced by the lowest-peaking plan within the limit; where
+        the bytes the default saves do not lower the peak (it is late in
+        backward, where the gradients are), stock's default plan, the
+        fastest, is taken.  Each change is logged at INFO and shown in the
+        report and in :func:`bitfx.plan`.  Compiling partitions each graph
+        three to fifteen times instead of once.  The guard sees one graph:
+        across a graph break, one graph's saved tensors are alive while the
+        next runs, and bytes it saves can lower the step's peak where its own
+        peak does not show it.  ``False``: the plan for saved bytes alone.
     report
         Log (at INFO, logger ``bitfx``) a table of each compiled graph's
         saved tensors: decision, reason, dense and predicted bytes.  To
@@ -90,6 +104,7 @@ class Options:
     pack_masks: bool = True
     min_bytes: int = 0
     report: bool = False
+    peak_guard: bool = True
     memory_budget: float | int | str | dict | PeakBudget | None = None
     codec: str = "auto"
     densities: tuple[tuple[str, float], ...] | None = None
@@ -106,7 +121,7 @@ class Options:
                              f'{CODEC_CHOICES[1:]})')
         if self.codec not in CODEC_CHOICES:
             raise ValueError(f"bittrain option codec={self.codec!r} is not valid; choose one of {CODEC_CHOICES}")
-        for name in ("enabled", "compress", "pack_masks", "report"):
+        for name in ("enabled", "compress", "pack_masks", "report", "peak_guard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"bittrain option {name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:

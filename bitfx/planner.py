@@ -28,11 +28,11 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .backend import compile_graph
-from .liveness import Liveness, simulate
 from .options import Options, format_bytes
 from .passes.pricing import Codec
 from .report import label as report_label
-from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS, dense_bytes
+from .passes.peak import PeakAt, StepModel, node_bytes, predict_step
+from .passes.pricing import DEFAULT_DENSITY, DEFAULT_EXP_RATIO, KINDS
 
 OPTIMIZER_STATE = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}  # copies of the parameters
 
@@ -73,6 +73,7 @@ class MemoryPlan:
     peak_at: dict[str, PeakAt] = field(default_factory=dict)
     inputs_bytes: int = 0
     step_models: dict[str, StepModel] = field(default_factory=dict, repr=False)  # timelines, for plotting
+    peak_guard: str | None = None  # what the free default's peak guard changed, and why (Options.peak_guard)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,6 +114,8 @@ class MemoryPlan:
             totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
                        f"baseline's (recompute {1e3 * e['recompute_s']:.2f} ms, codec {1e3 * e['codec_s']:.2f} ms)"
                        f"\npriced on {e['priced_on']}")
+        if self.peak_guard:
+            totals += f"\npeak guard: {self.peak_guard}"
         if self.calibrated:
             how = "measured densities and exponent-codec ratios (calibrate=True)"
         else:
@@ -313,7 +316,7 @@ def plan(
     saved_bytes = {
         # The baseline is stock's own plan (what plain inductor saves), not
         # bitfx's plan stored dense: bitfx may recompute more.
-        "baseline": sum(_dense_size(n) for n in base.saved if n.name not in resident),
+        "baseline": sum(node_bytes(n) for n in base.saved if n.name not in resident),
         "bittrain": sum(r.stored_bytes for r in rows),
     }
 
@@ -323,7 +326,7 @@ def plan(
     opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
     inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
 
-    models = {"baseline": _step_model(base, _dense_size, on.inner), "bittrain": predict_step(comp, on.inner, stored_by_name)}
+    models = {"baseline": predict_step(base, on.inner), "bittrain": predict_step(comp, on.inner, stored_by_name)}
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + m.peak for k, m in models.items()}
     estimate = {}
@@ -337,7 +340,7 @@ def plan(
                       densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind},
                       estimate=estimate, step_peak_bytes={k: m.peak for k, m in models.items()},
                       peak_at={k: m.at for k, m in models.items()}, inputs_bytes=inputs_bytes,
-                      step_models=models)
+                      step_models=models, peak_guard=comp.peak_note)
 
 
 SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
@@ -420,58 +423,6 @@ def _op_name(node) -> str:
     return getattr(target, "__name__", str(target)).split(".")[0]
 
 
-def _payload_sizes(comp, stored_by_name) -> dict:
-    """Predicted bytes of each compress node's payload output (its size is unbacked)."""
-    sizes = {}
-    for info in comp.infos:
-        if info.codec.bitmap and info.parts:
-            offsets, payload = info.parts
-            sizes[payload] = stored_by_name.get(info.node.name, 0) - dense_bytes(offsets.meta["val"])
-            if info.bw_parts:
-                sizes[info.bw_parts[1]] = sizes[payload]
-        elif info.codec is Codec.EXPONENT and info.parts:
-            sizes[info.parts[0]] = stored_by_name.get(info.node.name, 0)
-            if info.bw_parts:
-                sizes[info.bw_parts[0]] = sizes[info.parts[0]]
-    return sizes
-
-
-def _dense_size(node) -> int:
-    # A multi-output node owns nothing itself: its getitems are the allocations.
-    val = node.meta.get("val")
-    return dense_bytes(val) if isinstance(val, torch.Tensor) else 0
-
-
-@dataclass
-class PeakAt:
-    """Where a predicted step peak happens, and the largest storages alive there."""
-
-    phase: str  # "forward" or "backward"
-    node: str  # the graph node running at the peak
-    alive: list[tuple[str, int]]  # (storage, bytes), largest first, at most PEAK_ALIVE_SHOWN
-
-
-PEAK_ALIVE_SHOWN = 5
-
-
-@dataclass
-class StepModel:
-    """The liveness model of one step: its peak and the two graphs' timelines."""
-
-    peak: int  # activation + gradient + workspace bytes above the resident ones
-    at: PeakAt
-    forward: Liveness
-    backward: Liveness
-
-
-def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None) -> StepModel:
-    """The step model of a partition; compressed payloads at ``stored_by_name``, else their assumed sizes."""
-    if stored_by_name is None:
-        stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
-    payload_bytes = _payload_sizes(part, stored_by_name)
-    return _step_model(part, lambda n: payload_bytes.get(n, _dense_size(n)), inner)
-
-
 def choose_for_peak(gm, example_inputs, options: Options, mode: str | None = None) -> Options:
     """Resolve ``memory_budget={"peak": ...}`` for one graph: the options of the fastest plan that fits.
 
@@ -529,62 +480,3 @@ def _stopped(e: BaseException | None) -> bool:
             return True
         e = getattr(e, "inner_exception", None) or e.__cause__
     return False
-
-
-def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
-    """Scratch bytes of each CPU weight-gradient ``convolution_backward`` (see
-    :func:`bitfx.calibrate.conv_backward_workspace`; not measured on CUDA, so 0 there)."""
-    from .calibrate import conv_backward_workspace
-
-    out = {}
-    for n in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default):
-        weight, grad = n.args[2], n.args[0].meta.get("val")
-        mask = n.args[-1]
-        if not (isinstance(grad, torch.Tensor) and grad.device.type == "cpu" and mask[1] and grad.shape[0] > 1):
-            continue
-        # The gradients it returns are counted at its getitems, after it
-        # ran; while it runs they are alive beside the scratch.
-        returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
-        out[n] = int(conv_backward_workspace(weight.name in copies) * _dense_size(weight)) + returned
-    return out
-
-
-def _conv_weight_copies(part, inner: str) -> set[str]:
-    """Forward inputs that Inductor copies to channels-last before its convolutions.
-
-    With Inductor's layout optimization on, each convolution weight is copied
-    in forward, and the copy, not the parameter, is what forward saves for
-    backward: those bytes are alive from the first convolution that uses the
-    weight until backward's last use of it.
-    """
-    from .torch_internals import inductor_layout_opt
-
-    if inner != "inductor" or not inductor_layout_opt(part.fw):
-        return set()
-    conv = torch.ops.aten.convolution.default
-    return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
-            if n.args[1].op == "placeholder"}
-
-
-def _step_model(part, size_of, inner: str) -> StepModel:
-    """Peak activation + gradient bytes over forward then backward.
-
-    Backward placeholders named like forward inputs are the parameters and
-    inputs themselves (already counted as resident), not new storage, except
-    the convolution weights' copies (:func:`_conv_weight_copies`).
-    """
-    fw_inputs = {p.name: p for p in part.fw.graph.find_nodes(op="placeholder")}
-    copies = _conv_weight_copies(part, inner)
-
-    def bw_size(n):
-        if n.op == "placeholder" and n.name in fw_inputs:
-            return _dense_size(n) if n.name in copies else 0
-        return size_of(n)
-
-    fw = simulate(part.fw.graph, size_of, inputs_resident=True,
-                  late_inputs={fw_inputs[c]: _dense_size(fw_inputs[c]) for c in copies})
-    workspace = _conv_backward_workspaces(part.bw, copies)
-    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
-    phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
-    alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
-    return StepModel(top.peak, PeakAt(phase, top.peak_node, alive), fw, bw)

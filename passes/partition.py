@@ -44,8 +44,11 @@ def partition(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Min-cut partition (as for Inductor), then compress the sparse saved tensors.
 
-    ``on_partition(Partition)``, if given, sees the result; the planner uses
-    it to read the decisions without a second copy of this logic.
+    Under the free default, :func:`bitfx.passes.peak.guard` then compares
+    the plan's predicted step peak with stock's, partitioning copies of
+    ``joint`` for the other plans.  ``on_partition(Partition)``, if given,
+    sees the result; the planner uses it to read the decisions without a
+    second copy of this logic.
     """
     kwargs.setdefault("compiler", "inductor")
     # Names this graph's saved tensors in bitfx.runtime_stats, and finds their
@@ -53,58 +56,109 @@ def partition(
     # densities keeps the same name.
     fingerprint = runtime_stats.graph_fingerprint(joint.graph)
     measured = densities_for(options, fingerprint)
+    guarded = options.enabled and options.peak_guard and options.memory_budget is None
+
+    want = on_partition is not None or options.report  # the estimate, and stock's saved tensors
+
+    def once(opts: Options, graph: fx.GraphModule, trace: bool = False) -> Partition:
+        return _partition_once(graph, joint_inputs, num_fwd_outputs, opts, measured, fingerprint, kwargs, want, trace)
+
+    # The joint graph is partitioned again for each plan the guard compares:
+    # the partitioner rewrites the graph it is given (RNG pinning), so each
+    # one, this first one too, gets a copy.
+    part = once(options, _copy(joint) if guarded else joint, trace=True)
+    if guarded and part.target is not None and part.target.kind == "free":
+        from .peak import guard
+
+        chosen = guard(part, lambda opts: once(opts, _copy(joint)), options)
+        part = chosen.partition
+        part.peak_note = chosen.note
+        ti.counters["bitfx"]["peak_guard_checked"] += 1
+        if chosen.note:
+            ti.counters["bitfx"]["peak_guard_changed"] += 1
+            log.info("bitfx: %s", chosen.note)
+        ti.trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": "bitfx_peak_guard", "encoding": "json"},
+            payload_fn=lambda: {"note": chosen.note, "peaks": chosen.peaks},
+        )
+    _record(part, options, input_names)
+    if on_partition is not None:
+        on_partition(part)
+    return part.fw, part.bw
+
+
+def _copy(joint: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out, old_output = graph.graph_copy(joint.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(old_output.meta)
+    return fx.GraphModule(joint, graph)
+
+
+def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, options: Options,
+                    measured: dict, fingerprint: str, kwargs: dict, want: bool, trace: bool) -> Partition:
+    """One plan: PyTorch's partitioner at bitfx's prices, then the rewrite.  Records nothing but ``trace``."""
     prices = None
-    if options.enabled or options.memory_budget is not None or on_partition is not None:
+    if options.enabled or options.memory_budget is not None or want:
         # bitfx prices the candidates and picks the budget (passes/costmodel.py);
         # enabled=False stays stock unless a budget is given, or the planner
         # wants the estimate.
         prices = JointPrices(num_fwd_outputs, options, measured=measured)
         with ti.priced(prices):
             fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        _trace_plan(prices)
     else:
         fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     infos: list[SavedTensor] = []
+    swapped = 0
     if options.enabled:
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
-        if swapped:
-            log.debug("bitfx: saving %d ReLU outputs instead of their inputs", swapped)
-            ti.counters["bitfx"]["swapped"] += swapped
         infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None, measured)
-        for info in infos:
+        for info in infos:  # the compress ops carry their key (bitfx.runtime_stats)
             info.stats_key = runtime_stats.key_for(fingerprint, info.node.name)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
         for info in infos:
             info.placeholder = placeholders[info.node]
         demote_inexpressible(bw, infos)
         if options.compress:
-            _trace("bitfx_forward_before", fw)
+            if trace:
+                _trace("bitfx_forward_before", fw)
             rewrite_forward(fw, num_fwd_outputs, infos)
             rewrite_backward(bw, infos)
-            _trace("bitfx_forward_after", fw)
-            _trace("bitfx_backward_after", bw)
-            for info in infos:
+    elif want:
+        infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
+        for info in infos:
+            info.codec, info.reason = Codec.DENSE, f"enabled=False ({info.reason})"
+    return Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
+                     prices.candidates if prices else [], prices.target if prices else None,
+                     prices.machine.name if prices else None, swapped=swapped, prices=prices)
+
+
+def _record(part: Partition, options: Options, input_names: list[str] | None) -> None:
+    """What the chosen plan leaves behind: counters, runtime-stats keys, traces, the report."""
+    if part.prices is not None:
+        _trace_plan(part.prices)
+    if part.swapped:
+        log.debug("bitfx: saving %d ReLU outputs instead of their inputs", part.swapped)
+        ti.counters["bitfx"]["swapped"] += part.swapped
+    if options.enabled:
+        if options.compress:
+            _trace("bitfx_forward_after", part.fw)
+            _trace("bitfx_backward_after", part.bw)
+            for info in part.infos:
                 ti.counters["bitfx"][info.codec.value] += 1
                 if info.codec.bitmap or info.codec.exponent:
                     runtime_stats.register(info.stats_key, codec=info.codec.value, module=info.module_path,
                                            planned_density=info.assumed_density, dense_bytes=info.dense_bytes())
-        log.debug("bitfx partition: %s", summarize(infos))
-    if not options.enabled and (options.report or on_partition is not None):
-        infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
-        for info in infos:
-            info.codec, info.reason = Codec.DENSE, f"enabled=False ({info.reason})"
-    if options.report or on_partition is not None:
-        _name_inputs(fw, infos, input_names)  # the report's and the planner's names
+        log.debug("bitfx partition: %s", summarize(part.infos))
+    _name_inputs(part.fw, part.infos, input_names)  # the report's and the planner's names
     if options.report:
         from bitfx.report import log_decisions, plan_line
 
-        log_decisions(infos, options.enabled,
-                      plan_line(prices.target, prices.chosen, prices.machine.name) if prices else "")
-    if on_partition is not None:
-        on_partition(Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
-                               prices.candidates if prices else [], prices.target if prices else None,
-                               prices.machine.name if prices else None))
-    return fw, bw
+        prices = part.prices
+        line = plan_line(prices.target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
+        if part.peak_note:
+            line += f"\npeak guard: {part.peak_note}"
+        log_decisions(part.infos, options.enabled, line)
 
 
 @dataclass
@@ -119,6 +173,9 @@ class Partition:
     candidates: list[Estimate] = field(default_factory=list)  # every plan priced on the way
     target: Target | None = None  # what the plan was chosen for
     machine: str | None = None  # the device profile that priced it (bitfx.calibrate)
+    swapped: int = 0  # ReLU outputs saved instead of their inputs (passes/swap.py)
+    prices: JointPrices | None = field(default=None, repr=False)
+    peak_note: str | None = None  # what the peak guard changed, and why (bitfx.passes.peak.guard)
 
     @property
     def saved(self) -> list:

@@ -1,0 +1,216 @@
+"""The step model: a partition's predicted step peak, and the free default's peak guard.
+
+The step peak (docs/design.md) is the most bytes alive above parameters,
+buffers and inputs during one forward and backward: saved activations,
+recomputed and decompressed tensors, gradients and kernel workspaces.
+:func:`predict_step` walks both graphs of a partition with
+:func:`bitfx.liveness.simulate`, sizing each compressed payload at its
+predicted bytes.  :func:`bitfx.plan` reports it; :func:`guard` uses it to
+keep the free default from raising the peak above stock's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bitfx.liveness import Liveness, simulate
+from bitfx.options import Options, format_bytes
+
+from .pricing import Codec, dense_bytes
+from .targets import BUDGET_GRID, FREE_SLOWDOWN
+
+
+def _payload_sizes(comp, stored_by_name) -> dict:
+    """Predicted bytes of each compress node's payload output (its size is unbacked)."""
+    sizes = {}
+    for info in comp.infos:
+        if info.codec.bitmap and info.parts:
+            offsets, payload = info.parts
+            sizes[payload] = stored_by_name.get(info.node.name, 0) - dense_bytes(offsets.meta["val"])
+            if info.bw_parts:
+                sizes[info.bw_parts[1]] = sizes[payload]
+        elif info.codec is Codec.EXPONENT and info.parts:
+            sizes[info.parts[0]] = stored_by_name.get(info.node.name, 0)
+            if info.bw_parts:
+                sizes[info.bw_parts[0]] = sizes[info.parts[0]]
+    return sizes
+
+
+def node_bytes(node) -> int:
+    # A multi-output node owns nothing itself: its getitems are the allocations.
+    val = node.meta.get("val")
+    return dense_bytes(val) if isinstance(val, torch.Tensor) else 0
+
+
+@dataclass
+class PeakAt:
+    """Where a predicted step peak happens, and the largest storages alive there."""
+
+    phase: str  # "forward" or "backward"
+    node: str  # the graph node running at the peak
+    alive: list[tuple[str, int]]  # (storage, bytes), largest first, at most PEAK_ALIVE_SHOWN
+
+
+PEAK_ALIVE_SHOWN = 5
+
+
+@dataclass
+class StepModel:
+    """The liveness model of one step: its peak and the two graphs' timelines."""
+
+    peak: int  # activation + gradient + workspace bytes above the resident ones
+    at: PeakAt
+    forward: Liveness
+    backward: Liveness
+
+
+def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None) -> StepModel:
+    """The step model of a partition; compressed payloads at ``stored_by_name``, else their assumed sizes."""
+    if stored_by_name is None:
+        stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
+    payload_bytes = _payload_sizes(part, stored_by_name)
+    return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner)
+
+
+def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
+    """Scratch bytes of each CPU weight-gradient ``convolution_backward`` (see
+    :func:`bitfx.calibrate.conv_backward_workspace`; not measured on CUDA, so 0 there)."""
+    from bitfx.calibrate import conv_backward_workspace
+
+    out = {}
+    for n in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default):
+        weight, grad = n.args[2], n.args[0].meta.get("val")
+        mask = n.args[-1]
+        if not (isinstance(grad, torch.Tensor) and grad.device.type == "cpu" and mask[1] and grad.shape[0] > 1):
+            continue
+        # The gradients it returns are counted at its getitems, after it
+        # ran; while it runs they are alive beside the scratch.
+        returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
+        out[n] = int(conv_backward_workspace(weight.name in copies) * node_bytes(weight)) + returned
+    return out
+
+
+def _conv_weight_copies(part, inner: str) -> set[str]:
+    """Forward inputs that Inductor copies to channels-last before its convolutions.
+
+    With Inductor's layout optimization on, each convolution weight is copied
+    in forward, and the copy, not the parameter, is what forward saves for
+    backward: those bytes are alive from the first convolution that uses the
+    weight until backward's last use of it.
+    """
+    from bitfx.torch_internals import inductor_layout_opt
+
+    if inner != "inductor" or not inductor_layout_opt(part.fw):
+        return set()
+    conv = torch.ops.aten.convolution.default
+    return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
+            if n.args[1].op == "placeholder"}
+
+
+def _step_model(part, size_of, inner: str) -> StepModel:
+    """Peak activation + gradient bytes over forward then backward.
+
+    Backward placeholders named like forward inputs are the parameters and
+    inputs themselves (already counted as resident), not new storage, except
+    the convolution weights' copies (:func:`_conv_weight_copies`).
+    """
+    fw_inputs = {p.name: p for p in part.fw.graph.find_nodes(op="placeholder")}
+    copies = _conv_weight_copies(part, inner)
+
+    def bw_size(n):
+        if n.op == "placeholder" and n.name in fw_inputs:
+            return node_bytes(n) if n.name in copies else 0
+        return size_of(n)
+
+    fw = simulate(part.fw.graph, size_of, inputs_resident=True,
+                  late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies})
+    workspace = _conv_backward_workspaces(part.bw, copies)
+    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
+    phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
+    alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
+    return StepModel(top.peak, PeakAt(phase, top.peak_node, alive), fw, bw)
+
+
+# A plan whose predicted peak is within this fraction of another's does not
+# lower the peak against it: the model's own error on one model is larger.
+PEAK_TOLERANCE = 0.01
+
+
+@dataclass
+class Guarded:
+    """What :func:`guard` chose, and why (``note`` is None where the free default stood)."""
+
+    partition: object  # bitfx.passes.partition.Partition
+    peak: int
+    note: str | None
+    peaks: dict[str, int]  # predicted step peak of each plan compared, by label
+
+
+def guard(default, trial: Callable[[Options], object], options: Options,
+          peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
+    """The free default, unless it raises the step peak or a faster plan peaks as low.
+
+    ``default`` is the free default's partition; ``trial(options)``
+    partitions the same joint graph with other options.  Stock's default
+    plan and stock's plan at budget 0.9 (with bitfx's RNG pinning) set the
+    limit: the lower of their predicted step peaks.
+
+    * The default within the limit: kept, unless stock's default plan (the
+      fastest: nothing recomputed or coded beyond it) peaks within
+      :data:`PEAK_TOLERANCE` of it.  Then the bytes the default saves do not
+      lower the peak (it is late in backward, where the gradients are), and
+      stock's plan is taken.
+    * The default above the limit: bitfx's plans at each fraction of
+      :data:`BUDGET_GRID` are tried, largest first, up to the first within
+      the limit; of those within it, with stock's two plans, the one with
+      the lowest peak among those estimated within ``FREE_SLOWDOWN`` of
+      stock's step time, else the fastest.
+
+    ``peak_of(partition)``: its predicted step peak and where it happens
+    (default: :func:`predict_step`'s, at the plan's assumed densities).
+    """
+    inner = options.inner
+    peak_of = peak_of or functools.partial(_peak_of, inner=inner)
+    base_s = default.estimate.step_s + default.estimate.baseline_s
+    peaks: dict[str, int] = {}
+    where: dict[str, str] = {}
+    plans: list[tuple[str, object, int, float]] = []  # (label, partition, peak, estimated seconds)
+
+    def add(label: str, part) -> tuple[str, object, int, float]:
+        p, where[label] = peak_of(part)
+        seconds = part.estimate.total_s if part.estimate is not None else base_s
+        peaks[label] = p
+        plans.append((label, part, p, seconds))
+        return plans[-1]
+
+    _, _, d_peak, d_s = add("the free default", default)
+    add("stock's default plan", trial(dataclasses.replace(options, enabled=False, memory_budget=None)))
+    add("stock's plan at budget 0.9", trial(dataclasses.replace(options, enabled=False, memory_budget=0.9)))
+    limit = min(peaks["stock's default plan"], peaks["stock's plan at budget 0.9"])
+    at = where["the free default"]
+    if d_peak <= limit:
+        s_peak = peaks["stock's default plan"]
+        if s_peak <= d_peak * (1 + PEAK_TOLERANCE) and base_s < d_s:
+            note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d_peak)}, "
+                    f"in {at}; stock's default plan {format_bytes(s_peak)}): taking stock's default plan, the faster")
+            return Guarded(plans[1][1], s_peak, note, peaks)
+        return Guarded(default, d_peak, None, peaks)
+    for b in BUDGET_GRID:
+        if add(f"budget {b:g}", trial(dataclasses.replace(options, memory_budget=b)))[2] <= limit:
+            break
+    fits = [p for p in plans if p[2] <= limit]
+    free = [p for p in fits if p[3] <= (1 + FREE_SLOWDOWN) * base_s]
+    label, part, p, _ = min(free, key=lambda c: (c[2], c[3])) if free else min(fits, key=lambda c: (c[3], c[2]))
+    note = (f"the free default's predicted step peak {format_bytes(d_peak)} (in {at}) is above "
+            f"stock's {format_bytes(limit)}: taking {label}, predicted {format_bytes(p)}")
+    return Guarded(part, p, note, peaks)
+
+
+def _peak_of(part, inner: str) -> tuple[int, str]:
+    model = predict_step(part, inner)
+    return model.peak, f"{model.at.phase} at {model.at.node}"

@@ -1,0 +1,149 @@
+"""The free default's peak guard (bitfx.passes.peak.guard, Options.peak_guard)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import bitfx
+from bitfx.measure import step_peak
+from bitfx.options import Options
+from bitfx.passes import peak
+from bitfx.passes.targets import FREE_SLOWDOWN
+
+
+def small_cnn():
+    """No BatchNorm: the free default compresses its ReLU outputs, and its backward peaks above stock's at 0.9."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def mlp(width, depth):
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 2))
+
+
+def peaks(model, x, inner="eager", **options):
+    """Predicted step peaks: stock's default, stock's at 0.9, and bitfx's plan under ``options``."""
+    got = {"stock": bitfx.plan(model, x, inner=inner, enabled=False).step_peak_bytes["bittrain"],
+           "stock@0.9": bitfx.plan(model, x, inner=inner, enabled=False, memory_budget=0.9).step_peak_bytes["bittrain"]}
+    p = bitfx.plan(model, x, inner=inner, **options)
+    return got, p
+
+
+def test_a_default_that_raises_the_peak_is_replaced():
+    model, x = small_cnn(), torch.randn(2, 3, 32, 32)
+    stock, unguarded = peaks(model, x, peak_guard=False)
+    limit = min(stock.values())
+    # Without the guard, the plan for saved bytes peaks above stock's at 0.9 (the test's premise).
+    assert unguarded.step_peak_bytes["bittrain"] > limit
+    assert unguarded.saved_bytes["bittrain"] < unguarded.saved_bytes["baseline"]
+    _, guarded = peaks(model, x)
+    assert guarded.step_peak_bytes["bittrain"] <= limit
+    assert "is above stock's" in guarded.peak_guard and "peak guard:" in str(guarded)
+
+
+def test_the_guarded_default_measures_at_or_below_both_stock_plans():
+    """Measured, not predicted: one step's allocator peak (inner="eager", gradients set to None first)."""
+    x = torch.randn(2, 3, 32, 32)
+
+    def measured(**options):
+        torch._dynamo.reset()
+        model = small_cnn()
+        compiled = torch.compile(model, backend=bitfx.backend(inner="eager", **options))
+        compiled(x).sum().backward()  # compile outside the window
+        got = step_peak(lambda: compiled(x).sum().backward(), model)
+        assert got.ok, got.check
+        return got.peak
+
+    bitfx_peak = measured()
+    assert bitfx_peak <= measured(enabled=False)
+    assert bitfx_peak <= measured(enabled=False, memory_budget=0.9)
+    assert measured(peak_guard=False) > measured(enabled=False, memory_budget=0.9)  # the guard did it
+
+
+def test_where_the_peak_is_the_gradients_stock_plan_is_taken_and_said():
+    """Weights outweigh activations: the peak is late in backward, where the gradients are.
+    Compressing saves bytes but not peak, so the faster plan (stock's) is taken.
+    (Under Inductor: an eager backward holds its saved tensors until it returns.)"""
+    model, x = mlp(512, 4), torch.randn(512, 64)
+    stock, unguarded = peaks(model, x, "inductor", peak_guard=False)
+    assert any(t.codec == "bitmap" for t in unguarded.tensors)
+    assert unguarded.step_peak_bytes["bittrain"] == pytest.approx(stock["stock"], rel=peak.PEAK_TOLERANCE)
+    counters.clear()
+    _, guarded = peaks(model, x, "inductor")
+    assert not any(t.codec == "bitmap" for t in guarded.tensors)
+    assert guarded.step_peak_bytes["bittrain"] == stock["stock"]
+    assert "do not lower the step peak" in guarded.peak_guard
+    assert counters["bitfx"]["peak_guard_changed"] >= 1
+
+
+def test_where_compression_lowers_the_peak_the_default_stands():
+    model, x = mlp(128, 3), torch.randn(1024, 64)
+    stock, guarded = peaks(model, x)
+    assert guarded.peak_guard is None
+    assert sum(t.codec == "bitmap" for t in guarded.tensors) == 3
+    assert guarded.step_peak_bytes["bittrain"] < min(stock.values())
+
+
+def test_the_guard_is_off_under_any_explicit_budget():
+    model, x = small_cnn(), torch.randn(2, 3, 32, 32)
+    assert bitfx.plan(model, x, inner="eager", memory_budget=1.0).peak_guard is None
+
+
+# -- the rule itself, on stand-in partitions ---------------------------------------------
+
+
+def _part(name, seconds):
+    # base_s (stock's step time) is 1.0: step_s 0.9 + baseline_s 0.1
+    return SimpleNamespace(name=name, estimate=None if seconds is None else SimpleNamespace(
+        total_s=seconds, step_s=0.9, baseline_s=0.1))
+
+
+def _guard(default_peak, default_s, plans):
+    """plans: {label of the trial's options: (peak, seconds)}; stock's default is (peak, None)."""
+    by_options = {}
+
+    def trial(o: Options):
+        key = "stock" if not o.enabled and o.memory_budget is None else (
+            "stock@0.9" if not o.enabled else f"b{o.memory_budget:g}")
+        by_options[key] = True
+        if key not in plans:
+            return _part(key, 9.0)  # a plan the test leaves out: slow, and peaks high
+        return _part(key, plans[key][1])
+
+    default = _part("default", default_s)
+    peaks = {"default": default_peak, **{k: v[0] for k, v in plans.items()}}
+    got = peak.guard(default, trial, Options(), peak_of=lambda p: (peaks.get(p.name, 10**9), f"backward at {p.name}"))
+    return got, by_options
+
+
+def test_guard_rule_keeps_a_default_below_both_stock_plans():
+    got, _ = _guard(80, 1.01, {"stock": (100, None), "stock@0.9": (90, 1.005)})
+    assert got.partition.name == "default" and got.note is None
+
+
+def test_guard_rule_takes_stock_where_the_saving_does_not_lower_the_peak():
+    got, _ = _guard(100, 1.01, {"stock": (100.5, None), "stock@0.9": (101, 1.005)})
+    assert got.partition.name == "stock" and "do not lower" in got.note
+
+
+def test_guard_rule_takes_the_lowest_peak_within_the_free_time_else_the_fastest():
+    # The default peaks above stock@0.9 (90): fractions are tried down to the first within 90.
+    plans = {"stock": (100, None), "stock@0.9": (90, 1.0 + FREE_SLOWDOWN / 2), "b1": (95, 1.001),
+             "b0.95": (89, 1.0 + FREE_SLOWDOWN / 4)}
+    got, tried = _guard(99, 1.01, plans)
+    assert got.partition.name == "b0.95" and "is above stock's" in got.note
+    assert "b0.9" not in tried  # stops at the first fraction within the limit
+    # Nothing within the free time: the fastest within the limit.
+    plans["b0.95"] = (89, 1.5)
+    plans["stock@0.9"] = (90, 1.2)
+    got, _ = _guard(99, 1.01, plans)
+    assert got.partition.name == "stock@0.9"
