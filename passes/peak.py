@@ -91,7 +91,8 @@ def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
         # The gradients it returns are counted at its getitems, after it
         # ran; while it runs they are alive beside the scratch.
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
-        out[n] = int(conv_backward_workspace(weight.name in copies) * node_bytes(weight)) + returned
+        channels_last = weight.name in copies or _channels_last(weight)
+        out[n] = int(conv_backward_workspace(channels_last) * node_bytes(weight)) + returned
     return out
 
 
@@ -101,7 +102,9 @@ def _conv_weight_copies(part, inner: str) -> set[str]:
     With Inductor's layout optimization on, each convolution weight is copied
     in forward, and the copy, not the parameter, is what forward saves for
     backward: those bytes are alive from the first convolution that uses the
-    weight until backward's last use of it.
+    weight until backward's last use of it.  A weight already laid out as
+    channels-last (1x1 kernels, and depthwise ones with one input channel,
+    whose contiguous strides are channels-last strides too) is used as it is.
     """
     from bitfx.torch_internals import inductor_layout_opt
 
@@ -109,7 +112,12 @@ def _conv_weight_copies(part, inner: str) -> set[str]:
         return set()
     conv = torch.ops.aten.convolution.default
     return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
-            if n.args[1].op == "placeholder"}
+            if n.args[1].op == "placeholder" and not _channels_last(n.args[1])}
+
+
+def _channels_last(node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)
 
 
 def _step_model(part, size_of, inner: str) -> StepModel:

@@ -88,14 +88,16 @@ def test_liveness_kept_inputs_live_until_the_graph_returns():
 
 def test_plan_says_where_the_peak_is_and_counts_inductors_weight_copies():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 32, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     x = torch.randn(2, 3, 16, 16)
-    conv_weights = sum(m.weight.nbytes for m in model if isinstance(m, nn.Conv2d))
+    # A 1x1 kernel's contiguous strides are channels-last strides: Inductor uses it as it is.
+    conv_weights = sum(m.weight.nbytes for m in model if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
     got = {inner: bitfx.plan(model, x, inner=inner, enabled=False) for inner in ("eager", "inductor")}
     fw = {inner: p.step_models["baseline"].forward for inner, p in got.items()}
     # Inductor's layout optimization saves channels-last copies of the conv
     # weights for backward: the forward ends with them alive; eager has none.
+    # (Counting the 1x1 weights' too put ResNet-50's predicted peak 12.6% high.)
     assert fw["inductor"].end - fw["eager"].end == conv_weights
     at = got["inductor"].peak_at["baseline"]
     assert at.phase in ("forward", "backward") and at.node and at.alive
