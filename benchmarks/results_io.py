@@ -32,7 +32,9 @@ def _commit() -> dict:
             return ""
 
     return {"commit": git("rev-parse", "--short=12", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            # Rows appended by an earlier run are not code: they leave the tree clean.
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":!benchmarks/results", ":!docs/results.md"))}
 
 
 @functools.cache
