@@ -9,6 +9,7 @@ what it still saves.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass, field
@@ -70,8 +71,17 @@ def partition(
     if guarded and part.target is not None and part.target.kind == "free":
         from .peak import guard
 
-        chosen = guard(part, lambda opts: once(opts, _copy(joint)), options)
-        part = chosen.partition
+        if options.compress:
+            chosen = guard(part, lambda opts: once(opts, _copy(joint)), options)
+            part = chosen.partition
+        else:
+            # compress=False keeps every decision of the compressed plan: the
+            # guard compares the plans compressed, then the one it takes is
+            # partitioned again, stored dense.
+            coded = dataclasses.replace(options, compress=True)
+            chosen = guard(once(coded, _copy(joint)), lambda opts: once(opts, _copy(joint)), coded)
+            if chosen.options is not coded:
+                part = once(dataclasses.replace(chosen.options, compress=False), _copy(joint))
         part.peak_note = chosen.note
         ti.counters["bitfx"]["peak_guard_checked"] += 1
         if chosen.note:

@@ -154,6 +154,7 @@ class Guarded:
     """What :func:`guard` chose, and why (``note`` is None where the free default stood)."""
 
     partition: object  # bitfx.passes.partition.Partition
+    options: Options  # what it was partitioned with (the default's own where the default stood)
     peak: int
     note: str | None
     peaks: dict[str, int]  # predicted step peak of each plan compared, by label
@@ -187,18 +188,19 @@ def guard(default, trial: Callable[[Options], object], options: Options,
     base_s = default.estimate.step_s + default.estimate.baseline_s
     peaks: dict[str, int] = {}
     where: dict[str, str] = {}
-    plans: list[tuple[str, object, int, float]] = []  # (label, partition, peak, estimated seconds)
+    plans: list[tuple[str, object, int, float, Options]] = []  # (label, partition, peak, seconds, options)
 
-    def add(label: str, part) -> tuple[str, object, int, float]:
+    def add(label: str, opts: Options, part=None) -> tuple[str, object, int, float, Options]:
+        part = trial(opts) if part is None else part
         p, where[label] = peak_of(part)
         seconds = part.estimate.total_s if part.estimate is not None else base_s
         peaks[label] = p
-        plans.append((label, part, p, seconds))
+        plans.append((label, part, p, seconds, opts))
         return plans[-1]
 
-    _, _, d_peak, d_s = add("the free default", default)
-    add("stock's default plan", trial(dataclasses.replace(options, enabled=False, memory_budget=None)))
-    add("stock's plan at budget 0.9", trial(dataclasses.replace(options, enabled=False, memory_budget=0.9)))
+    _, _, d_peak, d_s, _ = add("the free default", options, default)
+    add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
+    add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
     limit = min(peaks["stock's default plan"], peaks["stock's plan at budget 0.9"])
     at = where["the free default"]
     if d_peak <= limit:
@@ -206,17 +208,17 @@ def guard(default, trial: Callable[[Options], object], options: Options,
         if s_peak <= d_peak * (1 + PEAK_TOLERANCE) and base_s < d_s:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d_peak)}, "
                     f"in {at}; stock's default plan {format_bytes(s_peak)}): taking stock's default plan, the faster")
-            return Guarded(plans[1][1], s_peak, note, peaks)
-        return Guarded(default, d_peak, None, peaks)
+            return Guarded(plans[1][1], plans[1][4], s_peak, note, peaks)
+        return Guarded(default, options, d_peak, None, peaks)
     for b in BUDGET_GRID:
-        if add(f"budget {b:g}", trial(dataclasses.replace(options, memory_budget=b)))[2] <= limit:
+        if add(f"budget {b:g}", dataclasses.replace(options, memory_budget=b))[2] <= limit:
             break
     fits = [p for p in plans if p[2] <= limit]
     free = [p for p in fits if p[3] <= (1 + FREE_SLOWDOWN) * base_s]
-    label, part, p, _ = min(free, key=lambda c: (c[2], c[3])) if free else min(fits, key=lambda c: (c[3], c[2]))
+    label, part, p, _, opts = min(free, key=lambda c: (c[2], c[3])) if free else min(fits, key=lambda c: (c[3], c[2]))
     note = (f"the free default's predicted step peak {format_bytes(d_peak)} (in {at}) is above "
             f"stock's {format_bytes(limit)}: taking {label}, predicted {format_bytes(p)}")
-    return Guarded(part, p, note, peaks)
+    return Guarded(part, opts, p, note, peaks)
 
 
 def _peak_of(part, inner: str) -> tuple[int, str]:

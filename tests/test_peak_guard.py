@@ -147,3 +147,25 @@ def test_guard_rule_takes_the_lowest_peak_within_the_free_time_else_the_fastest(
     plans["stock@0.9"] = (90, 1.2)
     got, _ = _guard(99, 1.01, plans)
     assert got.partition.name == "stock@0.9"
+
+
+@pytest.mark.parametrize("model,x,inner", [(small_cnn, (2, 3, 32, 32), "eager"),
+                                           (lambda: mlp(512, 4), (512, 64), "inductor")])
+def test_stored_dense_the_guard_takes_the_same_plan(model, x, inner):
+    """compress=False keeps every decision of the compressed plan, the guard's too:
+    the same tensors saved, and bit-identical gradients."""
+    from bitfx.backend import Backend
+
+    x = torch.randn(*x)
+
+    def run(**options):
+        torch._dynamo.reset()
+        parts, m = [], model()
+        torch.compile(m, backend=Backend(Options(inner=inner, **options), parts.append))(x).sum().backward()
+        return parts[-1], [p.grad for p in m.parameters()]
+
+    (on, g_on), (off, g_off) = run(), run(compress=False)
+    assert on.peak_note is not None and on.peak_note == off.peak_note
+    assert [n.name for n in on.saved if isinstance(n, torch.fx.Node)] == [
+        n.name for n in off.saved if isinstance(n, torch.fx.Node)]
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(g_on, g_off, strict=True))
