@@ -48,14 +48,9 @@ def mode_patches(mode: str | None) -> dict:
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on_partition=None,
                   mode: str | None = None):
-    from .options import PeakBudget
     from .passes import BitfxPartitioner
     from .passes.partition import partition
 
-    if isinstance(options.memory_budget, PeakBudget):
-        from .planner import choose_for_peak
-
-        options = choose_for_peak(gm, example_inputs, options, mode)
     names = None
     if options.report or on_partition is not None:  # the report's and the planner's names
         from .report import input_names

@@ -18,7 +18,6 @@ models stay compiled.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -421,57 +420,6 @@ def _op_name(node) -> str:
     if target is operator.getitem:
         target = node.args[0].target
     return getattr(target, "__name__", str(target)).split(".")[0]
-
-
-def choose_for_peak(gm, example_inputs, options: Options, mode: str | None = None) -> Options:
-    """Resolve ``memory_budget={"peak": ...}`` for one graph: the options of the fastest plan that fits.
-
-    Partitions ``gm`` at the free default and at each fraction of
-    :data:`bitfx.passes.targets.BUDGET_GRID`, predicts each plan's step
-    peak (:func:`predict_step`) and estimated step time, and returns the
-    options of the fastest plan whose peak fits; raises
-    :class:`~bitfx.passes.targets.BudgetError` naming the smallest predicted
-    peak when none does.
-    """
-    import dataclasses
-    import logging
-
-    from .backend import compile_graph
-    from .passes.targets import BUDGET_GRID, BudgetError
-
-    target = options.memory_budget
-    candidates = []
-    for budget in (None, *BUDGET_GRID):
-        trial = dataclasses.replace(options, memory_budget=budget, report=False)
-        got = {}
-
-        def on_partition(result, got=got):
-            got["partition"] = result
-            raise _Stop
-
-        try:
-            # gm itself: a deep copy loses Dynamo's marks of which inputs
-            # are parameters, and with them the partitioner's plan.
-            compile_graph(gm, example_inputs, trial, on_partition, mode)
-        except _Stop:
-            pass
-        except Exception as e:  # noqa: BLE001 - Inductor wraps what the partitioner raises
-            if not _stopped(e):
-                raise
-        part = got["partition"]
-        peak = predict_step(part, options.inner).peak
-        seconds = part.estimate.total_s if part.estimate is not None else math.inf
-        candidates.append((seconds, peak, budget))
-    fits = [c for c in candidates if c[1] <= target.bytes]
-    label = lambda b: "the free default" if b is None else f"memory_budget={b:g}"  # noqa: E731
-    if not fits:
-        smallest = min(candidates, key=lambda c: c[1])
-        raise BudgetError(f"bitfx: no plan's predicted step peak fits {target}: the smallest is "
-                          f"{format_bytes(smallest[1])} ({label(smallest[2])})")
-    seconds, peak, budget = min(fits, key=lambda c: (c[0], c[1]))
-    logging.getLogger("bitfx").info("bitfx: %s -> %s, predicted step peak %s (of %d plans, %d fit)", target,
-                                    label(budget), format_bytes(peak), len(candidates), len(fits))
-    return dataclasses.replace(options, memory_budget=budget)
 
 
 def _stopped(e: BaseException | None) -> bool:

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from bitfx import runtime_stats
 from bitfx import torch_internals as ti
-from bitfx.options import Options, densities_for
+from bitfx.options import Options, PeakBudget, densities_for
 
 from .analysis import SavedTensor, analyze, summarize
 from .pricing import Codec
@@ -58,30 +58,36 @@ def partition(
     fingerprint = runtime_stats.graph_fingerprint(joint.graph)
     measured = densities_for(options, fingerprint)
     guarded = options.enabled and options.peak_guard and options.memory_budget is None
+    peak_target = options.memory_budget.bytes if isinstance(options.memory_budget, PeakBudget) else None
 
-    want = on_partition is not None or options.report  # the estimate, and stock's saved tensors
+    # the estimate (a peak target compares plans' times), and stock's saved tensors
+    want = on_partition is not None or options.report or peak_target is not None
 
     def once(opts: Options, graph: fx.GraphModule, trace: bool = False) -> Partition:
         return _partition_once(graph, joint_inputs, num_fwd_outputs, opts, measured, fingerprint, kwargs, want, trace)
 
     # The joint graph is partitioned again for each plan the guard compares:
     # the partitioner rewrites the graph it is given (RNG pinning), so each
-    # one, this first one too, gets a copy.
-    part = once(options, _copy(joint) if guarded else joint, trace=True)
+    # one, this first one too, gets a copy.  compress=False keeps every
+    # decision of the compressed plan: the guard compares the plans
+    # compressed, then the one it takes is partitioned once more, stored dense.
+    if peak_target is not None:
+        from .peak import fit_peak
+
+        fitted = fit_peak(peak_target, lambda opts: once(opts, _copy(joint)), options)
+        log.info("bitfx: %s", fitted.note)
+        options = fitted.options
+    coded = dataclasses.replace(options, compress=True) if guarded and not options.compress else options
+    part = fitted.partition if peak_target is not None else once(coded, _copy(joint) if guarded else joint, trace=True)
+    chosen = None
     if guarded and part.target is not None and part.target.kind == "free":
         from .peak import guard
 
-        if options.compress:
-            chosen = guard(part, lambda opts: once(opts, _copy(joint)), options)
-            part = chosen.partition
-        else:
-            # compress=False keeps every decision of the compressed plan: the
-            # guard compares the plans compressed, then the one it takes is
-            # partitioned again, stored dense.
-            coded = dataclasses.replace(options, compress=True)
-            chosen = guard(once(coded, _copy(joint)), lambda opts: once(opts, _copy(joint)), coded)
-            if chosen.options is not coded:
-                part = once(dataclasses.replace(chosen.options, compress=False), _copy(joint))
+        chosen = guard(part, lambda opts: once(opts, _copy(joint)), coded)
+        part = chosen.partition
+    if coded is not options:
+        part = once(dataclasses.replace(chosen.options if chosen else coded, compress=False), joint)
+    if chosen is not None:
         part.peak_note = chosen.note
         ti.counters["bitfx"]["peak_guard_checked"] += 1
         if chosen.note:

@@ -151,13 +151,51 @@ PEAK_TOLERANCE = 0.01
 
 @dataclass
 class Guarded:
-    """What :func:`guard` chose, and why (``note`` is None where the free default stood)."""
+    """What :func:`guard` or :func:`fit_peak` chose, and why (``note`` is None where the free default stood)."""
 
     partition: object  # bitfx.passes.partition.Partition
     options: Options  # what it was partitioned with (the default's own where the default stood)
-    peak: int
     note: str | None
     peaks: dict[str, int]  # predicted step peak of each plan compared, by label
+
+
+@dataclass
+class _Plan:
+    label: str
+    partition: object
+    peak: int
+    seconds: float
+    options: Options
+    where: str  # "forward at <node>" / "backward at <node>"
+
+
+class _Plans:
+    """Plans of one joint graph, each partitioned by ``trial(options)`` and priced: peak and seconds."""
+
+    def __init__(self, trial: Callable[[Options], object], peak_of: Callable[[object], tuple[int, str]],
+                 base_s: float):
+        self.trial, self.peak_of, self.base_s = trial, peak_of, base_s
+        self.all: list[_Plan] = []
+
+    def add(self, label: str, opts: Options, part=None) -> _Plan:
+        part = self.trial(opts) if part is None else part
+        peak, where = self.peak_of(part)
+        seconds = part.estimate.total_s if part.estimate is not None else self.base_s
+        self.all.append(_Plan(label, part, peak, seconds, opts, where))
+        return self.all[-1]
+
+    def grid(self, options: Options, stop: Callable[[_Plan], bool] = lambda p: False) -> None:
+        """bitfx's plans at each fraction of :data:`BUDGET_GRID`, largest first, up to the first ``stop`` accepts."""
+        for b in BUDGET_GRID:
+            if stop(self.add(f"budget {b:g}", dataclasses.replace(options, memory_budget=b))):
+                return
+
+    def peaks(self) -> dict[str, int]:
+        return {p.label: p.peak for p in self.all}
+
+
+def _base_seconds(part) -> float:
+    return part.estimate.step_s + part.estimate.baseline_s
 
 
 def guard(default, trial: Callable[[Options], object], options: Options,
@@ -183,42 +221,53 @@ def guard(default, trial: Callable[[Options], object], options: Options,
     ``peak_of(partition)``: its predicted step peak and where it happens
     (default: :func:`predict_step`'s, at the plan's assumed densities).
     """
-    inner = options.inner
-    peak_of = peak_of or functools.partial(_peak_of, inner=inner)
-    base_s = default.estimate.step_s + default.estimate.baseline_s
-    peaks: dict[str, int] = {}
-    where: dict[str, str] = {}
-    plans: list[tuple[str, object, int, float, Options]] = []  # (label, partition, peak, seconds, options)
+    base_s = _base_seconds(default)
+    plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), base_s)
+    d = plans.add("the free default", options, default)
+    stock = plans.add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
+    at_09 = plans.add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
+    limit = min(stock.peak, at_09.peak)
+    if d.peak <= limit:
+        if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
+            note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
+                    f"in {d.where}; stock's default plan {format_bytes(stock.peak)}): taking stock's default plan, "
+                    "the faster")
+            return Guarded(stock.partition, stock.options, note, plans.peaks())
+        return Guarded(default, options, None, plans.peaks())
+    plans.grid(options, stop=lambda p: p.peak <= limit)
+    fits = [p for p in plans.all if p.peak <= limit]
+    free = [p for p in fits if p.seconds <= (1 + FREE_SLOWDOWN) * base_s]
+    best = min(free, key=lambda p: (p.peak, p.seconds)) if free else min(fits, key=lambda p: (p.seconds, p.peak))
+    note = (f"the free default's predicted step peak {format_bytes(d.peak)} (in {d.where}) is above "
+            f"stock's {format_bytes(limit)}: taking {best.label}, predicted {format_bytes(best.peak)}")
+    return Guarded(best.partition, best.options, note, plans.peaks())
 
-    def add(label: str, opts: Options, part=None) -> tuple[str, object, int, float, Options]:
-        part = trial(opts) if part is None else part
-        p, where[label] = peak_of(part)
-        seconds = part.estimate.total_s if part.estimate is not None else base_s
-        peaks[label] = p
-        plans.append((label, part, p, seconds, opts))
-        return plans[-1]
 
-    _, _, d_peak, d_s, _ = add("the free default", options, default)
-    add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
-    add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
-    limit = min(peaks["stock's default plan"], peaks["stock's plan at budget 0.9"])
-    at = where["the free default"]
-    if d_peak <= limit:
-        s_peak = peaks["stock's default plan"]
-        if s_peak <= d_peak * (1 + PEAK_TOLERANCE) and base_s < d_s:
-            note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d_peak)}, "
-                    f"in {at}; stock's default plan {format_bytes(s_peak)}): taking stock's default plan, the faster")
-            return Guarded(plans[1][1], plans[1][4], s_peak, note, peaks)
-        return Guarded(default, options, d_peak, None, peaks)
-    for b in BUDGET_GRID:
-        if add(f"budget {b:g}", dataclasses.replace(options, memory_budget=b))[2] <= limit:
-            break
-    fits = [p for p in plans if p[2] <= limit]
-    free = [p for p in fits if p[3] <= (1 + FREE_SLOWDOWN) * base_s]
-    label, part, p, _, opts = min(free, key=lambda c: (c[2], c[3])) if free else min(fits, key=lambda c: (c[3], c[2]))
-    note = (f"the free default's predicted step peak {format_bytes(d_peak)} (in {at}) is above "
-            f"stock's {format_bytes(limit)}: taking {label}, predicted {format_bytes(p)}")
-    return Guarded(part, opts, p, note, peaks)
+def fit_peak(target: int, trial: Callable[[Options], object], options: Options,
+             peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
+    """``memory_budget={"peak": target}``: the fastest plan whose predicted step peak fits ``target``.
+
+    The candidates are the free default and bitfx's plans at each fraction
+    of :data:`BUDGET_GRID`, each partitioned by ``trial(options)``.  Raises
+    :class:`~bitfx.passes.targets.BudgetError` naming the smallest predicted
+    peak when none fits.
+    """
+    from .targets import BudgetError
+
+    free = dataclasses.replace(options, memory_budget=None)
+    first = trial(free)
+    plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), _base_seconds(first))
+    plans.add("the free default", free, first)
+    plans.grid(options)
+    fits = [p for p in plans.all if p.peak <= target]
+    if not fits:
+        smallest = min(plans.all, key=lambda p: p.peak)
+        raise BudgetError(f"bitfx: no plan's predicted step peak fits {format_bytes(target)}: the smallest is "
+                          f"{format_bytes(smallest.peak)} ({smallest.label})")
+    best = min(fits, key=lambda p: (p.seconds, p.peak))
+    note = (f"step peak target {format_bytes(target)}: {best.label}, predicted {format_bytes(best.peak)} "
+            f"(of {len(plans.all)} plans, {len(fits)} fit)")
+    return Guarded(best.partition, best.options, note, plans.peaks())
 
 
 def _peak_of(part, inner: str) -> tuple[int, str]:

@@ -42,7 +42,7 @@ def resolve_target(options: Options, torch_budget: float) -> Target:
     b = options.memory_budget
     if isinstance(b, PeakBudget):
         raise RuntimeError("bitfx: a peak budget is resolved to a plan before partitioning "
-                           "(bitfx.planner.choose_for_peak); the partitioner got it unresolved")
+                           "(bitfx.passes.peak.fit_peak); the partitioner got it unresolved")
     if b is not None:
         return Target("fraction", float(b)) if isinstance(b, float) else Target("bytes", float(b))
     if torch_budget < 1.0:
