@@ -269,8 +269,9 @@ def inner_compile(gm, example_inputs, **kwargs):
         # channels-last inputs: oneDNN's depthwise backward allocates 14 MiB
         # of scratch for a 4x576x3x3 input that way, 0.6 MiB contiguous
         # (MobileNetV3-small: a step peak 1.65x stock's).  So backward is
-        # compiled with the layouts stock's would have.
-        with config.patch(layout_optimization=False):
+        # compiled with the layouts stock's would have.  Its peak-memory
+        # order is chosen by the kernels C++ codegen emits (see torch_internals).
+        with config.patch(layout_optimization=False), torch_internals.reorder_by_emitted_kernels():
             return compile_fx_inner(gm, example_inputs, **kwargs)
     keep_cast_inputs_in_place(gm)
     tagged = _tagged(gm, _PRODUCERS)
