@@ -92,19 +92,19 @@ def main(argv=None) -> int:
         name, config = args.one.split(":")
         print(json.dumps(measure_one(name, config, args.batch, args.size, args.autocast, args.inner)))
         return 0
-    rows = []
+    path = None
     for name in args.models.split(","):
         for config in CONFIGS:
             cmd = [sys.executable, __file__, "--one", f"{name}:{config}", "--batch", str(args.batch),
                    "--size", str(args.size), "--autocast", args.autocast, "--inner", args.inner]
             row = results_io.json_from_process(cmd)
-            rows.append(row)
+            # Appended as it goes: a long run that is cut off keeps what it measured.
+            path = results_io.append_rows("plan_accuracy", [row], args.out)
             print(f"{name} {args.autocast or 'fp32'} {config}: peak measured {row['peak_bytes'] / 2**20:.2f} MiB "
                   f"({row['peak_check']}), predicted {row['peak_predicted'] / 2**20:.2f} MiB "
                   f"({100 * row['peak_error']:+.1f}%, {row['peak_phase']} at {row['peak_node']}); saved measured "
                   f"{row['saved_bytes'] / 2**20:.2f} MiB, predicted {row['saved_predicted'] / 2**20:.2f} MiB",
                   flush=True)
-    path = results_io.append_rows("plan_accuracy", rows, args.out)
     print(f"rows appended to {path}")
     return 0
 
