@@ -70,15 +70,8 @@ import results_io  # noqa: E402
 
 import bitfx  # noqa: E402
 from bitfx.measure import saved_activation_bytes, step_peak  # noqa: E402
+from bitfx.demo import ACTS, GPT  # noqa: E402,F401  (the model, shared with the demo)
 from bitfx.planner import fresh_entry  # noqa: E402
-
-ACTS = {
-    "sqrelu": lambda h: F.relu(h).square(),
-    "sqrelu-mul": lambda h: (lambda r: r * r)(F.relu(h)),
-    "sqrelu-pow": lambda h: F.relu(h) ** 2,
-    "relu": F.relu,
-}
-
 
 # ------------------------------------------------------------------ corpus
 def corpus(limit: int | None = None) -> tuple[torch.Tensor, str]:
@@ -103,50 +96,6 @@ def batch(data: torch.Tensor, n: int, seq: int, gen: torch.Generator) -> tuple[t
 
 
 # ------------------------------------------------------------------- model
-class MLP(nn.Module):
-    def __init__(self, dim: int, act: str):
-        super().__init__()
-        self.up = nn.Linear(dim, 4 * dim, bias=False)
-        self.down = nn.Linear(4 * dim, dim, bias=False)
-        self.act = ACTS[act]
-
-    def forward(self, x):
-        return self.down(self.act(self.up(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, act: str):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.mlp = MLP(dim, act)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, dim=256, layers=4, heads=4, seq=256, act="sqrelu", vocab=256):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(seq, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, act) for _ in range(layers))
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
-
-
 class OPTLM(nn.Module):
     """transformers' OPT (ReLU FFN) of the given size, returning logits."""
 

@@ -158,6 +158,10 @@ def measure(device_type: str = "cpu", quick: bool = False) -> dict:
         exp_encode=fits["exp_compress"][1], exp_decode=fits["exp_decompress"][1],
         exp_call=(fits["exp_compress"][0] + fits["exp_decompress"][0]) / 2,
         flops_by_dtype=tuple(sorted(flops.items())),
+        # Not in the quick profile: it runs in a compile's worker thread, and
+        # the profiler started off the main thread prints an error line at
+        # exit.  The built-in ratios stand until `calibrate` measures them.
+        **(conv_scratch() if device_type == "cpu" and not quick else {}),
     )
     return {
         "device": device_type, "device_name": device_name(device_type), "torch": torch.__version__,
@@ -177,7 +181,10 @@ def save(profile: dict, path: Path | None = None) -> Path:
 
 
 def from_profile(profile: dict, source: str) -> Machine:
-    fields = dict(profile["machine"])
+    # A field the profile lacks (one saved by an older bitfx) keeps the built-in value.
+    builtin = MACHINES[profile["device"]]
+    fields = {f.name: getattr(builtin, f.name) for f in dataclasses.fields(Machine) if f.name != "name"}
+    fields.update(profile["machine"])
     fields["flops_by_dtype"] = tuple((str(d), float(f)) for d, f in fields.get("flops_by_dtype", ()))
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
                         f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
@@ -235,21 +242,17 @@ def machine(device_type: str) -> Machine:
 
 
 @functools.cache
-def conv_backward_workspace(channels_last: bool) -> float:
-    """Scratch bytes of a CPU ``convolution_backward`` (grad input and weight) over its weight's bytes.
+def conv_scratch() -> dict[str, float]:
+    """The :class:`Machine` fields of CPU ``convolution_backward`` scratch, measured here.
 
     oneDNN's weight-gradient kernel allocates weight-sized buffers beyond the
-    gradients it returns (measured on torch 2.14: 2x the weight for a
-    channels-last weight, 3x for a contiguous one, for any batch above 1 and
-    any thread count).  Measured once per process on one small convolution,
-    in a thread of its own, as the quick profile is (the planner may be
-    inside fake-tensor modes).
+    gradients it returns.  Measured on one small convolution (batch above 1,
+    where the kernel takes its batched path), for each weight layout.
     """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bitfx-calibrate") as pool:
-        return pool.submit(_conv_backward_workspace, channels_last).result()
+    return {"conv_scratch_channels_last": _conv_scratch(True), "conv_scratch_contiguous": _conv_scratch(False)}
 
 
-def _conv_backward_workspace(channels_last: bool) -> float:
+def _conv_scratch(channels_last: bool) -> float:
     from .measure import cpu_peak_and_net
 
     layout = torch.channels_last if channels_last else torch.contiguous_format

@@ -35,9 +35,17 @@ SHAPE is sizes joined by x or commas; integer inputs are drawn from
 
 --memory-budget plans the backend's memory_budget option (a fraction, a
 size like 1.5GiB for saved activations, or peak:2GiB for the step peak).  --sweep plans stock PyTorch and bittrain at budgets 1.0,
-0.9, 0.7, 0.5, 0.3, 0.1 (and bitfx's default): saved bytes, peak, and the
-cost model's estimated step time against stock's default plan; it recommends
-the setting with the least saved memory within --max-slowdown (default 1.05).
+0.9, 0.7, 0.5, 0.3, 0.1 (and bitfx's default): the bytes each stores for
+backward, its step peak, and the cost model's estimated step time against
+stock's default plan; it recommends the setting with the lowest step peak
+within --max-slowdown (default 1.05), and names the one that stores the
+fewest bytes within it.
+
+The step peak is the most memory a training step allocates above what is
+resident before it (parameters, buffers, optimizer state, inputs), which is
+shown beside it: the plan table, the peak guard's note, --sweep and --fit
+quote the same figure.  "stock" is PyTorch's default plan; its plan at
+budget 0.9 is named as such.
 
 --fit 4GiB answers the largest batch whose whole training step fits that
 memory (parameters, optimizer state from --optimizer, inputs and the
@@ -259,8 +267,9 @@ def _fit(args, model, specs, fit_bytes, density):
         return keywords or tuple(made)
 
     try:
-        return fit(model, make_inputs, fit_bytes, batch_step=args.batch_step, optimizer=args.optimizer,
-                   inner=args.inner, density=density)
+        with progress_bar(None, "fit: batches planned") as bar:
+            return fit(model, make_inputs, fit_bytes, batch_step=args.batch_step, optimizer=args.optimizer,
+                       inner=args.inner, density=density, progress=bar.update)
     except Exception as e:  # noqa: BLE001 - anything the model does while traced
         raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e
 
@@ -307,6 +316,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def progress_bar(total: int | None, desc: str):
+    """A progress bar on stderr, shown on a terminal only (planning a large model takes minutes)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="plan", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
 def _plan_or_sweep(args, model, specs, budget, density):
     from .planner import plan, sweep
 
@@ -325,7 +341,10 @@ def _plan_or_sweep(args, model, specs, budget, density):
                   inner=args.inner, density=density)
     try:
         if args.sweep:
-            return sweep(model, *positional, max_slowdown=args.max_slowdown, **common)
+            from .planner import sweep_size
+
+            with progress_bar(sweep_size(), "sweep: plans") as bar:
+                return sweep(model, *positional, max_slowdown=args.max_slowdown, progress=bar.update, **common)
         return plan(model, *positional, memory_budget=budget, **common)
     except Exception as e:  # noqa: BLE001 - anything the model does while traced
         raise _Fail(f"{args.spec} cannot be planned: {_describe(e)}") from e

@@ -9,8 +9,12 @@ parameters, buffers, optimizer state and inputs, plus the step peak
 the liveness model knows of).  Stock PyTorch's answer (its default plan, and
 at budget 0.9) is given beside bitfx's.
 
-The search doubles the batch until a step no longer fits, then bisects:
-about ``2 log2(batch)`` plans.  A batch fits when its predicted total is at
+One plan at a batch gives stock's default and bitfx's step (a second one
+stock's at 0.9), so the three searches share their plans.  A step's bytes
+grow about linearly with the batch, so each search guesses the answer from
+the line through the two nearest batches it knows, and falls back to
+halving the bracket where a guess does not shrink it by half: a handful of
+plans where bisection took ``2 log2(batch)``.  A batch fits when its predicted total is at
 most ``memory``; the answer is as good as the planner's peak model (see
 ``benchmarks/plan_accuracy.py`` for its measured error).
 """
@@ -52,13 +56,16 @@ class Fit:
         return asdict(self)
 
     def __str__(self) -> str:
-        rows = [[p.pipeline, p.batch or "none", "" if p.total_bytes is None else format_bytes(p.total_bytes),
-                 "" if p.next_total_bytes is None else format_bytes(p.next_total_bytes)] for p in self.points]
-        table = tabulate(rows, headers=["pipeline", "largest batch", "step needs", f"batch +{self.batch_step} needs"],
-                         disable_numparse=True)
+        names = {"bittrain": "bitfx", "stock": "stock (default plan)", "stock@0.9": "stock at memory_budget=0.9"}
+        fmt = lambda b: "" if b is None else format_bytes(b)  # noqa: E731
+        rows = [[names.get(p.pipeline, p.pipeline), p.batch or "none", fmt(p.peak_bytes),
+                 fmt(None if p.total_bytes is None else p.total_bytes - p.peak_bytes), fmt(p.total_bytes),
+                 fmt(p.next_total_bytes)] for p in self.points]
+        table = tabulate(rows, headers=["pipeline", "largest batch", "step peak", "resident", "step needs",
+                                        f"batch +{self.batch_step} needs"], disable_numparse=True)
         fixed = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.fixed_bytes.items())
-        return (f"fits {format_bytes(self.memory)} (whole step: {fixed}, inputs, and the predicted step peak)\n"
-                f"{table}")
+        return (f"fits {format_bytes(self.memory)}: a step needs what is resident ({fixed}, and the inputs) "
+                f"plus its predicted step peak\n{table}")
 
 
 def fit(
@@ -70,6 +77,7 @@ def fit(
     max_batch: int = 1 << 20,
     optimizer: str = "adam",
     pipelines: tuple[str, ...] = tuple(PIPELINES),
+    progress: Callable[[], object] | None = None,
     **plan_options,
 ) -> Fit:
     """The largest batch (a multiple of ``batch_step``) whose step fits ``memory``, per pipeline.
@@ -81,6 +89,7 @@ def fit(
     ``memory``: bytes, or a size such as ``"4GiB"``.  ``optimizer``: whose
     state to count (``none``, ``sgd``, ``momentum``, ``adam``).
     ``plan_options``: as for :func:`bitfx.plan` (``inner``, ``density``, ...).
+    ``progress()`` is called after each batch planned.
     """
     from .planner import OPTIMIZER_STATE, plan
     from .torch_internals import FakeTensorMode
@@ -107,31 +116,86 @@ def fit(
         return ((), made) if isinstance(made, dict) else (tuple(made), {})
 
     result = Fit(limit, batch_step)
+    steps: dict[int, dict[str, tuple[int, int]]] = {}  # batch -> pipeline -> (step total, step peak)
+
+    def at(batch: int) -> dict[str, tuple[int, int]]:
+        if batch not in steps:
+            args, kwargs = inputs(batch)
+            common = dict(inputs_kwargs=kwargs, optimizer=optimizer, **plan_options)
+            got = {}
+            if "bittrain" in pipelines or "stock" in pipelines:
+                p = plan(model, *args, **common)
+                got["stock"] = (p.peak_bytes["baseline"], p.step_peak_bytes["baseline"])
+                got["bittrain"] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
+            if "stock@0.9" in pipelines:
+                p = plan(model, *args, **PIPELINES["stock@0.9"], **common)
+                got["stock@0.9"] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
+            result.fixed_bytes = {"parameters": p.parameter_bytes, f"optimizer state ({optimizer})": p.optimizer_bytes}
+            steps[batch] = got
+            if progress is not None:
+                progress()
+        return steps[batch]
+
+    top = max_batch // batch_step * batch_step  # the largest batch it may answer
     for pipeline in pipelines:
-        cache: dict[int, tuple[int, int]] = {}
-
-        def needs(batch: int) -> int:
-            if batch not in cache:
-                args, kwargs = inputs(batch)
-                p = plan(model, *args, inputs_kwargs=kwargs, optimizer=optimizer, **PIPELINES[pipeline],
-                         **plan_options)
-                result.fixed_bytes = {"parameters": p.parameter_bytes, f"optimizer state ({optimizer})": p.optimizer_bytes}
-                cache[batch] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
-            return cache[batch][0]
-
-        top = max_batch // batch_step * batch_step  # the largest batch it may answer
-        lo, hi = 0, batch_step  # lo fits (0: none tried does); hi does not fit, or is past top
-        while hi <= top and needs(hi) <= limit:
-            lo, hi = hi, 2 * hi
-        hi = min(hi, top + batch_step)
-        while hi - lo > batch_step:
-            mid = (lo + hi) // 2 // batch_step * batch_step
-            if needs(mid) <= limit:
-                lo = mid
-            else:
-                hi = mid
+        lo = _largest_fitting(lambda b: at(b)[pipeline][0], limit, batch_step, top)
         above = lo + batch_step
-        result.points.append(FitPoint(pipeline, lo, cache[lo][0] if lo else None,
-                                      needs(above) if above <= top else None, cache[lo][1] if lo else None))
+        result.points.append(FitPoint(pipeline, lo, at(lo)[pipeline][0] if lo else None,
+                                      at(above)[pipeline][0] if above <= top else None,
+                                      at(lo)[pipeline][1] if lo else None))
     return result
 
+
+def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: int) -> int:
+    """The largest multiple of ``step`` up to ``top`` whose ``total`` is at most ``limit`` (0: none).
+
+    ``total`` grows with the batch.  Each guess is where the line through the
+    two nearest known batches reaches ``limit`` (rounded down to a step), and
+    a guess that fits is checked a step up at once, so where the line holds
+    the answer takes three or four calls.  Where it does not, a guess that
+    left the bracket more than half as wide as two guesses before is
+    replaced by the bracket's midpoint: never much worse than bisection.
+    """
+    known: dict[int, int] = {}
+
+    def t(b: int) -> int:
+        if b not in known:
+            known[b] = total(b)
+        return known[b]
+
+    def line_at_limit(x0: int, x1: int) -> int | None:
+        y0, y1 = (known[x0] if x0 else 0), known[x1]
+        if y1 <= y0:
+            return None
+        return int(x0 + (limit - y0) * (x1 - x0) / (y1 - y0)) // step * step
+
+    if t(step) > limit:
+        return 0
+    lo, hi = step, None  # lo fits; hi does not (None: none found yet)
+    widths: list[int] = []
+    while True:
+        if hi is None:
+            if lo >= top:
+                return lo
+            fits = sorted(known)
+            x0 = fits[-2] if len(fits) > 1 else 0
+            guess = line_at_limit(x0, lo)
+            nxt = min(max(guess if guess is not None else 2 * lo, lo + step), top)
+        else:
+            if hi - lo <= step:
+                return lo
+            widths.append(hi - lo)
+            guess = line_at_limit(lo, hi)
+            nxt = min(max(guess if guess is not None else lo, lo + step), hi - step)
+            if len(widths) > 2 and 2 * widths[-1] > widths[-3]:
+                nxt = max((lo + hi) // 2 // step * step, lo + step)
+        if t(nxt) > limit:
+            hi = nxt
+            continue
+        lo = nxt
+        up = lo + step
+        if up <= top and (hi is None or up < hi):
+            if t(up) > limit:
+                hi = up
+            else:
+                lo = up

@@ -100,7 +100,7 @@ def _without_output_asserts(result):
     step each such call cost tens of microseconds on the 2-core development
     machine (the step's own work evicts their code and data).
     ``skip_size_stride_alignment_checks`` is the flag Inductor sets on outputs
-    it trusts itself (``invoke_subgraph``'s, opaque ops'), torch 2.13-2.14.
+    it trusts itself (``invoke_subgraph``'s, opaque ops'), torch 2.11-2.14.
     """
     ir = torch_internals.ir
     for box in result if isinstance(result, (list, tuple)) else ():
@@ -116,7 +116,7 @@ def _layout_as_if_saved(x, node: fx.Node):
     Without bitfx, ``node`` is a graph output, and its strides become those of
     backward's input: ``GraphLowering.run_node`` fixes a saved output to its
     FX strides, or to channels-last where Inductor's layout optimization
-    prefers it (this mirrors that code, torch 2.13-2.14).  Those strides
+    prefers it (this mirrors that code, torch 2.11-2.14).  Those strides
     decide more than the layout: oneDNN, for one, picks a memory format from
     all of them, size-1 dimensions included, and with it an order of
     summation.  Keeping the layout Inductor had happened to give the buffer

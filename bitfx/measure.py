@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -116,12 +118,33 @@ def step_peak(step: Callable[[], object], model: nn.Module, device: str | torch.
     return StepPeak(peak, net, grad_bytes, check, history if timeline else ())
 
 
+# Kineto's log levels run from VERBOSE (0) to USDT (5); 6 prints none of them.
+KINETO_QUIET = "6"
+
+
+def quiet_kineto() -> None:
+    """Keep the profiler's tracing library from printing, unless the user chose its log level."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
+
+
 def cpu_peak_and_net(fn: Callable[[], object]) -> tuple[int, int, tuple[tuple[float, int], ...]]:
-    """CPU allocator bytes while ``fn()`` runs, above the level at its start: (peak, net at its end, history)."""
+    """CPU allocator bytes while ``fn()`` runs, above the level at its start: (peak, net at its end, history).
+
+    Read from ``torch.profiler``'s memory events.  Its tracing library
+    (Kineto) prints its start and stop, and an "ERROR" line for a GPU it
+    cannot find on a CPU-only machine, straight to stderr; none of that is a
+    failure of the measurement.  Unless ``KINETO_LOG_LEVEL`` is set, it is
+    set here to silence them: Kineto reads it when it first starts in a
+    process, so a process that used the profiler before keeps its own.
+    """
+    quiet_kineto()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with warnings.catch_warnings():
+        # torch 2.11 warns on every first profile that events of earlier cycles are dropped: there are none.
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     level = peak = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +75,14 @@ class MemoryPlan:
     step_models: dict[str, StepModel] = field(default_factory=dict, repr=False)  # timelines, for plotting
     peak_guard: str | None = None  # what the free default's peak guard changed, and why (Options.peak_guard)
 
+    @property
+    def _column(self) -> str:
+        """What the second column is: bitfx's plan, or stock's at a budget (``enabled=False``)."""
+        if self.options.get("enabled", True):
+            return "bitfx"
+        budget = self.options.get("memory_budget")
+        return "stock (default plan)" if budget in (None, 1.0) else f"stock at memory_budget={budget}"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tensors"] = [asdict(t) for t in self.tensors]
@@ -93,21 +102,26 @@ class MemoryPlan:
             disable_numparse=True,
         )
         base, bit = self.saved_bytes["baseline"], self.saved_bytes["bittrain"]
-        pbase, pbit = self.peak_bytes["baseline"], self.peak_bytes["bittrain"]
+        sbase, sbit = self.step_peak_bytes["baseline"], self.step_peak_bytes["bittrain"]
+        both = lambda n: [format_bytes(n), format_bytes(n), ""]  # noqa: E731
+        # Resident bytes are the same in both columns and shown apart: the
+        # step peak (docs/design.md) is what a plan changes, and a saving
+        # quoted on a total that includes the weights would look smaller.
         totals = tabulate(
             [
-                ["parameters", format_bytes(self.parameter_bytes), format_bytes(self.parameter_bytes), ""],
-                ["gradients", format_bytes(self.gradient_bytes), format_bytes(self.gradient_bytes), ""],
-                [f"optimizer state ({self.optimizer})", format_bytes(self.optimizer_bytes), format_bytes(self.optimizer_bytes), ""],
+                ["resident: parameters and buffers", *both(self.parameter_bytes)],
+                [f"resident: optimizer state ({self.optimizer})", *both(self.optimizer_bytes)],
+                ["resident: inputs", *both(self.inputs_bytes)],
                 ["saved activations", format_bytes(base), format_bytes(bit), _saving(base, bit)],
-                ["peak training memory", format_bytes(pbase), format_bytes(pbit), _saving(pbase, pbit)],
+                ["step peak (above resident)", format_bytes(sbase), format_bytes(sbit), _saving(sbase, sbit)],
             ],
-            headers=["", "baseline", "bittrain", "saving"],
+            headers=["", "stock (default plan)", self._column, "saving"],
             disable_numparse=True,
         )
         for key, at in self.peak_at.items():
             alive = ", ".join(f"{name} {format_bytes(b)}" for name, b in at.alive)
-            totals += f"\n{key} peak: in {at.phase} at {at.node}; largest alive: {alive}"
+            who = "stock" if key == "baseline" else self._column
+            totals += f"\n{who} step peak: in {at.phase} at {at.node}; largest alive: {alive}"
         if self.estimate:
             e = self.estimate
             totals += (f"\nplan: {e['target']} -> {e['plan']}; estimated step time {e['slowdown']:.3f}x the "
@@ -349,45 +363,60 @@ SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
 class SweepPoint:
     pipeline: str  # "stock" or "bittrain"
     budget: float | None  # None: bitfx's free default (stock: no budget, i.e. 1.0)
-    saved_bytes: int
-    peak_bytes: int
+    saved_bytes: int  # what the plan stores for backward
+    peak_bytes: int  # the step peak (above the resident bytes; MemoryPlan.step_peak_bytes)
     slowdown: float  # estimated step time against stock's default plan (passes/costmodel.py)
+
+    @property
+    def setting(self) -> str:
+        if self.pipeline == "stock":
+            return "stock (default plan)" if self.budget in (None, 1.0) else f"stock at memory_budget={self.budget:g}"
+        return 'backend="bittrain", options={}' if self.budget is None else \
+            f'backend="bittrain", options={{"memory_budget": {self.budget:g}}}'
 
 
 @dataclass
 class Sweep:
     points: list[SweepPoint]
     max_slowdown: float
-    recommended: SweepPoint | None
+    recommended: SweepPoint | None  # the lowest step peak within max_slowdown
+    fewest_stored: SweepPoint | None = None  # the fewest stored bytes within max_slowdown
 
     def to_dict(self) -> dict[str, Any]:
         return {"points": [asdict(p) for p in self.points], "max_slowdown": self.max_slowdown,
-                "recommended": asdict(self.recommended) if self.recommended else None}
+                "recommended": asdict(self.recommended) if self.recommended else None,
+                "fewest_stored": asdict(self.fewest_stored) if self.fewest_stored else None}
 
     def __str__(self) -> str:
         base = next(p for p in self.points if p.pipeline == "stock" and p.budget in (None, 1.0))
         rows = [[p.pipeline, "default" if p.budget is None else f"{p.budget:g}", format_bytes(p.saved_bytes),
                  f"{p.saved_bytes / base.saved_bytes:.3f}" if base.saved_bytes else "", format_bytes(p.peak_bytes),
+                 f"{p.peak_bytes / base.peak_bytes:.3f}" if base.peak_bytes else "",
                  f"{p.slowdown:.3f}"] for p in self.points]
-        table = tabulate(rows, headers=["pipeline", "memory_budget", "saved", "saved x stock", "peak",
-                                        "est. step x stock"], disable_numparse=True)
-        r = self.recommended
+        table = tabulate(rows, headers=["pipeline", "memory_budget", "stores", "stores x stock", "step peak",
+                                        "step peak x stock", "est. step x stock"], disable_numparse=True)
+        r, f = self.recommended, self.fewest_stored
         if r is None:
-            advice = f"no plan is estimated within {self.max_slowdown:g}x the step time"
-        else:
-            setting = "options={}" if r.budget is None else f'options={{"memory_budget": {r.budget:g}}}'
-            advice = (f"recommended within {self.max_slowdown:g}x: backend=\"bittrain\", {setting}: saves "
-                      f"{format_bytes(r.saved_bytes)}, estimated {r.slowdown:.3f}x")
+            return f"{table}\nno bitfx plan is estimated within {self.max_slowdown:g}x stock's step time"
+        advice = (f"lowest step peak within {self.max_slowdown:g}x stock's step time: {r.setting}: step peak "
+                  f"{format_bytes(r.peak_bytes)}, stores {format_bytes(r.saved_bytes)}, estimated {r.slowdown:.3f}x")
+        if f is not None and f is not r:
+            advice += (f"\nfewest stored bytes within {self.max_slowdown:g}x: {f.setting}: stores "
+                       f"{format_bytes(f.saved_bytes)}, step peak {format_bytes(f.peak_bytes)}, "
+                       f"estimated {f.slowdown:.3f}x")
         return f"{table}\n{advice}"
 
 
-def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown: float = 1.05, **plan_kwargs) -> Sweep:
-    """Both frontiers, stock and bitfx, over ``memory_budget``: saved bytes, peak, estimated step time.
+def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown: float = 1.05,
+          progress: Callable[[], object] | None = None, **plan_kwargs) -> Sweep:
+    """Both frontiers, stock and bitfx, over ``memory_budget``: stored bytes, step peak, estimated step time.
 
     Each point is a :func:`plan` (nothing runs unless ``calibrate=True``);
     stock's points are PyTorch's partitioner at that budget (``enabled=False``).
-    The recommendation is the bitfx point with the least saved bytes whose
-    estimated step time is within ``max_slowdown`` of stock's default plan.
+    The recommendation is the bitfx point with the lowest predicted step peak
+    whose estimated step time is within ``max_slowdown`` of stock's default
+    plan (ties: the faster); :attr:`Sweep.fewest_stored` is the one that
+    stores the fewest bytes within that time.  ``progress()`` is called after each plan.
     """
     if not (isinstance(max_slowdown, (int, float)) and max_slowdown >= 1.0):
         raise ValueError(f"max_slowdown must be a number >= 1, got {max_slowdown!r}")
@@ -404,11 +433,20 @@ def sweep(model: nn.Module, *example_inputs, budgets=SWEEP_BUDGETS, max_slowdown
             if pipeline == "stock" and budget is None and any(b == 1.0 for b in budgets):
                 continue  # the same plan as stock at 1.0
             p = plan(model, *example_inputs, memory_budget=budget_for, enabled=pipeline != "stock", **plan_kwargs)
-            points.append(SweepPoint(pipeline, budget, p.saved_bytes["bittrain"], p.peak_bytes["bittrain"],
+            points.append(SweepPoint(pipeline, budget, p.saved_bytes["bittrain"], p.step_peak_bytes["bittrain"],
                                      p.estimate.get("slowdown", 1.0)))
+            if progress is not None:
+                progress()
     ok = [p for p in points if p.pipeline == "bittrain" and p.slowdown <= max_slowdown]
-    best = min(ok, key=lambda p: (p.saved_bytes, p.slowdown)) if ok else None
-    return Sweep(points, max_slowdown, best)
+    best = min(ok, key=lambda p: (p.peak_bytes, p.slowdown)) if ok else None
+    fewest = min(ok, key=lambda p: (p.saved_bytes, p.slowdown)) if ok else None
+    return Sweep(points, max_slowdown, best, fewest)
+
+
+def sweep_size(budgets=SWEEP_BUDGETS) -> int:
+    """How many plans :func:`sweep` makes (for a progress bar)."""
+    return sum(1 for b in budgets for pipeline in ("stock", "bittrain")
+               if not (pipeline == "stock" and b is None and any(x == 1.0 for x in budgets)))
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:

@@ -36,6 +36,8 @@ _lock = threading.Lock()
 _PLANNED: dict[str, dict] = {}
 # key -> [numel, offsets tensor or None, stored bytes, calls] (Python op implementations)
 _PY: dict[str, list] = {}
+# graph fingerprint -> what the peak guard changed in that graph's plan, and why
+_GUARD: dict[str, str] = {}
 
 
 def graph_fingerprint(graph: fx.Graph) -> str:
@@ -51,6 +53,18 @@ def register(key: str, **planned) -> None:
     """Record what the plan decided for the saved tensor ``key`` (codec, assumed density, ...)."""
     with _lock:
         _PLANNED[key] = planned
+
+
+def register_guard(fingerprint: str, note: str) -> None:
+    """Record that the peak guard changed graph ``fingerprint``'s plan (``note``: what and why)."""
+    with _lock:
+        _GUARD[fingerprint] = note
+
+
+def guard_notes() -> dict[str, str]:
+    """Graph fingerprint -> the peak guard's note, for every graph whose plan it changed in this process."""
+    with _lock:
+        return dict(_GUARD)
 
 
 def record(key: str, numel: int, offsets: torch.Tensor | None, payload: torch.Tensor) -> None:
@@ -159,12 +173,18 @@ def stats_table(rows: list[TensorStats] | None = None) -> str:
 
     rows = stats() if rows is None else rows
     fmt = lambda d: "" if d is None else f"{d:.3f}"  # noqa: E731
-    return tabulate(
+    # A graph whose plan the guard replaced with stock's compresses nothing,
+    # so it has no rows: say why, rather than print an empty table.
+    notes = "\n".join(f"graph {graph}: peak guard: {note}" for graph, note in sorted(guard_notes().items()))
+    if not rows:
+        return notes or "no compressed saved tensor has run in this process"
+    table = tabulate(
         [(r.module or "", r.node, r.codec or "", fmt(r.planned_density), fmt(r.density), format_bytes(r.stored_bytes),
           "" if r.ratio is None else f"{r.ratio:.3f}", r.calls) for r in rows],
         headers=["module", "saved tensor", "codec", "planned density", "measured density", "stored", "ratio",
                  "calls"],
     )
+    return f"{table}\n{notes}" if notes else table
 
 
 def replan(backend=None):

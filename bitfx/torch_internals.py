@@ -40,7 +40,7 @@ log = logging.getLogger("bitfx")
 
 # The torch releases bitfx is tested with: at least the first, below the
 # second.  pyproject.toml states the same range (tested).
-TESTED = ("2.13", "2.15")
+TESTED = ("2.11", "2.15")
 
 # name -> (module, attribute or None for the module itself).
 NAMES = {
@@ -75,6 +75,8 @@ NAMES = {
     "get_hash_for_files": ("torch._inductor.custom_graph_pass", "get_hash_for_files"),
     "OrderedSet": ("torch.utils._ordered_set", "OrderedSet"),
 }
+# Names an older torch of the tested range lacks, and what bitfx does without them.
+OPTIONAL = {"CustomSchedulerPass": "torch 2.11: Inductor's own peak-memory reorder runs (has_scheduler_pass)"}
 # Modules to import first: select_decomp_table is filled by Inductor's lowerings.
 _BEFORE = {"select_decomp_table": "torch._inductor.lowering"}
 
@@ -320,11 +322,13 @@ def reorder_by_emitted_kernels():
     Installed as Inductor's ``_post_fusion_custom_pass`` (the hook the
     scheduler calls between fusion and its own reorder, which is turned off
     meanwhile), so the FX-graph cache keys on it.  Where the reorder is off
-    (``mode="lite"``, or set by the user), or a post-fusion pass is already
-    set, this changes nothing.
+    (``mode="lite"``, or set by the user), a post-fusion pass is already
+    set, or torch cannot key its cache on the pass (:func:`has_scheduler_pass`),
+    this changes nothing.
     """
     config = __getattr__("inductor_config")
-    if not config.reorder_for_peak_memory or config._post_fusion_custom_pass is not None:
+    if (not config.reorder_for_peak_memory or config._post_fusion_custom_pass is not None
+            or not has_scheduler_pass()):
         yield
         return
     with config.patch(reorder_for_peak_memory=False, _post_fusion_custom_pass=_kernel_run_reorder()):
@@ -332,6 +336,16 @@ def reorder_by_emitted_kernels():
 
 
 _REORDER: list = []
+
+
+def has_scheduler_pass() -> bool:
+    """Whether this torch's FX-graph cache keys on a post-fusion pass (``CustomSchedulerPass``).
+
+    torch 2.11 has the hook but not the class: its cache would pickle the
+    pass object, not its code, so there Inductor's own reorder runs.
+    """
+    module, attr = NAMES["CustomSchedulerPass"]
+    return hasattr(importlib.import_module(module), attr)
 
 
 def _kernel_run_reorder():
@@ -346,6 +360,11 @@ def _kernel_run_reorder():
 
         def uuid(self):
             return __getattr__("get_hash_for_files")((__file__,))
+
+        def __reduce__(self):
+            # Inductor pickles its config into cache keys; the pass's code is
+            # keyed by uuid(), and the object is rebuilt by the function.
+            return _kernel_run_reorder, ()
 
     _REORDER.append(KernelRunReorder())
     return _REORDER[0]

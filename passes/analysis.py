@@ -251,8 +251,9 @@ class SavedTensor:
             return ""
         path = list(stack.values())[-1][0]
         # Dynamo spells the root module L['self'] or L['fn'] (a compiled
-        # Sequential), or G['model'] behind an entry function (bitfx.plan).
-        return re.sub(r"^[LG]\[['\"]\w+['\"]\]\.?", "", path) or "<root>"
+        # Sequential), or G['model'] behind an entry function (bitfx.plan);
+        # torch 2.11 spells that one G['___unnamed_scope_...']['model'].
+        return re.sub(r"^[LG](\[['\"]\w+['\"]\]){1,2}\.?", "", path) or "<root>"
 
     def dense_bytes(self) -> int:
         return stored_bytes(self.val, Codec.DENSE)

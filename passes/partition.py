@@ -92,6 +92,7 @@ def partition(
         ti.counters["bitfx"]["peak_guard_checked"] += 1
         if chosen.note:
             ti.counters["bitfx"]["peak_guard_changed"] += 1
+            runtime_stats.register_guard(fingerprint, chosen.note)
             log.info("bitfx: %s", chosen.note)
         ti.trace_structured(
             "artifact",

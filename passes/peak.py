@@ -21,7 +21,7 @@ import torch
 from bitfx.liveness import Liveness, simulate
 from bitfx.options import Options, format_bytes
 
-from .pricing import Codec, dense_bytes
+from .pricing import Codec, dense_bytes, machine_for
 from .targets import BUDGET_GRID, FREE_SLOWDOWN
 
 
@@ -78,21 +78,21 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None)
 
 
 def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
-    """Scratch bytes of each CPU weight-gradient ``convolution_backward`` (see
-    :func:`bitfx.calibrate.conv_backward_workspace`; not measured on CUDA, so 0 there)."""
-    from bitfx.calibrate import conv_backward_workspace
-
+    """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device
+    profile's ratios (:attr:`Machine.conv_scratch_channels_last`; not known on CUDA, so 0 there)."""
+    machine = None
     out = {}
     for n in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default):
         weight, grad = n.args[2], n.args[0].meta.get("val")
         mask = n.args[-1]
         if not (isinstance(grad, torch.Tensor) and grad.device.type == "cpu" and mask[1] and grad.shape[0] > 1):
             continue
+        machine = machine or machine_for(bw.graph)
         # The gradients it returns are counted at its getitems, after it
         # ran; while it runs they are alive beside the scratch.
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
         channels_last = weight.name in copies or _channels_last(weight)
-        out[n] = int(conv_backward_workspace(channels_last) * node_bytes(weight)) + returned
+        out[n] = int(machine.conv_scratch(channels_last) * node_bytes(weight)) + returned
     return out
 
 
@@ -231,15 +231,17 @@ def guard(default, trial: Callable[[Options], object], options: Options,
         if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
                     f"in {d.where}; stock's default plan {format_bytes(stock.peak)}): taking stock's default plan, "
-                    "the faster")
+                    f"the faster, predicted step peak {format_bytes(stock.peak)}")
             return Guarded(stock.partition, stock.options, note, plans.peaks())
         return Guarded(default, options, None, plans.peaks())
     plans.grid(options, stop=lambda p: p.peak <= limit)
     fits = [p for p in plans.all if p.peak <= limit]
     free = [p for p in fits if p.seconds <= (1 + FREE_SLOWDOWN) * base_s]
     best = min(free, key=lambda p: (p.peak, p.seconds)) if free else min(fits, key=lambda p: (p.seconds, p.peak))
+    lower = stock if stock.peak <= at_09.peak else at_09
     note = (f"the free default's predicted step peak {format_bytes(d.peak)} (in {d.where}) is above "
-            f"stock's {format_bytes(limit)}: taking {best.label}, predicted {format_bytes(best.peak)}")
+            f"{lower.label}'s {format_bytes(limit)}: taking {best.label}, predicted step peak "
+            f"{format_bytes(best.peak)}")
     return Guarded(best.partition, best.options, note, plans.peaks())
 
 

@@ -157,6 +157,14 @@ class Machine:
     exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes
     # Matmul FLOP/s by dtype name ("bfloat16": ...), where measured; others use ``flops``.
     flops_by_dtype: tuple[tuple[str, float], ...] = ()
+    # Scratch bytes of a weight-gradient ``convolution_backward`` beyond the
+    # gradients it returns, over its weight's bytes, for a channels-last and
+    # a contiguous weight (the step-peak model adds it; 0 where none is known).
+    conv_scratch_channels_last: float = 0.0
+    conv_scratch_contiguous: float = 0.0
+
+    def conv_scratch(self, channels_last: bool) -> float:
+        return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
 
     def seconds_moving(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
@@ -179,12 +187,18 @@ class Machine:
 # The constants below round these; bf16 is slower per dense byte than priced.
 # A call's fixed cost is mostly dispatch from Python and allocation: clone
 # fits 5 us per call the same way.
+# Convolution-backward scratch on CPU: oneDNN's weight-gradient kernel
+# allocates weight-sized buffers beyond what it returns, 2x the weight for a
+# channels-last weight and 3x for a contiguous one, for any batch above 1 and
+# any thread count (Intel Xeon, AVX-512, torch 2.14.1; measured per device by
+# python -m bitfx calibrate).
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
 MACHINES = {
     "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
-                   exp_encode=3e9, exp_decode=5e9, exp_call=30e-6),
+                   exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
+                   conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0),
     "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }

@@ -369,7 +369,7 @@ def test_sweep_predicts_measured_saved_bytes():
             options = {"enabled": False, "memory_budget": p.budget or 1.0}
         assert p.saved_bytes == pytest.approx(saved(m, x, **options), rel=0.05), p
     assert s.recommended is not None and s.recommended.pipeline == "bittrain"
-    assert "recommended within 1.05x" in str(s)
+    assert "lowest step peak within 1.05x" in str(s)
 
 
 def test_calibrated_sweep_measures_each_pipelines_own_plan(monkeypatch):

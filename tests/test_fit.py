@@ -85,3 +85,30 @@ def test_cli_fit_json():
     got = json.loads(out.stdout)
     assert got["memory"] == 64 * 2**20 and {p["pipeline"] for p in got["points"]} == {"bittrain", "stock", "stock@0.9"}
     assert all(p["batch"] % STEP == 0 for p in got["points"])
+
+
+@pytest.mark.parametrize("shape", ["linear", "affine", "convex", "steps", "flat"])
+@pytest.mark.parametrize("step", [1, 8])
+def test_the_batch_search_answers_as_a_full_scan_does(shape, step):
+    """The search behind fit() against scanning every batch, on totals of several shapes.
+    Where the total is a line (the usual case), it needs at most five plans."""
+    from bitfx.fit import _largest_fitting
+
+    totals = {"linear": lambda b: 1000 * b, "affine": lambda b: 5_000_000 + 3_333 * b,
+              "convex": lambda b: 10_000 + 50 * b + b * b, "steps": lambda b: 100_000 * (b // 64 + 1),
+              "flat": lambda b: 7}
+    top = 4096 // step * step
+    for limit in (0, 7, 999, 1000 * step, 5_000_000 + 3_333 * 1234, 3_000_000, 10**12):
+        calls = []
+
+        def total(b):
+            calls.append(b)
+            return totals[shape](b)
+
+        got = _largest_fitting(total, limit, step, top)
+        want = max((b for b in range(step, top + 1, step) if totals[shape](b) <= limit), default=0)
+        assert got == want, (shape, step, limit)
+        assert len(calls) == len(set(calls)) and all(b % step == 0 and 0 < b <= top for b in calls)
+        assert len(calls) <= 2 * (top // step).bit_length() + 2, (shape, limit, calls)
+        if shape in ("linear", "affine"):
+            assert len(calls) <= 5, (shape, limit, calls)

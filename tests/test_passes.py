@@ -94,8 +94,9 @@ def test_max_pool_values_compressed_and_offsets_kept():
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3))
     cap, _ = compile_and_capture(m, torch.randn(2, 3, 66, 66))  # large enough for the bitmap to pay
     check_invariants(cap)
-    (src,) = compressed_sources(cap)
-    assert src.target is operator.getitem and "max_pool" in str(src.args[0].target)
+    # torch 2.11's max-pool backward also reads the ReLU output, which is then a second bitmap.
+    (src,) = [s for s in compressed_sources(cap) if s.target is operator.getitem]
+    assert "max_pool" in str(src.args[0].target)
     info = next(i for i in cap.infos if i.node is src)
     assert info.kind == "max_pool" and info.assumed_density == pytest.approx(1 - 0.5**4)
     kept = [i.node for i in cap.stored_as(Codec.DENSE) if i.val.dtype == torch.int8]

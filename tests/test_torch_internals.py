@@ -5,6 +5,7 @@ CI runs this on the oldest and the newest torch of the tested range.
 
 import ast
 import contextlib
+import importlib
 import logging
 import re
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_the_checker_sees_private_uses(tmp_path):
 
 def test_every_name_resolves_on_this_torch():
     for name, (module, attr) in torch_internals.NAMES.items():
+        if name in torch_internals.OPTIONAL and not hasattr(importlib.import_module(module), attr):
+            continue  # an older torch: bitfx does without it (what OPTIONAL says)
         assert getattr(torch_internals, name) is not None, f"{module}.{attr}"
     with pytest.raises(AttributeError):
         torch_internals.not_a_name  # noqa: B018
@@ -64,15 +67,15 @@ def test_pyproject_states_the_tested_range():
     assert torch_internals.in_tested_range()  # the suite runs on a tested torch
 
 
-@pytest.mark.parametrize(("version", "ok"), [("2.13.0", True), ("2.14.1+cu130", True), ("2.15.0.dev20270101", False),
-                                             ("2.12.1", False), ("3.0.0", False)])
+@pytest.mark.parametrize(("version", "ok"), [("2.11.0", True), ("2.14.1+cu130", True), ("2.15.0.dev20270101", False),
+                                             ("2.10.1", False), ("3.0.0", False)])
 def test_tested_range(version, ok):
     assert torch_internals.in_tested_range(version) is ok
 
 
 def test_a_changed_partitioner_fails_by_name(monkeypatch):
     monkeypatch.setattr(torch_internals.partitioners, "choose_saved_values_set", lambda joint_graph, budget: None)
-    with pytest.raises(RuntimeError, match=r"choose_saved_values_set.*tested with torch>=2\.13,<2\.15"):
+    with pytest.raises(RuntimeError, match=r"choose_saved_values_set.*tested with torch>=2\.11,<2\.15"):
         torch_internals.check()
 
 
@@ -141,6 +144,7 @@ def _bf16_step_peak(monkeypatch, *, runs: bool):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch_internals.has_scheduler_pass(), reason="torch 2.11: Inductor's own reorder runs")
 def test_reorder_by_kernel_runs_lowers_the_measured_peak(monkeypatch, caplog):
     # In this CNN's bf16 backward Inductor's estimate picks the depth-first
     # order, which leaves the fp32 casts of the bf16 weight gradients side by
@@ -157,6 +161,10 @@ def test_reorder_by_kernel_runs_lowers_the_measured_peak(monkeypatch, caplog):
 
 def test_reorder_by_kernel_runs_leaves_a_reorder_that_is_off():
     config = torch._inductor.config
+    if not torch_internals.has_scheduler_pass():  # torch 2.11: Inductor's own reorder, unchanged
+        with torch_internals.reorder_by_emitted_kernels():
+            assert config.reorder_for_peak_memory and config._post_fusion_custom_pass is None
+        return
     assert config.reorder_for_peak_memory and config._post_fusion_custom_pass is None
     with torch_internals.reorder_by_emitted_kernels():
         assert not config.reorder_for_peak_memory  # Inductor's own: replaced by the pass
