@@ -3,6 +3,9 @@
     python benchmarks/plan_accuracy.py [--models resnet18,mobilenet_v3_small] [--batch 4] [--size 96]
                                        [--autocast bf16] [--inner inductor]
 
+Models are torchvision's by name, and ``gpt_sqrelu``: train_lm.py's
+squared-ReLU GPT (d=256, 4 layers), with ``--size`` its sequence length.
+
 For each model and configuration (``inductor``: stock's default plan;
 ``inductor@0.9``: stock at budget 0.9; ``bittrain``: bitfx's default), one
 fresh process plans the model (fake tensors, nothing runs), then compiles
@@ -34,14 +37,20 @@ def measure_one(model_name: str, config: str, batch: int, size: int, autocast: s
     import contextlib
 
     import torch
-    import torchvision
+    import torchvision  # noqa: F401 - models by name
 
     import bitfx
     from bitfx.measure import saved_activation_bytes, step_peak
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)(num_classes=10)
-    x = torch.randn(batch, 3, size, size)
+    if model_name == "gpt_sqrelu":  # train_lm.py's squared-ReLU GPT at its default shape; --size is the sequence
+        from bitfx.demo import GPT
+
+        model = GPT(dim=256, layers=4, heads=4, seq=size)
+        x = torch.randint(0, 256, (batch, size), generator=torch.Generator().manual_seed(0))
+    else:
+        model = getattr(torchvision.models, model_name)(num_classes=10)
+        x = torch.randn(batch, 3, size, size)
     enabled = config == "bittrain"
     budget = float(config.partition("@")[2]) if "@" in config else None
 
