@@ -185,7 +185,8 @@ def from_profile(profile: dict, source: str) -> Machine:
     builtin = MACHINES[profile["device"]]
     fields = {f.name: getattr(builtin, f.name) for f in dataclasses.fields(Machine) if f.name != "name"}
     fields.update(profile["machine"])
-    fields["flops_by_dtype"] = tuple((str(d), float(f)) for d, f in fields.get("flops_by_dtype", ()))
+    for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
+        fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
                         f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
 
@@ -249,7 +250,29 @@ def conv_scratch() -> dict[str, float]:
     gradients it returns.  Measured on one small convolution (batch above 1,
     where the kernel takes its batched path), for each weight layout.
     """
-    return {"conv_scratch_channels_last": _conv_scratch(True), "conv_scratch_contiguous": _conv_scratch(False)}
+    return {"conv_scratch_channels_last": _conv_scratch(True), "conv_scratch_contiguous": _conv_scratch(False),
+            "depthwise_scratch_by_dtype": tuple((str(d).replace("torch.", ""), _depthwise_scratch(d))
+                                                for d in (torch.bfloat16, torch.float32))}
+
+
+def _depthwise_scratch(dtype: torch.dtype) -> float:
+    """Bytes per channel and kernel tap of a 5x5 depthwise weight gradient over channels-last input."""
+    from .measure import cpu_peak_and_net
+
+    c, k = 64, 5
+    cl = torch.channels_last
+    w = torch.randn(c, 1, k, k, dtype=dtype).contiguous(memory_format=cl)
+    x = torch.randn(2, c, 6, 6, dtype=dtype).contiguous(memory_format=cl)
+    grad = torch.randn(2, c, 6, 6, dtype=dtype).contiguous(memory_format=cl)
+
+    def run():
+        return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], c,
+                                                   [True, True, False])
+
+    run()
+    out = []
+    peak, _, _ = cpu_peak_and_net(lambda: out.extend(run()))
+    return max(peak - sum(t.nbytes for t in out if t is not None), 0) / (c * k * k)
 
 
 def _conv_scratch(channels_last: bool) -> float:

@@ -339,7 +339,9 @@ def plan(
     opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
     inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
 
-    models = {"baseline": predict_step(base, on.inner), "bittrain": predict_step(comp, on.inner, stored_by_name)}
+    # "baseline" is stock's plan as stock's pipeline compiles it; so is "bittrain" under enabled=False.
+    models = {"baseline": predict_step(base, on.inner, stock_compiled=True),
+              "bittrain": predict_step(comp, on.inner, stored_by_name, stock_compiled=not on.enabled)}
     fixed = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
     peak_bytes = {k: fixed + m.peak for k, m in models.items()}
     estimate = {}

@@ -69,21 +69,33 @@ class StepModel:
     backward: Liveness
 
 
-def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None) -> StepModel:
-    """The step model of a partition; compressed payloads at ``stored_by_name``, else their assumed sizes."""
+def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None, *,
+                 stock_compiled: bool = False) -> StepModel:
+    """The step model of a partition; compressed payloads at ``stored_by_name``, else their assumed sizes.
+
+    ``stock_compiled``: the partition as stock's pipeline compiles it, whose
+    backward Inductor may lay out channels-last (where it recomputes a
+    convolution); bitfx compiles every backward, stock's plans too, without.
+    """
     if stored_by_name is None:
         stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
     payload_bytes = _payload_sizes(part, stored_by_name)
-    return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner)
+    return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
 
 
-def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
-    """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device
-    profile's ratios (:attr:`Machine.conv_scratch_channels_last`; not known on CUDA, so 0 there)."""
+def _conv_backward_workspaces(bw, copies: set[str], channels_last_inputs: bool, channels_last_bw: bool) -> dict:
+    """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
+    (:class:`~bitfx.passes.pricing.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
+
+    ``channels_last_inputs``: forward ran with Inductor's layout optimization,
+    so what backward reads from forward is channels-last whatever its FX
+    strides say.  ``channels_last_bw``: backward did too (stock's pipeline,
+    where backward recomputes a convolution), so what it recomputes is too.
+    """
     machine = None
     out = {}
     for n in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default):
-        weight, grad = n.args[2], n.args[0].meta.get("val")
+        grad, x, weight = n.args[0].meta.get("val"), n.args[1], n.args[2]
         mask = n.args[-1]
         if not (isinstance(grad, torch.Tensor) and grad.device.type == "cpu" and mask[1] and grad.shape[0] > 1):
             continue
@@ -92,7 +104,13 @@ def _conv_backward_workspaces(bw, copies: set[str]) -> dict:
         # ran; while it runs they are alive beside the scratch.
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
         channels_last = weight.name in copies or _channels_last(weight)
-        out[n] = int(machine.conv_scratch(channels_last) * node_bytes(weight)) + returned
+        scratch = machine.conv_scratch(channels_last) * node_bytes(weight)
+        w, groups = weight.meta.get("val"), n.args[-2]
+        x_cl = _channels_last(x) or channels_last_bw or (channels_last_inputs and _from_forward(x))
+        if (isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1 and x_cl
+                and max(w.shape[2], w.shape[3]) > 3):
+            scratch += machine.depthwise_scratch(grad.dtype) * w.shape[0] * w.shape[2] * w.shape[3]
+        out[n] = int(scratch) + returned
     return out
 
 
@@ -106,13 +124,22 @@ def _conv_weight_copies(part, inner: str) -> set[str]:
     channels-last (1x1 kernels, and depthwise ones with one input channel,
     whose contiguous strides are channels-last strides too) is used as it is.
     """
-    from bitfx.torch_internals import inductor_layout_opt
-
-    if inner != "inductor" or not inductor_layout_opt(part.fw):
+    if inner != "inductor" or not _layout_opt(part.fw):
         return set()
     conv = torch.ops.aten.convolution.default
     return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
             if n.args[1].op == "placeholder" and not _channels_last(n.args[1])}
+
+
+def _from_forward(node) -> bool:
+    """Whether backward's ``node`` is a tensor forward saved: a placeholder, or one restored by a bitfx op."""
+    return node.op == "placeholder" or (node.op == "call_function" and getattr(node.target, "namespace", "") == "bitfx")
+
+
+def _layout_opt(gm) -> bool:
+    from bitfx.torch_internals import inductor_layout_opt
+
+    return inductor_layout_opt(gm)
 
 
 def _channels_last(node) -> bool:
@@ -120,7 +147,7 @@ def _channels_last(node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)
 
 
-def _step_model(part, size_of, inner: str) -> StepModel:
+def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> StepModel:
     """Peak activation + gradient bytes over forward then backward.
 
     Backward placeholders named like forward inputs are the parameters and
@@ -137,7 +164,9 @@ def _step_model(part, size_of, inner: str) -> StepModel:
 
     fw = simulate(part.fw.graph, size_of, inputs_resident=True,
                   late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies})
-    workspace = _conv_backward_workspaces(part.bw, copies)
+    layout_opt = inner == "inductor" and _layout_opt(part.fw)
+    bw_layout_opt = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
+    workspace = _conv_backward_workspaces(part.bw, copies, layout_opt, bw_layout_opt)
     bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
@@ -199,7 +228,8 @@ def _base_seconds(part) -> float:
 
 
 def guard(default, trial: Callable[[Options], object], options: Options,
-          peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
+          peak_of: Callable[[object], tuple[int, str]] | None = None,
+          stock_peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
     """The free default, unless it raises the step peak or a faster plan peaks as low.
 
     ``default`` is the free default's partition; ``trial(options)``
@@ -219,14 +249,22 @@ def guard(default, trial: Callable[[Options], object], options: Options,
       stock's step time, else the fastest.
 
     ``peak_of(partition)``: its predicted step peak and where it happens
-    (default: :func:`predict_step`'s, at the plan's assumed densities).
+    (default: :func:`predict_step`'s, at the plan's assumed densities), as
+    bitfx compiles it; ``stock_peak_of``: the same as stock's pipeline
+    compiles it, for stock's two plans (``stock_compiled=True``).
     """
     base_s = _base_seconds(default)
     plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), base_s)
     d = plans.add("the free default", options, default)
     stock = plans.add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
     at_09 = plans.add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
-    limit = min(stock.peak, at_09.peak)
+    # The limit is what stock's own pipeline peaks at; each plan's peak is
+    # what it peaks at compiled by bitfx (stock's plans too, if taken).
+    if stock_peak_of is None:
+        stock_peak_of = peak_of or functools.partial(_peak_of, inner=options.inner, stock_compiled=True)
+    stock_peaks = {p.label: stock_peak_of(p.partition)[0] for p in (stock, at_09)}
+    lower = min((stock, at_09), key=lambda p: stock_peaks[p.label])
+    limit = stock_peaks[lower.label]
     if d.peak <= limit:
         if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
@@ -235,10 +273,11 @@ def guard(default, trial: Callable[[Options], object], options: Options,
             return Guarded(stock.partition, stock.options, note, plans.peaks())
         return Guarded(default, options, None, plans.peaks())
     plans.grid(options, stop=lambda p: p.peak <= limit)
-    fits = [p for p in plans.all if p.peak <= limit]
+    # Stock's plans compiled by bitfx peak no higher than stock compiles them,
+    # so one fits; where the model says otherwise, the lowest is taken.
+    fits = [p for p in plans.all if p.peak <= limit] or [min(plans.all, key=lambda p: (p.peak, p.seconds))]
     free = [p for p in fits if p.seconds <= (1 + FREE_SLOWDOWN) * base_s]
     best = min(free, key=lambda p: (p.peak, p.seconds)) if free else min(fits, key=lambda p: (p.seconds, p.peak))
-    lower = stock if stock.peak <= at_09.peak else at_09
     note = (f"the free default's predicted step peak {format_bytes(d.peak)} (in {d.where}) is above "
             f"{lower.label}'s {format_bytes(limit)}: taking {best.label}, predicted step peak "
             f"{format_bytes(best.peak)}")
@@ -272,6 +311,6 @@ def fit_peak(target: int, trial: Callable[[Options], object], options: Options,
     return Guarded(best.partition, best.options, note, plans.peaks())
 
 
-def _peak_of(part, inner: str) -> tuple[int, str]:
-    model = predict_step(part, inner)
+def _peak_of(part, inner: str, stock_compiled: bool = False) -> tuple[int, str]:
+    model = predict_step(part, inner, stock_compiled=stock_compiled)
     return model.peak, f"{model.at.phase} at {model.at.node}"

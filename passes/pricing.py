@@ -162,9 +162,17 @@ class Machine:
     # a contiguous weight (the step-peak model adds it; 0 where none is known).
     conv_scratch_channels_last: float = 0.0
     conv_scratch_contiguous: float = 0.0
+    # A depthwise weight-gradient over channels-last input with a kernel
+    # larger than 3x3 takes a generic path that allocates scratch per channel
+    # and kernel tap: bytes per channel per tap, by dtype name.
+    depthwise_scratch_by_dtype: tuple[tuple[str, float], ...] = ()
 
     def conv_scratch(self, channels_last: bool) -> float:
         return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
+
+    def depthwise_scratch(self, dtype) -> float:
+        name = str(dtype).replace("torch.", "")
+        return next((b for d, b in self.depthwise_scratch_by_dtype if d == name), 0.0)
 
     def seconds_moving(self, nbytes: float) -> float:
         return nbytes / self.bandwidth
@@ -191,14 +199,19 @@ class Machine:
 # allocates weight-sized buffers beyond what it returns, 2x the weight for a
 # channels-last weight and 3x for a contiguous one, for any batch above 1 and
 # any thread count (Intel Xeon, AVX-512, torch 2.14.1; measured per device by
-# python -m bitfx calibrate).
+# python -m bitfx calibrate).  A depthwise one over channels-last input with a
+# 5x5 or 7x7 kernel allocates per channel and tap 1,028 bytes in fp32 and
+# 1,500-2,300 in bf16 (growing with the image; 1,660 at 6x6), for any batch
+# and thread count; 3x3 kernels allocate next to nothing (AMD EPYC, AVX2,
+# torch 2.14.1).  MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
 MACHINES = {
     "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
                    exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
-                   conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0),
+                   conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0,
+                   depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0))),
     "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }
