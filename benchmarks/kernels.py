@@ -1,8 +1,10 @@
-"""Throughput of bitfx compress / decompress against torch.clone.
+"""Throughput of bitfx compress / decompress against a copy.
 
 A copy is the practical limit for a kernel that reads a tensor and writes a
-smaller one, so every figure is also given as a ratio to ``clone`` of the
-same tensor, measured in the same process with the same thread count.
+smaller one, so every figure is also given as a ratio to ``copy_`` of the
+same tensor into one allocated before (``*_vs_copy``), and to ``clone``
+(``*_vs_clone``, which also pays for faulting in its fresh output), all
+interleaved in the same process with the same thread count (``--threads``).
 
     python benchmarks/kernels.py [--device cuda] [--quick] [--out kernels.json]
     python benchmarks/kernels.py --codec exponent [--sizes 16777216] [--dtypes float32,bfloat16,float16]
@@ -43,23 +45,29 @@ class Config:
     dtype: str
 
 
-def _timer(device: torch.device, fn, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs, after one warm-up."""
+def _once(device: torch.device, fn) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
     fn()
-    times = []
+    return time.perf_counter() - t0
+
+
+def _interleaved(device: torch.device, fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn ``reps`` times after one warm-up each: a
+    machine's load drifts over a run, and interleaving gives every function the same share of it."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_once(device, fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
@@ -71,21 +79,29 @@ def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
 
 def _timed_row(cfg: Config, x: torch.Tensor, device: torch.device, reps: int, stored_bytes: int,
                compress, decompress) -> dict:
-    """Median times of ``compress()`` and ``decompress()`` against ``x.clone()``, as one row."""
-    t_clone = _timer(device, lambda: x.clone(), reps)
-    t_comp = _timer(device, compress, reps)
-    t_decomp = _timer(device, decompress, reps)
+    """Median times of ``compress()`` and ``decompress()``, interleaved with the two yardsticks:
+    ``copy_`` into a tensor allocated before (the memory's limit: no page faults, as in a step
+    that reuses its allocator's memory) and ``clone`` (which pays for its fresh output)."""
+    into = torch.empty_like(x)
+    t = _interleaved(device, {"copy": lambda: into.copy_(x), "clone": lambda: x.clone(),
+                              "compress": compress, "decompress": decompress}, reps)
     return {
         **asdict(cfg),
         "dense_MB": x.nbytes / 1e6,
         "stored_ratio": stored_bytes / x.nbytes,
-        "clone_us": t_clone * 1e6,
-        "compress_us": t_comp * 1e6,
-        "decompress_us": t_decomp * 1e6,
-        "compress_GBps": x.nbytes / t_comp / 1e9,  # GB/s of dense input
-        "decompress_GBps": x.nbytes / t_decomp / 1e9,
-        "compress_vs_clone": t_comp / t_clone,
-        "decompress_vs_clone": t_decomp / t_clone,
+        "copy_us": t["copy"] * 1e6,
+        "clone_us": t["clone"] * 1e6,
+        "compress_us": t["compress"] * 1e6,
+        "decompress_us": t["decompress"] * 1e6,
+        "copy_GBps": 2 * x.nbytes / t["copy"] / 1e9,  # read plus write
+        "compress_GBps": x.nbytes / t["compress"] / 1e9,  # GB/s of dense input
+        "decompress_GBps": x.nbytes / t["decompress"] / 1e9,  # GB/s of dense output
+        "compress_out_GBps": stored_bytes / t["compress"] / 1e9,  # GB/s of what it writes
+        "decompress_in_GBps": stored_bytes / t["decompress"] / 1e9,  # GB/s of what it reads
+        "compress_vs_copy": t["compress"] / t["copy"],
+        "decompress_vs_copy": t["decompress"] / t["copy"],
+        "compress_vs_clone": t["compress"] / t["clone"],
+        "decompress_vs_clone": t["decompress"] / t["clone"],
     }
 
 
@@ -119,8 +135,8 @@ def run(cfg: Config, device: torch.device, reps: int) -> dict:
     assert torch.equal(bitfx.decompress(packed), x)
     row = _timed_row(cfg, x, device, reps, packed.nbytes, lambda: bitfx.compress(x), lambda: bitfx.decompress(packed))
     if device.type == "cuda":
-        # clone moves 2 bytes per dense byte: that is the copy bandwidth.
-        copy_bw = 2 * x.nbytes / (row["clone_us"] / 1e6)
+        # copy_ moves 2 bytes per dense byte: that is the copy bandwidth.
+        copy_bw = 2 * x.nbytes / (row["copy_us"] / 1e6)
         row["compress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / (row["compress_us"] / 1e6) / copy_bw
         row["decompress_frac_copy_bw"] = (x.nbytes + packed.nbytes) / (row["decompress_us"] / 1e6) / copy_bw
     return row
@@ -136,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/kernels.jsonl)")
     p.add_argument("--codec", choices=("bitmap", "exponent", "bitmap+exponent"), default="bitmap")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated CPU thread counts to run each size at, e.g. 1,2 (default: torch's)")
     p.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
                    help="CPU bitmap kernels up to this ISA (default: the best the CPU has)")
     args = p.parse_args(argv)
@@ -165,20 +183,24 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     rows = []
-    for i, cfg in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {cfg}", file=sys.stderr, flush=True)
-        fn = {"exponent": run_exponent, "bitmap+exponent": run_bitmap_exponent}.get(args.codec, run)
-        rows.append(fn(cfg, device, args.reps))
-    cols = ["dtype", "numel", "density", "stored_ratio", *(["bitmap_only_ratio"] if args.codec == "bitmap+exponent" else []),
-            "clone_us", "compress_us", "decompress_us",
-            "compress_GBps", "decompress_GBps", "compress_vs_clone", "decompress_vs_clone"]
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    fn = {"exponent": run_exponent, "bitmap+exponent": run_bitmap_exponent}.get(args.codec, run)
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for i, cfg in enumerate(configs, 1):
+            print(f"[{i}/{len(configs)}, {threads} threads] {cfg}", file=sys.stderr, flush=True)
+            rows.append({**fn(cfg, device, args.reps), "threads": threads})
+    cols = ["dtype", "numel", "density", "threads", "stored_ratio",
+            *(["bitmap_only_ratio"] if args.codec == "bitmap+exponent" else []),
+            "copy_us", "compress_us", "decompress_us", "copy_GBps", "compress_GBps", "decompress_GBps",
+            "compress_vs_copy", "decompress_vs_copy", "compress_vs_clone", "decompress_vs_clone"]
     if device.type == "cuda":
         cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]
     isa_note = f" isa={args.isa}" if args.isa else ""
-    print(f"bitfx {args.codec} kernels={backend}{isa_note} on {env['device']}, {env['threads']} threads, torch {env['torch']}")
+    print(f"bitfx {args.codec} kernels={backend}{isa_note} on {env['device']}, threads {args.threads or env['threads']}, torch {env['torch']}")
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".2f"))
-    path = results_io.append_rows("kernels", [{**r, "codec": args.codec, "kernels": backend, "isa": args.isa,
-                                                "threads": env["threads"]} for r in rows], args.out)
+    path = results_io.append_rows("kernels", [{**r, "codec": args.codec, "kernels": backend, "isa": args.isa}
+                                              for r in rows], args.out)
     print(f"rows appended to {path}")
     return 0
 

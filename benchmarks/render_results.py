@@ -4,7 +4,8 @@
 
 Each benchmark's section shows its latest figures, each row with the machine,
 torch version and commit it was measured at (columns of the rows, see
-``results_io.py``).  ``--check`` exits 1 when ``--out`` is not what the rows
+``results_io.py``).  Rows that do not record a commit and a machine are left
+out, as are columns with no figure and sections with no table.  ``--check`` exits 1 when ``--out`` is not what the rows
 render to (the test suite runs it).
 """
 
@@ -50,10 +51,22 @@ def _stamp(r: dict) -> str:
     return f"{_where(r)}; torch {r.get('torch') or '?'}; commit {commit}"
 
 
+EMPTY = ("", "not measured", None)
+
+
 def _table(headers: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A Markdown table without the columns no row has a figure in; no table at all without rows."""
+    if not rows:
+        return []
+    keep = [i for i in range(len(headers)) if any(row[i] not in EMPTY for row in rows)]
+    out = ["| " + " | ".join(headers[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    out += ["| " + " | ".join(str(row[i]) for i in keep) + " |" for row in rows]
     return out
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows that say where they were measured: a commit and a machine (older rows may lack both)."""
+    return [r for r in rows if r.get("commit") and (r.get("machine") or {}).get("cpu")]
 
 
 def train_lm(rows: list[dict]) -> list[str]:
@@ -178,11 +191,14 @@ def render(results: Path) -> str:
     files = sorted(results.glob("*.jsonl"), key=lambda p: (list(SECTIONS).index(p.stem) if p.stem in SECTIONS
                                                            else len(SECTIONS), p.stem))
     for path in files:
-        rows = results_io.read_rows(path)
+        rows = recorded(results_io.read_rows(path))
         if not rows:
             continue
         title, fn = SECTIONS.get(path.stem, (f"`{path.stem}`", generic))
-        lines += [f"## {title}", "", *fn(rows), ""]
+        body = fn(rows)
+        if not any(line.startswith("|") for line in body):
+            continue  # nothing measured to show: no section rather than an empty table
+        lines += [f"## {title}", "", *body, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

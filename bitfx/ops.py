@@ -423,7 +423,14 @@ class Packed:
 
 
 def compress(x: torch.Tensor) -> Packed:
-    """Compress ``x`` losslessly; :func:`decompress` restores it bit for bit."""
+    """Compress ``x`` losslessly; :func:`decompress` restores it bit for bit.
+
+    Any dtype, shape and stride.  The bitmap is used where it is shorter;
+    otherwise the values are kept raw ("dense fallback"), behind one 8-byte
+    offset per block of 1,024 elements and one more: an incompressible
+    tensor grows by that header (16,384 dense bytes of fp32 are stored in
+    16,424), a 0-dim one by 16 bytes, and an empty one is 8 bytes.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"bitfx.compress expects a torch.Tensor, got {type(x).__name__}")
     offsets, payload = torch.ops.bitfx.compress(x, list(x.stride()))

@@ -74,6 +74,8 @@ class MemoryPlan:
     inputs_bytes: int = 0
     step_models: dict[str, StepModel] = field(default_factory=dict, repr=False)  # timelines, for plotting
     peak_guard: str | None = None  # what the free default's peak guard changed, and why (Options.peak_guard)
+    # stock's default plan and stock's at 0.9, predicted as stock compiles them, where the guard compared them
+    stock_step_peak_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def _column(self) -> str:
@@ -347,7 +349,7 @@ def plan(
     estimate = {}
     if comp.estimate is not None:
         e = comp.estimate
-        estimate = {"target": str(comp.target), "plan": e.label, "slowdown": e.slowdown,
+        estimate = {"target": "the peak guard's choice" if comp.peak_note else str(comp.target), "plan": e.label, "slowdown": e.slowdown,
                     "recompute_s": e.recompute_s, "codec_s": e.codec_s, "saved_bytes_priced": e.saved_bytes,
                     "priced_on": comp.machine}
     return MemoryPlan(rows, saved_bytes, peak_bytes, param_bytes + buffer_bytes, grad_bytes, opt_bytes,
@@ -355,7 +357,7 @@ def plan(
                       densities={**DEFAULT_DENSITY, "max_pool": "1-(1-d)^window", **densities_by_kind},
                       estimate=estimate, step_peak_bytes={k: m.peak for k, m in models.items()},
                       peak_at={k: m.at for k, m in models.items()}, inputs_bytes=inputs_bytes,
-                      step_models=models, peak_guard=comp.peak_note)
+                      step_models=models, peak_guard=comp.peak_note, stock_step_peak_bytes=dict(comp.stock_peaks))
 
 
 SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)

@@ -187,17 +187,27 @@ def stats_table(rows: list[TensorStats] | None = None) -> str:
     return f"{table}\n{notes}" if notes else table
 
 
-def replan(backend=None):
-    """A backend like ``backend`` (default: the default options) that plans at the measured densities.
+def replan(backend=None, options: dict | None = None):
+    """A backend like ``backend`` that plans at the measured densities.
 
-    Compile the model again with it (``torch.compile(model, backend=...)``):
-    each graph whose fingerprint has measurements is planned as if those
-    densities had been given, through the ``densities`` option.  Graphs
-    without measurements plan as before.
+    ``backend``: a :func:`bitfx.backend` callable, the string ``"bittrain"``
+    (or None: the default options), as given to ``torch.compile``; ``options``:
+    ``torch.compile``'s ``options=`` dict, which overrides the backend's own
+    as it does there.  Compile the model again with the result
+    (``torch.compile(model, backend=...)``): each graph whose fingerprint has
+    measurements is planned as if those densities had been given, through
+    the ``densities`` option.  Graphs without measurements plan as before.
     """
     from .backend import Backend
     from .options import Options
 
-    options = backend.options if backend is not None else Options()
-    measured = {**dict(options.densities or ()), **measured_densities()}
-    return Backend(dataclasses.replace(options, densities=measured), getattr(backend, "on_partition", None))
+    if backend is None or backend == "bittrain":
+        base, on_partition = Options(), None
+    elif isinstance(backend, Backend):
+        base, on_partition = backend.options, backend.on_partition
+    else:
+        raise TypeError(f"bitfx.replan takes a bitfx.backend(...), \"bittrain\" or None, not {backend!r}")
+    if options:
+        base = Options.from_dict({**dataclasses.asdict(base), **options})
+    measured = {**dict(base.densities or ()), **measured_densities()}
+    return Backend(dataclasses.replace(base, densities=measured), on_partition)

@@ -88,7 +88,7 @@ def partition(
     if coded is not options:
         part = once(dataclasses.replace(chosen.options if chosen else coded, compress=False), joint)
     if chosen is not None:
-        part.peak_note = chosen.note
+        part.peak_note, part.stock_peaks = chosen.note, chosen.stock_peaks
         ti.counters["bitfx"]["peak_guard_checked"] += 1
         if chosen.note:
             ti.counters["bitfx"]["peak_guard_changed"] += 1
@@ -143,8 +143,8 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
             rewrite_backward(bw, infos)
     elif want:
         infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
-        for info in infos:
-            info.codec, info.reason = Codec.DENSE, f"enabled=False ({info.reason})"
+        for info in infos:  # stock's plan: the user's enabled=False, or the peak guard's choice
+            info.codec, info.reason = Codec.DENSE, f"stock's plan stores it dense (bitfx's analysis: {info.reason})"
     return Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
                      prices.candidates if prices else [], prices.target if prices else None,
                      prices.machine.name if prices else None, swapped=swapped, prices=prices)
@@ -172,7 +172,10 @@ def _record(part: Partition, options: Options, input_names: list[str] | None) ->
         from bitfx.report import log_decisions, plan_line
 
         prices = part.prices
-        line = plan_line(prices.target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
+        # Where the guard replaced the plan, the target it was partitioned for
+        # (stock's budget 1, say) is not one the user gave: the note says why.
+        target = "the peak guard's choice (below)" if part.peak_note else prices.target if prices else None
+        line = plan_line(target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
         if part.peak_note:
             line += f"\npeak guard: {part.peak_note}"
         log_decisions(part.infos, options.enabled, line)
@@ -193,6 +196,8 @@ class Partition:
     swapped: int = 0  # ReLU outputs saved instead of their inputs (passes/swap.py)
     prices: JointPrices | None = field(default=None, repr=False)
     peak_note: str | None = None  # what the peak guard changed, and why (bitfx.passes.peak.guard)
+    # the guard's predicted step peaks of stock's plans as stock compiles them ("stock", "stock@0.9")
+    stock_peaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def saved(self) -> list:

@@ -186,6 +186,8 @@ class Guarded:
     options: Options  # what it was partitioned with (the default's own where the default stood)
     note: str | None
     peaks: dict[str, int]  # predicted step peak of each plan compared, by label
+    # stock's two plans as stock's pipeline compiles them ("stock", "stock@0.9"), where the guard ran
+    stock_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -265,13 +267,14 @@ def guard(default, trial: Callable[[Options], object], options: Options,
     stock_peaks = {p.label: stock_peak_of(p.partition)[0] for p in (stock, at_09)}
     lower = min((stock, at_09), key=lambda p: stock_peaks[p.label])
     limit = stock_peaks[lower.label]
+    by_name = {"stock": stock_peaks[stock.label], "stock@0.9": stock_peaks[at_09.label]}
     if d.peak <= limit:
         if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
                     f"in {d.where}; stock's default plan {format_bytes(stock.peak)}): taking stock's default plan, "
                     f"the faster, predicted step peak {format_bytes(stock.peak)}")
-            return Guarded(stock.partition, stock.options, note, plans.peaks())
-        return Guarded(default, options, None, plans.peaks())
+            return Guarded(stock.partition, stock.options, note, plans.peaks(), by_name)
+        return Guarded(default, options, None, plans.peaks(), by_name)
     plans.grid(options, stop=lambda p: p.peak <= limit)
     # Stock's plans compiled by bitfx peak no higher than stock compiles them,
     # so one fits; where the model says otherwise, the lowest is taken.
@@ -281,7 +284,7 @@ def guard(default, trial: Callable[[Options], object], options: Options,
     note = (f"the free default's predicted step peak {format_bytes(d.peak)} (in {d.where}) is above "
             f"{lower.label}'s {format_bytes(limit)}: taking {best.label}, predicted step peak "
             f"{format_bytes(best.peak)}")
-    return Guarded(best.partition, best.options, note, plans.peaks())
+    return Guarded(best.partition, best.options, note, plans.peaks(), by_name)
 
 
 def fit_peak(target: int, trial: Callable[[Options], object], options: Options,

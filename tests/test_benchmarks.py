@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts (tiny models, seconds)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch.nn as nn
@@ -225,3 +226,31 @@ def test_run_model_checks_the_default_against_its_plan_stored_dense():
     (row,) = [r for r in rows if r["config"] == "bittrain"]
     assert row["grads_bit_identical_to_dense"] is True
     assert all("grads_bit_identical_to_dense" not in r for r in rows if r["config"] != "bittrain")
+
+
+def test_render_results_leaves_out_unrecorded_rows_and_empty_columns(tmp_path):
+    """A row without its commit or machine is not shown; nor is a column no row has a figure in,
+    nor a section whose rows are all left out."""
+    import render_results
+
+    res = tmp_path / "results"
+    res.mkdir()
+    good = {"model": "m", "config": "inductor", "autocast": "", "saved_activation_bytes": 200, "step_x_inductor": 1.0,
+            "peak_bytes": 400, "peak_check": "no", "commit": "abc", "machine": {"cpu": "CPU X", "cores": 2}}
+    old = {**good, "model": "old", "commit": None}
+    (res / "run.jsonl").write_text("\n".join(json.dumps(r) for r in (good, old)) + "\n")
+    (res / "gone.jsonl").write_text(json.dumps({"x": 1, "machine": None, "commit": None}) + "\n")
+    text = render_results.render(res)
+    assert "| m | fp32 | inductor |" in text and "| old |" not in text
+    assert "commit ?" not in text and "not recorded" not in text
+    assert "step peak x inductor" not in text  # every row's peak failed its check: the column goes
+    assert "gone" not in text
+
+
+def test_committed_results_page_has_no_unrecorded_rows_or_empty_tables():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    assert "commit ?" not in page and "not recorded" not in page
+    lines = page.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):  # a table's separator: at least one row follows
+            assert i + 1 < len(lines) and lines[i + 1].startswith("|"), lines[i - 1]

@@ -141,3 +141,40 @@ def test_the_triton_kernels_are_registered_ops():
         assert hasattr(torch.ops.bitfx, f"triton_{name}"), name
     if triton_usable():
         assert triton_kernels.count is torch.ops.bitfx.triton_count.default
+
+
+# -- per graph: a 4-block GPT's forward ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_host_reads_per_graph_of_a_4_block_gpt(gpu_path, backend):
+    """The forward graph of a 4-block squared-ReLU GPT, run with the ops' GPU-path implementations:
+    one host read per compressed tensor (docs/design.md, "Host reads per graph", says why not one
+    per graph, and what each way to get there costs), and none in backward but bitmap+exponent's."""
+    from helpers import compile_and_capture
+
+    from bitfx.demo import GPT
+    from bitfx.passes.pricing import Codec
+
+    gpu_path(backend)
+    torch.manual_seed(0)
+    model, idx = GPT(dim=32, layers=4, heads=2, seq=16), torch.randint(0, 256, (2, 16))
+    cap, _ = compile_and_capture(model, idx, memory_budget=None)
+    coded = [i for i in cap.infos if i.codec is not Codec.DENSE]
+    assert len([i for i in coded if i.codec.bitmap]) >= 3, [(i.node.name, i.codec) for i in cap.infos]
+
+    def on_gpu_path(gm):
+        # The graph as CUDA would run it: each bitfx op's Python implementation
+        # (the CPU dispatch goes to the C++ kernels instead).
+        gm = torch.fx.GraphModule(gm, gm.graph)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", "") == "bitfx":
+                node.target = ops._PYTHON_IMPLS[node.target._schema.name.split("::")[1]]
+        gm.recompile()
+        return gm
+
+    fw = on_gpu_path(cap.fw)
+    inputs = [torch.randint(0, 256, tuple(p.meta["val"].shape)) if p.meta["val"].dtype == torch.int64
+              else torch.randn(tuple(p.meta["val"].shape)) for p in fw.graph.find_nodes(op="placeholder")]
+    reads, _ = _reads(lambda: fw(*inputs))
+    assert len(reads) == len(coded), reads  # the design today: one per compressed tensor

@@ -1,6 +1,7 @@
 """The repository's own rules: test modules share helpers through one module; benchmarks use no tests."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +31,14 @@ def test_benchmarks_import_no_tests():
         if used or '/ "tests"' in p.read_text():
             bad[p.name] = used or ["tests/ on sys.path"]
     assert bad == {}
+
+
+def test_docs_name_no_machine_letters_or_commits():
+    """Where a figure was measured is a results row's columns; history goes in commit messages."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if path.name == "results.md":  # generated: each row names its commit, as it should
+            continue
+        text = path.read_text()
+        assert not re.search(r"\bmachine [A-Z]\b", text), path
+        assert not re.search(r"\b[Cc]ommits? [0-9a-f]{7,40}\b|\([0-9a-f]{7,12}\)|\b[0-9a-f]{7}\b(?=[;,)])", text), (
+            path, re.search(r"\b[Cc]ommits? [0-9a-f]{7,40}\b|\([0-9a-f]{7,12}\)|\b[0-9a-f]{7}\b(?=[;,)])", text))

@@ -122,3 +122,15 @@ def test_densities_option_is_validated():
         Options(densities={"g/relu": 1.5})
     with pytest.raises(ValueError, match="densities must map"):
         Options(densities=3)
+
+
+def test_replan_takes_the_string_backend_and_compiles_options():
+    """README's first usage form is backend="bittrain" with options=; replan takes both."""
+    got = bitfx.replan("bittrain", options={"inner": "eager", "min_bytes": 1})
+    assert isinstance(got, Backend) and got.options.inner == "eager" and got.options.min_bytes == 1
+    assert bitfx.replan().options.inner == bitfx.backend().options.inner
+    assert bitfx.replan(bitfx.backend(inner="eager")).options.inner == "eager"
+    with pytest.raises(TypeError, match="bitfx.replan takes"):
+        bitfx.replan("inductor")
+    with pytest.raises(ValueError, match="unknown"):
+        bitfx.replan("bittrain", options={"nope": 1})
