@@ -91,7 +91,7 @@ def fit(
     ``plan_options``: as for :func:`bitfx.plan` (``inner``, ``density``, ...).
     ``progress()`` is called after each batch planned.
     """
-    from .planner import OPTIMIZER_STATE, plan
+    from .planner import OPTIMIZER_STATE, _resident, plan, step_totals
     from .torch_internals import FakeTensorMode
 
     limit = parse_bytes(memory) if isinstance(memory, str) else int(memory)
@@ -116,26 +116,22 @@ def fit(
         return ((), made) if isinstance(made, dict) else (tuple(made), {})
 
     result = Fit(limit, batch_step)
+    params, buffers, _, opt_bytes, _ = _resident(model, (), {}, optimizer)
+    result.fixed_bytes = {"parameters": params + buffers, f"optimizer state ({optimizer})": opt_bytes}
     steps: dict[int, dict[str, tuple[int, int]]] = {}  # batch -> pipeline -> (step total, step peak)
 
     def at(batch: int) -> dict[str, tuple[int, int]]:
         if batch not in steps:
             args, kwargs = inputs(batch)
             common = dict(inputs_kwargs=kwargs, optimizer=optimizer, **plan_options)
-            got = {}
-            if "bittrain" in pipelines or "stock" in pipelines:
-                p = plan(model, *args, **common)
-                got["stock"] = (p.peak_bytes["baseline"], p.step_peak_bytes["baseline"])
-                got["bittrain"] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
-            at_09 = p.stock_step_peak_bytes.get("stock@0.9") if got else None
-            if "stock@0.9" in pipelines and at_09 is not None:
-                # The peak guard priced stock's plan at 0.9 already, on the same joint graph.
-                resident = p.peak_bytes["baseline"] - p.step_peak_bytes["baseline"]
-                got["stock@0.9"] = (resident + at_09, at_09)
-            elif "stock@0.9" in pipelines:
-                p = plan(model, *args, **PIPELINES["stock@0.9"], **common)
-                got["stock@0.9"] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
-            result.fixed_bytes = {"parameters": p.parameter_bytes, f"optimizer state ({optimizer})": p.optimizer_bytes}
+            # One trace gives all three where the peak guard runs (its default);
+            # otherwise each pipeline is planned on its own.
+            got = step_totals(model, *args, **common) if "density" not in plan_options else None
+            if got is None:
+                got = {}
+                for pipeline in pipelines:
+                    p = plan(model, *args, **PIPELINES[pipeline], **common)
+                    got[pipeline] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
             steps[batch] = got
             if progress is not None:
                 progress()
@@ -169,7 +165,7 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
         return known[b]
 
     def line_at_limit(x0: int, x1: int) -> int | None:
-        y0, y1 = (known[x0] if x0 else 0), known[x1]
+        y0, y1 = known[x0], known[x1]
         if y1 <= y0:
             return None
         return int(x0 + (limit - y0) * (x1 - x0) / (y1 - y0)) // step * step
@@ -183,12 +179,16 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
             if lo >= top:
                 return lo
             fits = sorted(known)
-            x0 = fits[-2] if len(fits) > 1 else 0
-            guess = line_at_limit(x0, lo)
-            nxt = min(max(guess if guess is not None else 2 * lo, lo + step), top)
+            probe = len(fits) == 1
+            if probe:  # a second point, far enough for a slope
+                nxt = min(8 * lo, top)
+            else:
+                guess = line_at_limit(fits[-2], lo)
+                nxt = min(max(guess if guess is not None else 2 * lo, lo + step), top)
         else:
             if hi - lo <= step:
                 return lo
+            probe = False
             widths.append(hi - lo)
             guess = line_at_limit(lo, hi)
             nxt = min(max(guess if guess is not None else lo, lo + step), hi - step)
@@ -199,7 +199,7 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
             continue
         lo = nxt
         up = lo + step
-        if up <= top and (hi is None or up < hi):
+        if not probe and up <= top and (hi is None or up < hi):
             if t(up) > limit:
                 hi = up
             else:

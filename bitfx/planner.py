@@ -335,11 +335,8 @@ def plan(
         "bittrain": sum(r.stored_bytes for r in rows),
     }
 
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    opt_bytes = OPTIMIZER_STATE[optimizer] * grad_bytes
-    inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
+    param_bytes, buffer_bytes, grad_bytes, opt_bytes, inputs_bytes = _resident(model, example_inputs, kwargs,
+                                                                               optimizer)
 
     # "baseline" is stock's plan as stock's pipeline compiles it; so is "bittrain" under enabled=False.
     models = {"baseline": predict_step(base, on.inner, stock_compiled=True),
@@ -358,6 +355,38 @@ def plan(
                       estimate=estimate, step_peak_bytes={k: m.peak for k, m in models.items()},
                       peak_at={k: m.at for k, m in models.items()}, inputs_bytes=inputs_bytes,
                       step_models=models, peak_guard=comp.peak_note, stock_step_peak_bytes=dict(comp.stock_peaks))
+
+
+def _resident(model, example_inputs, kwargs, optimizer: str) -> tuple[int, int, int, int, int]:
+    """Bytes of (parameters, buffers, gradients, optimizer state, inputs)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    inputs_bytes = sum(t.numel() * t.element_size() for t in _tensors(example_inputs, kwargs))
+    return param_bytes, buffer_bytes, grad_bytes, OPTIMIZER_STATE[optimizer] * grad_bytes, inputs_bytes
+
+
+def step_totals(model: nn.Module, *example_inputs, inputs_kwargs: dict[str, Any] | None = None,
+                optimizer: str = "none", **backend_options) -> dict[str, tuple[int, int]] | None:
+    """Predicted (whole step, step peak) of bitfx's free default, stock's default plan and stock's at 0.9.
+
+    What :func:`plan` predicts for the three, from one trace of the model:
+    the free default's peak guard partitions stock's two plans on the same
+    joint graph and prices them as stock compiles them.  None where the guard
+    does not run (an explicit budget, ``peak_guard=False``): then ask
+    :func:`plan` per pipeline.  ``bitfx.fit`` asks this at every batch it tries.
+    """
+    kwargs = dict(inputs_kwargs or {})
+    on = Options.from_dict({**backend_options, "enabled": True})
+    if not (on.peak_guard and on.memory_budget is None):
+        return None
+    _, comp = _capture(model, example_inputs, kwargs, on)
+    if not comp.stock_peaks:
+        return None
+    param_bytes, buffer_bytes, _, opt_bytes, inputs_bytes = _resident(model, example_inputs, kwargs, optimizer)
+    resident = param_bytes + buffer_bytes + opt_bytes + inputs_bytes
+    peaks = {"bittrain": predict_step(comp, on.inner).peak, **comp.stock_peaks}
+    return {k: (resident + v, v) for k, v in peaks.items()}
 
 
 SWEEP_BUDGETS = (None, 1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
