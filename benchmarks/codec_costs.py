@@ -28,7 +28,7 @@ import results_io  # noqa: E402
 import bitfx  # noqa: F401  (registers the bitfx:: ops)
 from bitfx import calibrate
 from bitfx.passes.pricing import DEFAULT_DENSITY
-from kernels import _timer as median_s  # kernels.py's timer: median after one warm-up
+from kernel_speed import median_seconds as median_s  # median after one warm-up
 
 
 def measure(sizes: list[int], dtype: torch.dtype, reps: int) -> dict[str, list[tuple[float, float]]]:

@@ -66,9 +66,9 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to NAME.txt
 }
 step 60 kernel_tests python3 -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_exponent_codec.py \
     -k "cuda or triton"
-step 45 kernels python3 benchmarks/kernels.py --device $device --sizes $kernel_sizes --densities $densities \
+step 45 kernels python3 benchmarks/kernel_speed.py --device $device --sizes $kernel_sizes --densities $densities \
     --dtypes $dtypes --reps $reps --out "$out/rows-kernels.jsonl"
-step 40 kernels_exp python3 benchmarks/kernels.py --device $device --codec exponent --sizes $kernel_sizes \
+step 40 kernels_exp python3 benchmarks/kernel_speed.py --device $device --codec exponent --sizes $kernel_sizes \
     --dtypes $dtypes --reps $reps --out "$out/rows-kernels.jsonl"
 step 30 calibrate python3 -m bitfx calibrate "${profile_args[@]}" --out "$out/profile-$device.json"
 [ -f "$out/profile-$device.json" ] && export BITFX_PROFILE="$out/profile-$device.json"

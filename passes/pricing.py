@@ -101,7 +101,7 @@ class Codec(enum.Enum):
 # Measured on the dense tensors autograd saves in torchvision ResNet-18 at
 # init, batch 8, 64x64, torch 2.14.1 (benchmarks/exp_group_size.py, group
 # of 32): fp32 0.903, bf16 (autocast) 0.749; fp16 0.92 on normal values
-# (benchmarks/kernels.py --codec exponent, 1M and 16M elements; not measured
+# (benchmarks/kernel_speed.py --codec exponent, 1M and 16M elements; not measured
 # on a model: 3 of the 8 bits it packs are fp16 mantissa).
 DEFAULT_EXP_RATIO = {torch.float32: 0.903, torch.bfloat16: 0.749, torch.float16: 0.92}
 # The same for the nonzero values of ReLU outputs, behind the bitmap (same

@@ -87,10 +87,10 @@ def test_run_rejects_unknown_model_and_config(capsys):
 
 
 def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
-    import kernels
+    import kernel_speed
 
     out = tmp_path / "k.jsonl"
-    assert kernels.main(["--codec", "exponent", "--sizes", "4099", "--dtypes", "bfloat16,float16", "--reps", "1",
+    assert kernel_speed.main(["--codec", "exponent", "--sizes", "4099", "--dtypes", "bfloat16,float16", "--reps", "1",
                          "--device", "cpu", "--out", str(out)]) == 0
     rows = results_io.read_rows(out)
     assert all(r["benchmark"] == "kernels" and r["torch"] and r["machine"]["cores"] and r["command"] for r in rows)
@@ -100,10 +100,10 @@ def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
 
 
 def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
-    import kernels
+    import kernel_speed
 
     out = tmp_path / "k.jsonl"
-    assert kernels.main(["--codec", "bitmap+exponent", "--sizes", "5000", "--densities", "0.5", "--dtypes",
+    assert kernel_speed.main(["--codec", "bitmap+exponent", "--sizes", "5000", "--densities", "0.5", "--dtypes",
                          "bfloat16", "--reps", "1", "--device", "cpu", "--out", str(out)]) == 0
     (row,) = results_io.read_rows(out)
     assert row["stored_ratio"] < row["bitmap_only_ratio"] < 1

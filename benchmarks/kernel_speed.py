@@ -6,8 +6,8 @@ same tensor into one allocated before (``*_vs_copy``), and to ``clone``
 (``*_vs_clone``, which also pays for faulting in its fresh output), all
 interleaved in the same process with the same thread count (``--threads``).
 
-    python benchmarks/kernels.py [--device cuda] [--quick] [--out kernels.json]
-    python benchmarks/kernels.py --codec exponent [--sizes 16777216] [--dtypes float32,bfloat16,float16]
+    python benchmarks/kernel_speed.py [--device cuda] [--quick] [--out FILE]
+    python benchmarks/kernel_speed.py --codec exponent [--sizes 16777216] [--dtypes float32,bfloat16,float16]
 
 ``--codec exponent`` times the exponent codec's kernels (format.py, "The
 exponent codec") on dense normal values, as conv outputs are: encode is its
@@ -68,6 +68,11 @@ def _interleaved(device: torch.device, fns: dict, reps: int) -> dict[str, float]
         for name, fn in fns.items():
             times[name].append(_once(device, fn))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_seconds(device: torch.device, fn, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs, after one warm-up."""
+    return _interleaved(device, {"fn": fn}, reps)["fn"]
 
 
 def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
