@@ -74,7 +74,7 @@ class MemoryPlan:
     inputs_bytes: int = 0
     step_models: dict[str, StepModel] = field(default_factory=dict, repr=False)  # timelines, for plotting
     peak_guard: str | None = None  # what the free default's peak guard changed, and why (Options.peak_guard)
-    # stock's default plan and stock's at 0.9, predicted as stock compiles them, where the guard compared them
+    # stock's default plan's and stock's at 0.9's predicted step peaks, where the guard compared them
     stock_step_peak_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -371,8 +371,8 @@ def step_totals(model: nn.Module, *example_inputs, inputs_kwargs: dict[str, Any]
     """Predicted (whole step, step peak) of bitfx's free default, stock's default plan and stock's at 0.9.
 
     What :func:`plan` predicts for the three, from one trace of the model:
-    the free default's peak guard partitions stock's two plans on the same
-    joint graph and prices them as stock compiles them.  None where the guard
+    the free default's peak guard partitions and prices stock's two plans on
+    the same joint graph.  None where the guard
     does not run (an explicit budget, ``peak_guard=False``): then ask
     :func:`plan` per pipeline.  ``bitfx.fit`` asks this at every batch it tries.
     """

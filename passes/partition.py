@@ -196,7 +196,7 @@ class Partition:
     swapped: int = 0  # ReLU outputs saved instead of their inputs (passes/swap.py)
     prices: JointPrices | None = field(default=None, repr=False)
     peak_note: str | None = None  # what the peak guard changed, and why (bitfx.passes.peak.guard)
-    # the guard's predicted step peaks of stock's plans as stock compiles them ("stock", "stock@0.9")
+    # the guard's predicted step peaks of stock's two plans ("stock", "stock@0.9")
     stock_peaks: dict[str, int] = field(default_factory=dict)
 
     @property

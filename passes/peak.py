@@ -73,9 +73,9 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
                  stock_compiled: bool = False) -> StepModel:
     """The step model of a partition; compressed payloads at ``stored_by_name``, else their assumed sizes.
 
-    ``stock_compiled``: the partition as stock's pipeline compiles it, whose
-    backward Inductor may lay out channels-last (where it recomputes a
-    convolution); bitfx compiles every backward, stock's plans too, without.
+    ``stock_compiled``: the partition as stock's own pipeline compiles it,
+    where Inductor lays a backward that recomputes convolutions out
+    channels-last; bitfx compiles every backward (stock's plans too) without.
     """
     if stored_by_name is None:
         stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
@@ -83,14 +83,22 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
     return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
 
 
-def _conv_backward_workspaces(bw, copies: set[str], channels_last_inputs: bool, channels_last_bw: bool) -> dict:
+def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:
     """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
     (:class:`~bitfx.passes.pricing.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
 
-    ``channels_last_inputs``: forward ran with Inductor's layout optimization,
-    so what backward reads from forward is channels-last whatever its FX
-    strides say.  ``channels_last_bw``: backward did too (stock's pipeline,
-    where backward recomputes a convolution), so what it recomputes is too.
+    The depthwise term is what oneDNN's generic path allocates for a
+    depthwise weight gradient with a kernel above 3x3.  Which calls take that
+    path depends on strides Inductor picks after the FX graph.  On
+    MobileNetV3-small under bf16 autocast, every 5x5 depthwise layer whose
+    input backward read from forward (the bf16 cast forward saved) took it,
+    in stock's backward and in bitfx's (22 MiB for the 576-channel layer);
+    none whose input bitfx's backward recomputed, and none in fp32.  Stock's
+    pipeline lays a backward that recomputes convolutions out channels-last
+    (``channels_last_bw``), and its recomputed inputs took the path too (at
+    budget 0.9).  So it is counted for bf16 and fp16 gradients over inputs
+    saved by forward, and under ``channels_last_bw``: a rule read off
+    measurements, not a model of oneDNN's choice.
     """
     machine = None
     out = {}
@@ -106,12 +114,18 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_inputs: bool, 
         channels_last = weight.name in copies or _channels_last(weight)
         scratch = machine.conv_scratch(channels_last) * node_bytes(weight)
         w, groups = weight.meta.get("val"), n.args[-2]
-        x_cl = _channels_last(x) or channels_last_bw or (channels_last_inputs and _from_forward(x))
-        if (isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1 and x_cl
+        generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
+                   or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
+        if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
                 and max(w.shape[2], w.shape[3]) > 3):
             scratch += machine.depthwise_scratch(grad.dtype) * w.shape[0] * w.shape[2] * w.shape[3]
         out[n] = int(scratch) + returned
     return out
+
+
+def _from_forward(node) -> bool:
+    """Whether backward's ``node`` is a tensor forward saved: a placeholder, or one a bitfx op restored."""
+    return node.op == "placeholder" or (node.op == "call_function" and getattr(node.target, "namespace", "") == "bitfx")
 
 
 def _conv_weight_copies(part, inner: str) -> set[str]:
@@ -129,11 +143,6 @@ def _conv_weight_copies(part, inner: str) -> set[str]:
     conv = torch.ops.aten.convolution.default
     return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
             if n.args[1].op == "placeholder" and not _channels_last(n.args[1])}
-
-
-def _from_forward(node) -> bool:
-    """Whether backward's ``node`` is a tensor forward saved: a placeholder, or one restored by a bitfx op."""
-    return node.op == "placeholder" or (node.op == "call_function" and getattr(node.target, "namespace", "") == "bitfx")
 
 
 def _layout_opt(gm) -> bool:
@@ -164,9 +173,8 @@ def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> Step
 
     fw = simulate(part.fw.graph, size_of, inputs_resident=True,
                   late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies})
-    layout_opt = inner == "inductor" and _layout_opt(part.fw)
-    bw_layout_opt = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
-    workspace = _conv_backward_workspaces(part.bw, copies, layout_opt, bw_layout_opt)
+    channels_last_bw = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
+    workspace = _conv_backward_workspaces(part.bw, copies, channels_last_bw)
     bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
@@ -186,7 +194,7 @@ class Guarded:
     options: Options  # what it was partitioned with (the default's own where the default stood)
     note: str | None
     peaks: dict[str, int]  # predicted step peak of each plan compared, by label
-    # stock's two plans as stock's pipeline compiles them ("stock", "stock@0.9"), where the guard ran
+    # stock's two plans ("stock", "stock@0.9") predicted as stock's own pipeline compiles them (bitfx.fit)
     stock_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -230,8 +238,7 @@ def _base_seconds(part) -> float:
 
 
 def guard(default, trial: Callable[[Options], object], options: Options,
-          peak_of: Callable[[object], tuple[int, str]] | None = None,
-          stock_peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
+          peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
     """The free default, unless it raises the step peak or a faster plan peaks as low.
 
     ``default`` is the free default's partition; ``trial(options)``
@@ -251,23 +258,20 @@ def guard(default, trial: Callable[[Options], object], options: Options,
       stock's step time, else the fastest.
 
     ``peak_of(partition)``: its predicted step peak and where it happens
-    (default: :func:`predict_step`'s, at the plan's assumed densities), as
-    bitfx compiles it; ``stock_peak_of``: the same as stock's pipeline
-    compiles it, for stock's two plans (``stock_compiled=True``).
+    (default: :func:`predict_step`'s, at the plan's assumed densities).
     """
     base_s = _base_seconds(default)
     plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), base_s)
     d = plans.add("the free default", options, default)
     stock = plans.add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
     at_09 = plans.add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
-    # The limit is what stock's own pipeline peaks at; each plan's peak is
-    # what it peaks at compiled by bitfx (stock's plans too, if taken).
-    if stock_peak_of is None:
-        stock_peak_of = peak_of or functools.partial(_peak_of, inner=options.inner, stock_compiled=True)
-    stock_peaks = {p.label: stock_peak_of(p.partition)[0] for p in (stock, at_09)}
-    lower = min((stock, at_09), key=lambda p: stock_peaks[p.label])
-    limit = stock_peaks[lower.label]
-    by_name = {"stock": stock_peaks[stock.label], "stock@0.9": stock_peaks[at_09.label]}
+    # The limit is what stock's own pipeline peaks at; every plan compared,
+    # stock's too, is priced as bitfx compiles it (stock's plans if taken).
+    stock_peak_of = functools.partial(_peak_of, inner=options.inner, stock_compiled=True) if peak_of is None \
+        else peak_of
+    by_name = {"stock": stock_peak_of(stock.partition)[0], "stock@0.9": stock_peak_of(at_09.partition)[0]}
+    lower = stock if by_name["stock"] <= by_name["stock@0.9"] else at_09
+    limit = min(by_name.values())
     if d.peak <= limit:
         if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
@@ -276,8 +280,8 @@ def guard(default, trial: Callable[[Options], object], options: Options,
             return Guarded(stock.partition, stock.options, note, plans.peaks(), by_name)
         return Guarded(default, options, None, plans.peaks(), by_name)
     plans.grid(options, stop=lambda p: p.peak <= limit)
-    # Stock's plans compiled by bitfx peak no higher than stock compiles them,
-    # so one fits; where the model says otherwise, the lowest is taken.
+    # Compiled by bitfx, stock's plans peak no higher than stock's pipeline
+    # makes them, so one fits; were the model to say otherwise, the lowest.
     fits = [p for p in plans.all if p.peak <= limit] or [min(plans.all, key=lambda p: (p.peak, p.seconds))]
     free = [p for p in fits if p.seconds <= (1 + FREE_SLOWDOWN) * base_s]
     best = min(free, key=lambda p: (p.peak, p.seconds)) if free else min(fits, key=lambda p: (p.seconds, p.peak))

@@ -162,9 +162,10 @@ class Machine:
     # a contiguous weight (the step-peak model adds it; 0 where none is known).
     conv_scratch_channels_last: float = 0.0
     conv_scratch_contiguous: float = 0.0
-    # A depthwise weight-gradient over channels-last input with a kernel
-    # larger than 3x3 takes a generic path that allocates scratch per channel
-    # and kernel tap: bytes per channel per tap, by dtype name.
+    # A depthwise weight gradient with a kernel larger than 3x3 whose input
+    # is neither contiguous nor channels-last takes a generic path that
+    # allocates scratch per channel and kernel tap: bytes per channel per
+    # tap, by dtype name (passes/peak.py says where it is counted).
     depthwise_scratch_by_dtype: tuple[tuple[str, float], ...] = ()
 
     def conv_scratch(self, channels_last: bool) -> float:
@@ -199,11 +200,12 @@ class Machine:
 # allocates weight-sized buffers beyond what it returns, 2x the weight for a
 # channels-last weight and 3x for a contiguous one, for any batch above 1 and
 # any thread count (Intel Xeon, AVX-512, torch 2.14.1; measured per device by
-# python -m bitfx calibrate).  A depthwise one over channels-last input with a
-# 5x5 or 7x7 kernel allocates per channel and tap 1,028 bytes in fp32 and
-# 1,500-2,300 in bf16 (growing with the image; 1,660 at 6x6), for any batch
-# and thread count; 3x3 kernels allocate next to nothing (AMD EPYC, AVX2,
-# torch 2.14.1).  MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
+# python -m bitfx calibrate).  A depthwise one with a 5x5 or 7x7 kernel over
+# an input laid out neither contiguous nor channels-last allocates per
+# channel and tap about 1,028 bytes in fp32 and 1,500-2,300 in bf16 (growing
+# with the image; 1,660 at 6x6), for any batch and thread count; 3x3 kernels
+# allocate next to nothing (AMD EPYC, AVX2, torch 2.14.1).
+# MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
