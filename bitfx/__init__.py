@@ -6,17 +6,17 @@ from .ops import Packed, compress, decompress
 __all__ = ["Packed", "compress", "decompress"]
 __version__ = "0.1.0"
 
-from .backend import backend  # noqa: E402
+from .backend import backend, replan  # noqa: E402
 
-__all__ += ["backend"]
+__all__ += ["backend", "replan"]
 
 from .planner import MemoryPlan, plan  # noqa: E402
 
 __all__ += ["MemoryPlan", "plan"]
 
-from .runtime_stats import replan, stats, stats_table  # noqa: E402
+from .runtime_stats import stats, stats_table  # noqa: E402
 
-__all__ += ["replan", "stats", "stats_table"]
+__all__ += ["stats", "stats_table"]
 
 from .fit import Fit, fit  # noqa: E402
 

@@ -11,6 +11,7 @@ same partitioner, and executes the resulting graphs as plain FX.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import asdict
@@ -46,11 +47,41 @@ def mode_patches(mode: str | None) -> dict:
     return dict(list_mode_options(mode))
 
 
+def partitioner(options: Options, on_partition=None, input_names: list[str] | None = None):
+    """The partitioner Inductor calls, keyed on the device profiles in force (:func:`bitfx.calibrate.key`)."""
+    from . import calibrate
+    from .passes import BitfxPartitioner
+
+    return BitfxPartitioner(options, on_partition, input_names, profile_key=calibrate.key())
+
+
+def _use_profile(example_inputs) -> None:
+    """Put the device's profile in force before the passes price the graph (measuring it once if none)."""
+    from . import calibrate
+
+    device = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
+    calibrate.machine(device)
+
+
+def _reporting(options: Options, on_partition):
+    """``on_partition`` that first logs the report of each partition (``report=True``)."""
+    from .report import log_partition
+
+    def report_then(part):
+        log_partition(part, options.enabled)
+        if on_partition is not None:
+            on_partition(part)
+
+    return report_then
+
+
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on_partition=None,
                   mode: str | None = None):
-    from .passes import BitfxPartitioner
     from .passes.partition import partition
 
+    _use_profile(example_inputs)
+    if options.report:
+        on_partition = _reporting(options, on_partition)
     names = None
     if options.report or on_partition is not None:  # the report's and the planner's names
         from .report import input_names
@@ -58,8 +89,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, options: Options, on
         names = input_names(gm)
     if options.inner == "inductor":
         compile_fx = torch_internals.compile_fx
-        partitioner = BitfxPartitioner(options, on_partition, names)
-        patches = {**mode_patches(mode), "custom_partitioner_fn": partitioner}
+        patches = {**mode_patches(mode), "custom_partitioner_fn": partitioner(options, on_partition, names)}
         if not options.enabled:
             return compile_fx(gm, example_inputs, config_patches=patches)
         from . import inductor_layouts
@@ -115,3 +145,28 @@ def bittrain(gm, example_inputs, options: dict | None = None, mode: str | None =
     with ``options`` as a keyword argument.
     """
     return compile_graph(gm, example_inputs, Options.from_dict(options), mode=mode)
+
+
+def replan(backend=None, options: dict | None = None):
+    """A backend like ``backend`` that plans at the measured densities.
+
+    ``backend``: a :func:`bitfx.backend` callable, the string ``"bittrain"``
+    (or None: the default options), as given to ``torch.compile``; ``options``:
+    ``torch.compile``'s ``options=`` dict, which overrides the backend's own
+    as it does there.  Compile the model again with the result
+    (``torch.compile(model, backend=...)``): each graph whose fingerprint has
+    measurements is planned as if those densities had been given, through
+    the ``densities`` option.  Graphs without measurements plan as before.
+    """
+    from .runtime_stats import measured_densities
+
+    if backend is None or backend == "bittrain":
+        base, on_partition = Options(), None
+    elif isinstance(backend, Backend):
+        base, on_partition = backend.options, backend.on_partition
+    else:
+        raise TypeError(f"bitfx.replan takes a bitfx.backend(...), \"bittrain\" or None, not {backend!r}")
+    if options:
+        base = Options.from_dict({**dataclasses.asdict(base), **options})
+    measured = {**dict(base.densities or ()), **measured_densities()}
+    return Backend(dataclasses.replace(base, densities=measured), on_partition)

@@ -18,7 +18,7 @@ built; the first use also builds them, or compiles the Triton kernels) and
 saves that as the device's profile.  The report and ``plan`` name the
 profile that priced the plan.  ``BITFX_PROFILE`` overrides: a profile's
 path, or ``builtin`` for the constants of
-:data:`bitfx.passes.pricing.MACHINES` (measured on one 2-core x86 machine
+:data:`bitfx.profiles.MACHINES` (measured on one 2-core x86 machine
 for CPU; assumed for CUDA).  The test suite sets ``builtin``, so that its
 plans do not depend on the machine that runs it.
 """
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .passes.pricing import MACHINES, Machine
+from . import profiles
+from .profiles import MACHINES, Machine
 
 log = logging.getLogger("bitfx")
 
@@ -237,9 +238,15 @@ def _machine(device_type: str, override: str | None) -> Machine:
 
 def machine(device_type: str) -> Machine:
     """The Machine that prices graphs on ``device_type``: ``BITFX_PROFILE``, else the
-    device's profile, else a quick measurement made now and saved as its profile."""
+    device's profile, else a quick measurement made now and saved as its profile.
+
+    It is also put in force (:func:`bitfx.profiles.use`): the backend calls
+    this before each graph is partitioned, and the passes price with it.
+    """
     device_type = "cuda" if device_type == "cuda" else "cpu"
-    return _machine(device_type, os.environ.get("BITFX_PROFILE") or None)
+    found = _machine(device_type, os.environ.get("BITFX_PROFILE") or None)
+    profiles.use(device_type, found)
+    return found
 
 
 @functools.cache

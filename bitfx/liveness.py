@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .passes.opsets import ALIAS_VIEWS
+from .opsets import ALIAS_VIEWS
 
 aten = torch.ops.aten
 

@@ -124,3 +124,15 @@ def plan_line(target, estimate, machine: str = "") -> str:
     return (f"plan: {target} -> {estimate.label}; estimated step time {estimate.slowdown:.3f}x stock's "
             f"(recompute {1e3 * estimate.recompute_s:.2f} ms, codec {1e3 * estimate.codec_s:.2f} ms)"
             + (f"\npriced on {machine}" if machine else ""))
+
+
+def log_partition(part, enabled: bool) -> None:
+    """The report of one partition (``report=True``): its decisions, the plan and the peak guard's note."""
+    prices = part.prices
+    # Where the guard replaced the plan, the target it was partitioned for
+    # (stock's budget 1, say) is not one the user gave: the note says why.
+    target = "the peak guard's choice (below)" if part.peak_note else prices.target if prices else None
+    line = plan_line(target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
+    if part.peak_note:
+        line += f"\npeak guard: {part.peak_note}"
+    log_decisions(part.infos, enabled, line)

@@ -11,8 +11,9 @@ element only when :func:`stats` is called, so no call adds a host sync.
 
 :func:`stats` lists, per saved tensor: the density the plan assumed, the
 density measured at the last call, and the bytes stored.  :func:`replan`
-returns a backend that plans at the measured densities: the plan the cost
-model picks for those densities, as if they had been given up front::
+(:func:`bitfx.replan`, in ``bitfx.backend``) returns a backend that plans at
+the measured densities: the plan the cost model picks for those densities,
+as if they had been given up front::
 
     bk = bitfx.backend()
     compiled = torch.compile(model, backend=bk)
@@ -185,29 +186,3 @@ def stats_table(rows: list[TensorStats] | None = None) -> str:
                  "calls"],
     )
     return f"{table}\n{notes}" if notes else table
-
-
-def replan(backend=None, options: dict | None = None):
-    """A backend like ``backend`` that plans at the measured densities.
-
-    ``backend``: a :func:`bitfx.backend` callable, the string ``"bittrain"``
-    (or None: the default options), as given to ``torch.compile``; ``options``:
-    ``torch.compile``'s ``options=`` dict, which overrides the backend's own
-    as it does there.  Compile the model again with the result
-    (``torch.compile(model, backend=...)``): each graph whose fingerprint has
-    measurements is planned as if those densities had been given, through
-    the ``densities`` option.  Graphs without measurements plan as before.
-    """
-    from .backend import Backend
-    from .options import Options
-
-    if backend is None or backend == "bittrain":
-        base, on_partition = Options(), None
-    elif isinstance(backend, Backend):
-        base, on_partition = backend.options, backend.on_partition
-    else:
-        raise TypeError(f"bitfx.replan takes a bitfx.backend(...), \"bittrain\" or None, not {backend!r}")
-    if options:
-        base = Options.from_dict({**dataclasses.asdict(base), **options})
-    measured = {**dict(base.densities or ()), **measured_densities()}
-    return Backend(dataclasses.replace(base, densities=measured), on_partition)

@@ -210,9 +210,7 @@ def _estimator():
             if prior != "flops":
                 log.warning("bitfx: the %r runtime estimator is replaced by FLOP counts while bitfx partitions",
                             prior)
-            from bitfx.passes.pricing import _flops
-
-            return max(_flops(node, node.meta.get("val")), 1.0)
+            return max(_stock["flops"](node, node.meta.get("val")), 1.0)
 
         def uuid(self):
             return "bitfx-roofline-1"
@@ -263,8 +261,12 @@ _HOOKS: dict[str, object] = {}
 
 
 @contextlib.contextmanager
-def priced(prices):
-    """Run PyTorch's partitioner with ``prices``'s sizes and plan choice, in this thread."""
+def priced(prices, flops):
+    """Run PyTorch's partitioner with ``prices``'s sizes and plan choice, in this thread.
+
+    ``flops(node, val)``: the FLOP count that stands in for PyTorch's "flops"
+    runtime estimate where stock's own plan is solved meanwhile.
+    """
     global _depth
     check()
     p, config = __getattr__("partitioners"), __getattr__("functorch_config")
@@ -272,6 +274,7 @@ def priced(prices):
         if not _HOOKS:
             _HOOKS.update(estimator=_estimator(), solver=_solver())
         if _depth == 0:
+            _stock["flops"] = flops
             _stock["_size_of"] = p._size_of
             _stock["choose_saved_values_set"] = p.choose_saved_values_set
             _stock["estimator"] = config.activation_memory_budget_runtime_estimator

@@ -35,7 +35,7 @@ import torch.fx as fx
 from bitfx import torch_internals
 from bitfx.options import Options
 
-from .opsets import ZERO_PRESERVING
+from bitfx.opsets import ZERO_PRESERVING
 from .pricing import (  # noqa: F401  (KINDS: re-exported)
     DEFAULT_DENSITY,
     KINDS,

@@ -24,7 +24,7 @@ from bitfx import torch_internals as ti
 from bitfx.options import Options, PeakBudget, densities_for
 
 from .analysis import SavedTensor, analyze, summarize
-from .pricing import Codec
+from .pricing import Codec, _flops
 from .costmodel import JointPrices
 from .targets import Estimate, Target
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
@@ -121,7 +121,7 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
         # enabled=False stays stock unless a budget is given, or the planner
         # wants the estimate.
         prices = JointPrices(num_fwd_outputs, options, measured=measured)
-        with ti.priced(prices):
+        with ti.priced(prices, flops=_flops):
             fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     else:
         fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
@@ -151,7 +151,7 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
 
 
 def _record(part: Partition, options: Options, input_names: list[str] | None) -> None:
-    """What the chosen plan leaves behind: counters, runtime-stats keys, traces, the report."""
+    """What the chosen plan leaves behind: counters, runtime-stats keys, traces (the report is the front end's)."""
     if part.prices is not None:
         _trace_plan(part.prices)
     if part.swapped:
@@ -168,17 +168,6 @@ def _record(part: Partition, options: Options, input_names: list[str] | None) ->
                                            planned_density=info.assumed_density, dense_bytes=info.dense_bytes())
         log.debug("bitfx partition: %s", summarize(part.infos))
     _name_inputs(part.fw, part.infos, input_names)  # the report's and the planner's names
-    if options.report:
-        from bitfx.report import log_decisions, plan_line
-
-        prices = part.prices
-        # Where the guard replaced the plan, the target it was partitioned for
-        # (stock's budget 1, say) is not one the user gave: the note says why.
-        target = "the peak guard's choice (below)" if part.peak_note else prices.target if prices else None
-        line = plan_line(target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
-        if part.peak_note:
-            line += f"\npeak guard: {part.peak_note}"
-        log_decisions(part.infos, options.enabled, line)
 
 
 @dataclass
@@ -245,8 +234,10 @@ def _trace(name: str, gm: fx.GraphModule) -> None:
 class BitfxPartitioner(ti.CustomPartitionerFn):
     """:func:`partition` as Inductor's ``custom_partitioner_fn``."""
 
-    def __init__(self, options: Options, on_partition=None, input_names: list[str] | None = None):
+    def __init__(self, options: Options, on_partition=None, input_names: list[str] | None = None,
+                 profile_key: str = ""):
         self.options = options
+        self.profile_key = profile_key  # what decides the device profile that prices the plan (bitfx.calibrate.key)
         self.on_partition = on_partition
         self.input_names = input_names  # for the report only: not part of the cache key
         # A callback must see every partition, so such a partitioner never
@@ -265,28 +256,25 @@ class BitfxPartitioner(ti.CustomPartitionerFn):
     def __reduce__(self):
         # Inductor pickles its config into cache keys: reduce to what decides
         # the output (options, this package's source, the nonce).
-        return (_rebuild, (self.options, self.uuid()))
+        return (_rebuild, (self.options, self.uuid(), self.profile_key))
 
     def uuid(self):
         h = hashlib.sha256(repr(self.options).encode())
         h.update(_source_hash().encode())
-        from bitfx import calibrate  # the constants that priced the plan
-
-        h.update(calibrate.key().encode())
+        h.update(self.profile_key.encode())  # the constants that priced the plan
         if self._nonce:
             h.update(self._nonce.encode())
         return h.hexdigest()
 
 
-def _rebuild(options: Options, _key: str) -> BitfxPartitioner:
-    return BitfxPartitioner(options)
+def _rebuild(options: Options, _key: str, profile_key: str = "") -> BitfxPartitioner:
+    return BitfxPartitioner(options, profile_key=profile_key)
 
 
 @functools.cache
 def _source_hash() -> str:
-    import bitfx
-
-    files = {*Path(bitfx.__file__).parent.rglob("*.py"), *Path(__file__).parent.glob("*.py")}
+    # The core's sources (where torch_internals lives) and the passes'.
+    files = {*Path(ti.__file__).parent.rglob("*.py"), *Path(__file__).parent.glob("*.py")}
     h = hashlib.sha256()
     for path in sorted(files):
         h.update(path.read_bytes())

@@ -85,7 +85,7 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
 
 def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:
     """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
-    (:class:`~bitfx.passes.pricing.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
+    (:class:`~bitfx.profiles.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
 
     The depthwise term is what oneDNN's generic path allocates for a
     depthwise weight gradient with a kernel above 3x3.  Which calls take that

@@ -25,7 +25,7 @@ import dataclasses
 import torch.fx as fx
 
 from .analysis import _relu_source
-from .opsets import RESHAPES
+from bitfx.opsets import RESHAPES
 from .rewrite import fresh_placeholder, saved_placeholders
 
 

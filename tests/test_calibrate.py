@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from bitfx import calibrate
-from bitfx.backend import Backend
+from bitfx.backend import Backend, partitioner
 from bitfx.options import Options
 from bitfx.passes import pricing
-from bitfx.passes.partition import BitfxPartitioner
 
 
 @pytest.fixture
@@ -113,11 +112,11 @@ def test_the_profile_is_part_of_the_partitioners_cache_key(profile_env, tmp_path
     """Inductor's caches must not hand back a plan priced with other constants."""
     options = Options()
     profile_env.setenv("BITFX_PROFILE", "builtin")
-    builtin = BitfxPartitioner(options).uuid()
+    builtin = partitioner(options).uuid()
     profile_env.setenv("BITFX_PROFILE", str(_write(tmp_path / "a.json")))
-    a = BitfxPartitioner(options).uuid()
+    a = partitioner(options).uuid()
     _write(tmp_path / "a.json", bitmap_call=1.0)  # the same path, re-measured
-    assert len({builtin, a, BitfxPartitioner(options).uuid()}) == 3
+    assert len({builtin, a, partitioner(options).uuid()}) == 3
 
 
 def test_fit_recovers_a_line_and_refuses_noise():

@@ -1,0 +1,106 @@
+"""Device profiles as data: the constants the cost model prices a device with.
+
+A :class:`Machine` holds a device's throughputs (FLOP/s, memory bandwidth,
+each codec's cost per call and per byte) and the scratch its convolution
+backward allocates.  :data:`MACHINES` are the built-in ones.  The profile in
+force for a device type is :func:`current`'s: the one a front end set with
+:func:`use` (``bitfx.calibrate`` measures, loads and sets it before a graph
+is partitioned), else the built-in one.  The passes read it here and never
+measure.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Machine:
+    """Throughputs the time estimates divide by (bytes/s count dense bytes)."""
+
+    name: str
+    flops: float  # FLOP/s of matmul and convolution
+    bandwidth: float  # bytes/s moved (read plus write) by a memory-bound op
+    encode: float  # dense bytes/s bitfx::compress reads
+    decode: float  # dense bytes/s bitfx::decompress writes
+    bitmap_call: float  # seconds per compress/decompress (or pack_bool/unpack_bool) call beyond its bytes
+    exp_encode: float  # dense bytes/s bitfx::exp_compress reads
+    exp_decode: float  # dense bytes/s bitfx::exp_decompress writes
+    exp_call: float  # seconds per exp_compress or exp_decompress call beyond its bytes
+    # Matmul FLOP/s by dtype name ("bfloat16": ...), where measured; others use ``flops``.
+    flops_by_dtype: tuple[tuple[str, float], ...] = ()
+    # Scratch bytes of a weight-gradient ``convolution_backward`` beyond the
+    # gradients it returns, over its weight's bytes, for a channels-last and
+    # a contiguous weight (the step-peak model adds it; 0 where none is known).
+    conv_scratch_channels_last: float = 0.0
+    conv_scratch_contiguous: float = 0.0
+    # A depthwise weight gradient with a kernel larger than 3x3 whose input
+    # is neither contiguous nor channels-last takes a generic path that
+    # allocates scratch per channel and kernel tap: bytes per channel per
+    # tap, by dtype name (passes/peak.py says where it is counted).
+    depthwise_scratch_by_dtype: tuple[tuple[str, float], ...] = ()
+
+    def conv_scratch(self, channels_last: bool) -> float:
+        return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
+
+    def depthwise_scratch(self, dtype) -> float:
+        name = str(dtype).replace("torch.", "")
+        return next((b for d, b in self.depthwise_scratch_by_dtype if d == name), 0.0)
+
+    def seconds_moving(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+    def flop_rate(self, dtype) -> float:
+        name = str(dtype).replace("torch.", "")
+        return next((f for d, f in self.flops_by_dtype if d == name), self.flops)
+
+
+# CPU: measured on an AMD EPYC without AVX-512 (Zen 3), 2 cores, torch 2.14.1:
+# fp32 matmul 107 and conv 110 GFLOP/s; clone of 16 MiB moves 19 GB/s (read
+# plus write).  Codec constants: `python benchmarks/codec_costs.py` (and
+# `--dtype bfloat16`) on that machine, which fits per-call seconds and dense
+# bytes/s to the bitfx:: ops as a graph calls them (AVX2 bitmap kernels),
+# 16K-1M elements, ReLU outputs at density 0.5:
+#   compress 24 us + 12.8 GB/s, decompress 27 us + 15.9 GB/s (fp32);
+#   17 us + 8.2 GB/s and 23 us + 11.2 GB/s (bf16);
+#   exp_compress 35 us + 3.3 GB/s, exp_decompress 34 us + 5.1 GB/s (fp32);
+#   19 us + 2.1 GB/s and 24 us + 3.8 GB/s (bf16).
+# The constants below round these; bf16 is slower per dense byte than priced.
+# A call's fixed cost is mostly dispatch from Python and allocation: clone
+# fits 5 us per call the same way.
+# Convolution-backward scratch on CPU: oneDNN's weight-gradient kernel
+# allocates weight-sized buffers beyond what it returns, 2x the weight for a
+# channels-last weight and 3x for a contiguous one, for any batch above 1 and
+# any thread count (Intel Xeon, AVX-512, torch 2.14.1; measured per device by
+# python -m bitfx calibrate).  A depthwise one with a 5x5 or 7x7 kernel over
+# an input laid out neither contiguous nor channels-last allocates per
+# channel and tap about 1,028 bytes in fp32 and 1,500-2,300 in bf16 (growing
+# with the image; 1,660 at 6x6), for any batch and thread count; 3x3 kernels
+# allocate next to nothing (AMD EPYC, AVX2, torch 2.14.1).
+# MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
+# CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
+# assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
+# per call (the bitmap encoder reads its nonzero count on the host).
+MACHINES = {
+    "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
+                   exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
+                   conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0,
+                   depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0))),
+    "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
+                    exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
+}
+
+_lock = threading.Lock()
+_IN_FORCE: dict[str, Machine] = {}
+
+
+def use(device_type: str, machine: Machine) -> None:
+    """Price graphs on ``device_type`` with ``machine`` from now on (in this process)."""
+    with _lock:
+        _IN_FORCE[device_type] = machine
+
+
+def current(device_type: str) -> Machine:
+    """The profile in force for ``device_type`` ("cpu" or "cuda"): set by :func:`use`, else built in."""
+    with _lock:
+        return _IN_FORCE.get(device_type) or MACHINES[device_type]
