@@ -108,6 +108,9 @@ def fit(
         if key in plan_options:
             raise TypeError(f"fit() does not take {key}: it plans each pipeline itself, on fake inputs")
 
+    if plan_options.get("density", 0) is None:
+        del plan_options["density"]  # the default, as if not given
+
     def inputs(batch: int):
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -139,7 +142,10 @@ def fit(
 
     top = max_batch // batch_step * batch_step  # the largest batch it may answer
     for pipeline in pipelines:
-        lo = _largest_fitting(lambda b: at(b)[pipeline][0], limit, batch_step, top)
+        # Each search starts from every batch planned so far: where the three
+        # share one trace per batch, the later searches mostly need two plans.
+        seen = {b: got[pipeline][0] for b, got in steps.items()}
+        lo = _largest_fitting(lambda b: at(b)[pipeline][0], limit, batch_step, top, seen)
         above = lo + batch_step
         result.points.append(FitPoint(pipeline, lo, at(lo)[pipeline][0] if lo else None,
                                       at(above)[pipeline][0] if above <= top else None,
@@ -147,7 +153,8 @@ def fit(
     return result
 
 
-def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: int) -> int:
+def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: int,
+                     known: dict[int, int] | None = None) -> int:
     """The largest multiple of ``step`` up to ``top`` whose ``total`` is at most ``limit`` (0: none).
 
     ``total`` grows with the batch.  Each guess is where the line through the
@@ -156,8 +163,9 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
     the answer takes three or four calls.  Where it does not, a guess that
     left the bracket more than half as wide as two guesses before is
     replaced by the bracket's midpoint: never much worse than bisection.
+    ``known``: totals already computed (batch -> total), used before any call.
     """
-    known: dict[int, int] = {}
+    known = {b: v for b, v in (known or {}).items() if b % step == 0 and 0 < b <= top}
 
     def t(b: int) -> int:
         if b not in known:
@@ -170,9 +178,13 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
             return None
         return int(x0 + (limit - y0) * (x1 - x0) / (y1 - y0)) // step * step
 
-    if t(step) > limit:
-        return 0
-    lo, hi = step, None  # lo fits; hi does not (None: none found yet)
+    fitting = [b for b, v in known.items() if v <= limit]
+    if not fitting:
+        if t(step) > limit:
+            return 0
+        fitting = [step]
+    lo = max(fitting)  # lo fits; hi does not (None: none found yet)
+    hi = min((b for b, v in known.items() if v > limit and b > lo), default=None)
     widths: list[int] = []
     while True:
         if hi is None:

@@ -76,7 +76,9 @@ class Machine:
 # an input laid out neither contiguous nor channels-last allocates per
 # channel and tap about 1,028 bytes in fp32 and 1,500-2,300 in bf16 (growing
 # with the image; 1,660 at 6x6), for any batch and thread count; 3x3 kernels
-# allocate next to nothing (AMD EPYC, AVX2, torch 2.14.1).
+# allocate next to nothing (AMD EPYC, AVX2, torch 2.14.1).  Another EPYC
+# (1 MiB L2) allocates 260 bytes in fp32 and about 8 in bf16: these vary by
+# CPU, so `calibrate` measures them.
 # MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us

@@ -118,7 +118,8 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
         if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
                 and max(w.shape[2], w.shape[3]) > 3):
-            scratch += machine.depthwise_scratch(grad.dtype) * w.shape[0] * w.shape[2] * w.shape[3]
+            # calibrate measures this path's whole scratch, weight-sized buffers included
+            scratch = machine.depthwise_scratch(grad.dtype) * w.shape[0] * w.shape[2] * w.shape[3]
         out[n] = int(scratch) + returned
     return out
 

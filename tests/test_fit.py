@@ -112,3 +112,36 @@ def test_the_batch_search_answers_as_a_full_scan_does(shape, step):
         assert len(calls) <= 2 * (top // step).bit_length() + 2, (shape, limit, calls)
         if shape in ("linear", "affine"):
             assert len(calls) <= 5, (shape, limit, calls)
+
+
+@pytest.mark.parametrize("shape", ["linear", "affine", "convex", "steps"])
+def test_the_batch_search_starts_from_batches_already_planned(shape):
+    """fit() runs one search per pipeline over shared plans: a search seeded
+    with batches planned before answers the same and never plans them again."""
+    from bitfx.fit import _largest_fitting
+
+    totals = {"linear": lambda b: 1000 * b, "affine": lambda b: 5_000_000 + 3_333 * b,
+              "convex": lambda b: 10_000 + 50 * b + b * b, "steps": lambda b: 100_000 * (b // 64 + 1)}[shape]
+    top = 4096
+    for limit in (999, 1000 * 7, 5_000_000 + 3_333 * 1234, 3_000_000):
+        for seed in ([1, 8], [1, 8, 300, 301], [5, 4000], [64, 65, 2048]):
+            calls = []
+
+            def total(b):
+                calls.append(b)
+                return totals(b)
+
+            got = _largest_fitting(total, limit, 1, top, {b: totals(b) for b in seed})
+            want = max((b for b in range(1, top + 1) if totals(b) <= limit), default=0)
+            assert got == want, (shape, limit, seed)
+            assert not set(calls) & set(seed) and len(calls) == len(set(calls)), (seed, calls)
+
+
+def test_fit_plans_each_batch_once_for_all_three_pipelines():
+    """One trace per batch prices the three pipelines (the peak guard's
+    partitions), and the second and third searches reuse the first's batches."""
+    planned = []
+    got = bitfx.fit(mlp(), lambda b: (torch.randn(b, 512),), "64MiB", batch_step=STEP, inner="eager",
+                    optimizer="none", progress=lambda: planned.append(1))
+    assert all(p.batch > 0 for p in got.points)
+    assert len(planned) <= 7, len(planned)
