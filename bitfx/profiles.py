@@ -69,8 +69,9 @@ class Machine:
 # A call's fixed cost is mostly dispatch from Python and allocation: clone
 # fits 5 us per call the same way.
 # Convolution-backward scratch on CPU: oneDNN's weight-gradient kernel
-# allocates weight-sized buffers beyond what it returns, 2x the weight for a
-# channels-last weight and 3x for a contiguous one, for any batch above 1 and
+# allocates weight-sized fp32 buffers beyond what it returns (a bf16 weight's
+# are fp32-sized too), 2x the weight for a channels-last weight and 3x for a
+# contiguous one, for any batch above 1 and
 # any thread count (Intel Xeon, AVX-512, torch 2.14.1; measured per device by
 # python -m bitfx calibrate).  A depthwise one with a 5x5 or 7x7 kernel over
 # an input laid out neither contiguous nor channels-last allocates per

@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import math
 import threading
 import warnings
 
@@ -395,16 +396,46 @@ def kernel_run_peak(order, freeable, graph_outputs) -> int:
         previous = joins
     alloc = [0] * (run + 1)
     free = [0] * (run + 1)
+    scratch = [0] * (run + 1)
+    for node, r in zip(order, runs):
+        scratch[r] += extern_scratch(node)
     for info in infos:
         alloc[runs[info.start_step]] += info.size_alloc
         if info.end_step != -1:
             free[runs[info.end_step]] += info.size_free
     peak = live = 0
-    for a, f in zip(alloc, free):
+    for a, f, w in zip(alloc, free, scratch):
         live += a
-        peak = max(peak, live)
+        peak = max(peak, live + w)
         live -= f
     return peak
+
+
+def extern_scratch(node) -> int:
+    """Bytes an extern kernel allocates and frees inside its run: a CPU weight-gradient
+    ``convolution_backward``'s scratch, as the device profile gives it
+    (:meth:`bitfx.profiles.Machine.conv_scratch`; the planner's step model counts the same)."""
+    from .profiles import current
+
+    ir = getattr(node, "node", None)
+    if getattr(ir, "op_overload", None) is not torch.ops.aten.convolution_backward.default:
+        return 0
+    inputs = getattr(ir, "inputs", ())
+    if len(inputs) < 3 or node.get_device() is None or node.get_device().type != "cpu":
+        return 0
+    mask = next((a for a in reversed(getattr(ir, "constant_args", ())) if isinstance(a, (list, tuple))
+                 and len(a) == 3 and all(isinstance(b, bool) for b in a)), (True, True, True))
+    grad, weight = inputs[0], inputs[2]
+    try:
+        batch, size, stride = int(grad.get_size()[0]), [int(d) for d in weight.get_size()], \
+            [int(d) for d in weight.get_stride()]
+    except (TypeError, ValueError):  # symbolic sizes: not modelled
+        return 0
+    if not mask[1] or batch <= 1 or len(size) != 4:
+        return 0
+    channels_last = stride[1] == 1 and size[1] > 1
+    # oneDNN accumulates a weight gradient in fp32: a bf16 weight's scratch is fp32-sized
+    return int(current("cpu").conv_scratch(channels_last) * math.prod(size) * max(weight.get_dtype().itemsize, 4))
 
 
 def reorder_by_kernel_runs(nodes):
