@@ -21,14 +21,20 @@ most ``memory``; the answer is as good as the planner's peak model (see
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 from tabulate import tabulate
 
 from .options import format_bytes, parse_bytes
+
+log = logging.getLogger("bitfx")
 
 PIPELINES = {"bittrain": {}, "stock": {"enabled": False}, "stock@0.9": {"enabled": False, "memory_budget": 0.9}}
 
@@ -78,6 +84,7 @@ def fit(
     optimizer: str = "adam",
     pipelines: tuple[str, ...] = tuple(PIPELINES),
     progress: Callable[[], object] | None = None,
+    workers: int | None = None,
     **plan_options,
 ) -> Fit:
     """The largest batch (a multiple of ``batch_step``) whose step fits ``memory``, per pipeline.
@@ -89,7 +96,9 @@ def fit(
     ``memory``: bytes, or a size such as ``"4GiB"``.  ``optimizer``: whose
     state to count (``none``, ``sgd``, ``momentum``, ``adam``).
     ``plan_options``: as for :func:`bitfx.plan` (``inner``, ``density``, ...).
-    ``progress()`` is called after each batch planned.
+    ``progress()`` is called after each batch planned.  ``workers``: plans
+    run at a time, in forked processes where above 1 (default: 2 where the
+    process may use 2 cores; the answer does not depend on it).
     """
     from .planner import OPTIMIZER_STATE, _resident, plan, step_totals
     from .torch_internals import FakeTensorMode
@@ -123,38 +132,123 @@ def fit(
     result.fixed_bytes = {"parameters": params + buffers, f"optimizer state ({optimizer})": opt_bytes}
     steps: dict[int, dict[str, tuple[int, int]]] = {}  # batch -> pipeline -> (step total, step peak)
 
-    def at(batch: int) -> dict[str, tuple[int, int]]:
-        if batch not in steps:
-            args, kwargs = inputs(batch)
-            common = dict(inputs_kwargs=kwargs, optimizer=optimizer, **plan_options)
-            # One trace gives all three where the peak guard runs (its default);
-            # otherwise each pipeline is planned on its own.
-            got = step_totals(model, *args, **common) if "density" not in plan_options else None
-            if got is None:
-                got = {}
-                for pipeline in pipelines:
-                    p = plan(model, *args, **PIPELINES[pipeline], **common)
-                    got[pipeline] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
-            steps[batch] = got
-            if progress is not None:
-                progress()
-        return steps[batch]
+    def plan_batch(batch: int) -> dict[str, tuple[int, int]]:
+        args, kwargs = inputs(batch)
+        common = dict(inputs_kwargs=kwargs, optimizer=optimizer, **plan_options)
+        # One trace gives all three where the peak guard runs (its default);
+        # otherwise each pipeline is planned on its own.
+        got = step_totals(model, *args, **common) if "density" not in plan_options else None
+        if got is None:
+            got = {}
+            for pipeline in pipelines:
+                p = plan(model, *args, **PIPELINES[pipeline], **common)
+                got[pipeline] = (p.peak_bytes["bittrain"], p.step_peak_bytes["bittrain"])
+        return got
 
     top = max_batch // batch_step * batch_step  # the largest batch it may answer
-    for pipeline in pipelines:
-        # Each search starts from every batch planned so far: where the three
-        # share one trace per batch, the later searches mostly need two plans.
-        seen = {b: got[pipeline][0] for b, got in steps.items()}
-        lo = _largest_fitting(lambda b: at(b)[pipeline][0], limit, batch_step, top, seen)
-        above = lo + batch_step
-        result.points.append(FitPoint(pipeline, lo, at(lo)[pipeline][0] if lo else None,
-                                      at(above)[pipeline][0] if above <= top else None,
-                                      at(lo)[pipeline][1] if lo else None))
+    with _Planner(plan_batch, _workers(workers)) as planner:
+
+        def at(batch: int) -> dict[str, tuple[int, int]]:
+            if batch not in steps:
+                steps[batch] = planner.result(batch)
+                if progress is not None:
+                    progress()
+            return steps[batch]
+
+        def prefetch(batches: list[int]) -> None:
+            planner.submit([b for b in batches if b not in steps and 0 < b <= top])
+
+        for pipeline in pipelines:
+            # Each search starts from every batch planned so far: where the three
+            # share one trace per batch, the later searches mostly need two plans.
+            seen = {b: got[pipeline][0] for b, got in steps.items()}
+            lo = _largest_fitting(lambda b: at(b)[pipeline][0], limit, batch_step, top, seen, prefetch)
+            above = lo + batch_step
+            result.points.append(FitPoint(pipeline, lo, at(lo)[pipeline][0] if lo else None,
+                                          at(above)[pipeline][0] if above <= top else None,
+                                          at(lo)[pipeline][1] if lo else None))
     return result
 
 
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        # Two plans at a time: the search asks for batches in pairs.
+        return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    return workers
+
+
+_JOB: list[Callable[[int], Any]] = []  # the plan_batch a forked worker runs
+
+
+def _plan_in_worker(batch: int):
+    return _JOB[0](batch)
+
+
+class _Planner:
+    """Plans batches in this process, or with ``workers > 1`` in forked worker processes.
+
+    Planning is single-threaded Python (tracing and partitioning), so two
+    plans on two cores take the time of one; the batch search asks for the
+    batch it guesses and the one a step above together.  Workers are forked
+    before this process plans anything (they inherit the model and
+    ``make_inputs``, which need not pickle) and set one intra-op thread, as a
+    forked DataLoader worker does: the plans run no kernels.  A process that
+    ran autograd before cannot fork workers that use it; there the plans run
+    here, one at a time.  A plan asked for and never used is killed with the pool.
+    """
+
+    def __init__(self, plan_batch: Callable[[int], Any], workers: int):
+        self.plan_batch, self.workers = plan_batch, workers
+        self.pool = None
+        self.pending: dict[int, Any] = {}
+
+    def __enter__(self):
+        if self.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # What every plan imports, imported once before the fork.
+            import torch._functorch.partitioners  # noqa: F401
+            import torch._inductor.compile_fx  # noqa: F401
+
+            _JOB[:] = [self.plan_batch]
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=torch.set_num_threads,
+                                                                 initargs=(1,))
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+
+    def _close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+            self.pending.clear()
+            _JOB.clear()
+
+    def submit(self, batches: list[int]) -> None:
+        for b in batches:
+            if self.pool is not None and b not in self.pending:
+                self.pending[b] = self.pool.apply_async(_plan_in_worker, (b,))
+
+    def result(self, batch: int):
+        if self.pool is None:
+            return self.plan_batch(batch)
+        self.submit([batch])
+        try:
+            return self.pending.pop(batch).get()
+        except RuntimeError as e:
+            if "Autograd-and-Fork" not in str(e):
+                raise
+            log.info("bitfx.fit: this process ran autograd before fit(), so forked workers cannot: "
+                     "planning one batch at a time here")
+            self._close()
+            return self.plan_batch(batch)
+
+
 def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: int,
-                     known: dict[int, int] | None = None) -> int:
+                     known: dict[int, int] | None = None,
+                     prefetch: Callable[[list[int]], None] = lambda batches: None) -> int:
     """The largest multiple of ``step`` up to ``top`` whose ``total`` is at most ``limit`` (0: none).
 
     ``total`` grows with the batch.  Each guess is where the line through the
@@ -164,6 +258,8 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
     left the bracket more than half as wide as two guesses before is
     replaced by the bracket's midpoint: never much worse than bisection.
     ``known``: totals already computed (batch -> total), used before any call.
+    ``prefetch(batches)`` is told the batches the next calls will likely ask
+    for, before the first of them is asked (a hint: the answer is the same).
     """
     known = {b: v for b, v in (known or {}).items() if b % step == 0 and 0 < b <= top}
 
@@ -180,6 +276,7 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
 
     fitting = [b for b, v in known.items() if v <= limit]
     if not fitting:
+        prefetch([step, min(8 * step, top)])  # the first two the search asks for, where step fits
         if t(step) > limit:
             return 0
         fitting = [step]
@@ -206,6 +303,8 @@ def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: in
             nxt = min(max(guess if guess is not None else lo, lo + step), hi - step)
             if len(widths) > 2 and 2 * widths[-1] > widths[-3]:
                 nxt = max((lo + hi) // 2 // step * step, lo + step)
+        if not probe and nxt + step <= top and (hi is None or nxt + step < hi):
+            prefetch([nxt, nxt + step])  # nxt, then a step up where nxt fits
         if t(nxt) > limit:
             hi = nxt
             continue

@@ -145,3 +145,36 @@ def test_fit_plans_each_batch_once_for_all_three_pipelines():
                     optimizer="none", progress=lambda: planned.append(1))
     assert all(p.batch > 0 for p in got.points)
     assert len(planned) <= 7, len(planned)
+
+
+def test_fit_in_worker_processes_answers_as_in_this_one(tmp_path):
+    """Two plans at a time in forked workers: the same answer as one at a time here.
+    In a fresh process (this one ran autograd, which forked workers cannot use), workers first."""
+    script = """
+import json, logging, sys, torch
+import bitfx
+sys.path.insert(0, "tests")
+from test_fit import mlp, STEP
+logging.basicConfig(level=logging.INFO)
+import os, bitfx.planner
+totals = bitfx.planner.step_totals
+def counted(*a, **k):
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return totals(*a, **k)
+bitfx.planner.step_totals = counted
+kwargs = dict(batch_step=STEP, inner="eager", optimizer="none", pipelines=("bittrain", "stock"))
+forked = bitfx.fit(mlp(), lambda b: (torch.randn(b, 512),), "64MiB", workers=2, **kwargs)
+here = bitfx.fit(mlp(), lambda b: (torch.randn(b, 512),), "64MiB", workers=1, **kwargs)
+print(json.dumps([forked.to_dict(), here.to_dict(), os.getpid()]))
+"""
+    pids = tmp_path / "pids"
+    out = subprocess.run([sys.executable, "-c", script, str(pids)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "BITFX_PROFILE": "builtin"})
+    assert out.returncode == 0, out.stderr
+    assert "one batch at a time" not in out.stderr, out.stderr  # the workers planned
+    forked, here, parent = json.loads(out.stdout.strip().splitlines()[-1])
+    assert forked == here and forked["points"][0]["batch"] > 0
+    planners = [int(p) for p in pids.read_text().split()]
+    n_forked = len(planners) - planners.count(parent)  # the first fit's plans, all in workers
+    assert n_forked >= 2 and len(set(planners) - {parent}) >= 1 and planners[:n_forked].count(parent) == 0
