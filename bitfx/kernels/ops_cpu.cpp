@@ -27,6 +27,10 @@
 #include <c10/core/SymIntArrayRef.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -140,7 +144,30 @@ int64_t stored_numel(const Layout &layout) {
 // not need: outputs are allocated with at::detail::empty_cpu and
 // empty_strided_cpu, which skip the dispatcher, and a source already in the
 // kernels' order is read where it lies instead of through a view.
-at::Tensor new_cpu(int64_t numel, at::ScalarType dtype) { return at::detail::empty_cpu({numel}, dtype); }
+//
+// A large output is also advised onto transparent huge pages before anything
+// writes it.  glibc serves an allocation above its mmap threshold (at most
+// 32 MiB) with fresh pages, so an op's first write to a 16M-element output
+// faulted 4 KiB at a time: decompress ran 5.7x as long as copy_ into
+// allocated memory, and as long as clone.  With 2 MiB pages the faults are
+// 512x fewer.  Advice only: where THP is off (or "never"), nothing changes.
+void advise_huge_pages(const at::Tensor &t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void *>(first), last - first, MADV_HUGEPAGE);
+#else
+    (void)t;
+#endif
+}
+
+at::Tensor new_cpu(int64_t numel, at::ScalarType dtype) {
+    at::Tensor t = at::detail::empty_cpu({numel}, dtype);
+    advise_huge_pages(t);
+    return t;
+}
 
 // Whether x's memory already holds its stored elements in the memory order
 // of stride, from its data pointer on: then to_flat is a view and Source
@@ -192,6 +219,7 @@ struct Target {
     Target(at::IntArrayRef size_, at::IntArrayRef stride, at::ScalarType dtype)
         : layout(size_, stride), size(size_.vec()) {
         base = at::detail::empty_strided_cpu(layout.stored, stride, dtype);
+        advise_huge_pages(base);
         // A dense base holds the stored elements in flat order from its data
         // pointer on (strides are nonnegative): the kernels write there, with
         // no flat tensor.
