@@ -206,9 +206,9 @@ class _Planner:
 
     def __enter__(self):
         if self.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            # What every plan imports, imported once before the fork.
-            import torch._functorch.partitioners  # noqa: F401
-            import torch._inductor.compile_fx  # noqa: F401
+            from .torch_internals import import_compiler
+
+            import_compiler()  # what every plan imports, imported once before the fork
 
             _JOB[:] = [self.plan_batch]
             self.pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=torch.set_num_threads,

@@ -342,6 +342,12 @@ def reorder_by_emitted_kernels():
 _REORDER: list = []
 
 
+def import_compiler() -> None:
+    """Import what tracing and partitioning a graph import on first use (seconds of imports)."""
+    for module in ("torch._functorch.partitioners", "torch._inductor.compile_fx"):
+        importlib.import_module(module)
+
+
 def has_scheduler_pass() -> bool:
     """Whether this torch's FX-graph cache keys on a post-fusion pass (``CustomSchedulerPass``).
 
