@@ -183,7 +183,15 @@ _JOB: list[Callable[[int], Any]] = []  # the plan_batch a forked worker runs
 
 
 def _plan_in_worker(batch: int):
-    return _JOB[0](batch)
+    try:
+        return _JOB[0](batch)
+    except BaseException as e:  # noqa: BLE001 - what a compile raises need not pickle
+        return _WorkerFailed(f"{type(e).__name__}: {e}")
+
+
+@dataclass
+class _WorkerFailed:
+    reason: str
 
 
 class _Planner:
@@ -235,15 +243,18 @@ class _Planner:
         if self.pool is None:
             return self.plan_batch(batch)
         self.submit([batch])
-        try:
-            return self.pending.pop(batch).get()
-        except RuntimeError as e:
-            if "Autograd-and-Fork" not in str(e):
-                raise
+        got = self.pending.pop(batch).get()
+        if not isinstance(got, _WorkerFailed):
+            return got
+        # Planned again here: a real error is raised with its own traceback.
+        if "Autograd-and-Fork" in got.reason:
             log.info("bitfx.fit: this process ran autograd before fit(), so forked workers cannot: "
                      "planning one batch at a time here")
-            self._close()
-            return self.plan_batch(batch)
+        else:
+            log.warning("bitfx.fit: a worker failed to plan batch %d (%s); planning here, one batch at a time",
+                        batch, got.reason[:500])
+        self._close()
+        return self.plan_batch(batch)
 
 
 def _largest_fitting(total: Callable[[int], int], limit: int, step: int, top: int,
