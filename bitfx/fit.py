@@ -9,12 +9,14 @@ parameters, buffers, optimizer state and inputs, plus the step peak
 the liveness model knows of).  Stock PyTorch's answer (its default plan, and
 at budget 0.9) is given beside bitfx's.
 
-One plan at a batch gives stock's default and bitfx's step (a second one
-stock's at 0.9), so the three searches share their plans.  A step's bytes
-grow about linearly with the batch, so each search guesses the answer from
-the line through the two nearest batches it knows, and falls back to
-halving the bracket where a guess does not shrink it by half: a handful of
-plans where bisection took ``2 log2(batch)``.  A batch fits when its predicted total is at
+One trace at a batch prices bitfx's step and stock's two (the peak guard
+partitions them all), so the three searches share their plans, and each
+starts from the batches planned before it.  A step's bytes grow about
+linearly with the batch, so each search guesses the answer from the line
+through the two nearest batches it knows, and falls back to halving the
+bracket where a guess does not shrink it by half: a handful of plans where
+bisection took ``2 log2(batch)``.  The guess and the batch a step above are
+planned together, in two forked workers (:class:`_Planner`).  A batch fits when its predicted total is at
 most ``memory``; the answer is as good as the planner's peak model (see
 ``benchmarks/plan_accuracy.py`` for its measured error).
 """

@@ -30,8 +30,8 @@ class Machine:
     # Matmul FLOP/s by dtype name ("bfloat16": ...), where measured; others use ``flops``.
     flops_by_dtype: tuple[tuple[str, float], ...] = ()
     # Scratch bytes of a weight-gradient ``convolution_backward`` beyond the
-    # gradients it returns, over its weight's bytes, for a channels-last and
-    # a contiguous weight (the step-peak model adds it; 0 where none is known).
+    # gradients it returns, over its weight's fp32 bytes, for a channels-last
+    # and a contiguous weight (the step-peak model adds it; 0 where none is known).
     conv_scratch_channels_last: float = 0.0
     conv_scratch_contiguous: float = 0.0
     # A depthwise weight gradient with a kernel larger than 3x3 whose input
@@ -42,6 +42,14 @@ class Machine:
 
     def conv_scratch(self, channels_last: bool) -> float:
         return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
+
+    def conv_weight_scratch(self, channels_last: bool, numel: int, itemsize: int) -> float:
+        """Scratch bytes of the weight gradient of a weight of ``numel`` elements.
+
+        oneDNN accumulates a weight gradient in fp32, so a bf16 weight's
+        scratch is fp32-sized (4x and 5x its own bytes, measured).
+        """
+        return self.conv_scratch(channels_last) * numel * max(itemsize, 4)
 
     def depthwise_scratch(self, dtype) -> float:
         name = str(dtype).replace("torch.", "")

@@ -440,8 +440,7 @@ def extern_scratch(node) -> int:
     if not mask[1] or batch <= 1 or len(size) != 4:
         return 0
     channels_last = stride[1] == 1 and size[1] > 1
-    # oneDNN accumulates a weight gradient in fp32: a bf16 weight's scratch is fp32-sized
-    return int(current("cpu").conv_scratch(channels_last) * math.prod(size) * max(weight.get_dtype().itemsize, 4))
+    return int(current("cpu").conv_weight_scratch(channels_last, math.prod(size), weight.get_dtype().itemsize))
 
 
 def reorder_by_kernel_runs(nodes):

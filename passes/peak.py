@@ -112,12 +112,9 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
         # ran; while it runs they are alive beside the scratch.
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
         channels_last = weight.name in copies or _channels_last(weight)
-        # oneDNN accumulates a weight gradient in fp32: a bf16 weight's scratch is fp32-sized
-        w_val = weight.meta.get("val")
-        fp32_bytes = w_val.numel() * max(w_val.element_size(), 4) if isinstance(w_val, torch.Tensor) \
-            else node_bytes(weight)
-        scratch = machine.conv_scratch(channels_last) * fp32_bytes
         w, groups = weight.meta.get("val"), n.args[-2]
+        scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size())
+                   if isinstance(w, torch.Tensor) else machine.conv_scratch(channels_last) * node_bytes(weight))
         generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
         if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
