@@ -1,4 +1,4 @@
-"""The exactness matrix's models (benchmarks/arch_models.py) under Inductor: bitfx against stock, in numbers.
+"""The exactness matrix's models (bitfx.models.ARCHS) under Inductor: bitfx against stock, in numbers.
 
     python benchmarks/arch_exactness.py [mobilenet_v3,resnext,...]
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from torch._dynamo.utils import counters  # noqa: E402
 
-from arch_models import ARCHS, max_rel_diff, run, run_eager  # noqa: E402
+from bitfx.models import ARCHS, max_rel_diff, run, run_eager  # noqa: E402
 
 
 def main() -> None:

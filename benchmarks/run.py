@@ -55,7 +55,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import models  # noqa: E402
+from bitfx import models  # noqa: E402
 import results_io  # noqa: E402
 
 import bitfx  # noqa: E402

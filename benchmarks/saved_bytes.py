@@ -16,7 +16,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import bitfx
-import models
+from bitfx import models
 from bitfx.measure import model_saved_bytes
 
 

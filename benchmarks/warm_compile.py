@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = """
 import json, sys, time, torch
 sys.path.insert(0, {here!r})
-import models
+from bitfx import models
 import bitfx  # builds or loads the CPU kernels before the clock starts
 from torch._dynamo.utils import counters
 torch.manual_seed(0)

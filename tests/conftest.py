@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +17,6 @@ os.environ.setdefault("BITFX_PROFILE", "builtin")
 import torch._functorch.config  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.fixture(autouse=True)

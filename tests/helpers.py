@@ -1,23 +1,51 @@
 """What the tests share: bit-exact comparison, the graph capture, small models, random bit patterns.
 
 The one utility module of the suite: test modules import from here, never from
-each other.  (Models the benchmarks use too live in ``benchmarks/models.py``.)
+each other.  Models the benchmarks use too live in :mod:`bitfx.models`; a
+benchmark script is loaded by :func:`benchmark`, never imported by its bare
+name, so that no test module can stand in for a package module.
 """
 
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models
+from bitfx import models
 from bitfx import format as fmt
 from bitfx import backend as bitfx_backend
 from bitfx.backend import Backend
 from bitfx.torch_internals import counters
 from bitfx.options import Options
 from bitfx.passes import Codec  # noqa: F401  (re-exported: tests name storage by it)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py``, loaded from its file (the tests of the benchmarks themselves).
+
+    Loaded as ``benchmarks.<name>``: a bare ``import run`` would find
+    whichever ``run`` module comes first on ``sys.path``.  The scripts import
+    their siblings by bare name, as ``python benchmarks/<name>.py`` lets
+    them, so the folder goes at the end of ``sys.path``, behind the package.
+    """
+    qualified = f"benchmarks.{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(qualified, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from arch_models import ARCHS, max_rel_diff, run, run_eager
+from bitfx.models import ARCHS, max_rel_diff, run, run_eager
 from helpers import bitmap_coded
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-import results_io
-import run
+from helpers import benchmark
+
+results_io = benchmark("results_io")
+run = benchmark("run")
 
 
 def tiny():
@@ -87,7 +89,7 @@ def test_run_rejects_unknown_model_and_config(capsys):
 
 
 def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
-    import kernel_speed
+    kernel_speed = benchmark("kernel_speed")
 
     out = tmp_path / "k.jsonl"
     assert kernel_speed.main(["--codec", "exponent", "--sizes", "4099", "--dtypes", "bfloat16,float16", "--reps", "1",
@@ -100,7 +102,7 @@ def test_kernels_benchmark_times_the_exponent_codec(tmp_path, capsys):
 
 
 def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
-    import kernel_speed
+    kernel_speed = benchmark("kernel_speed")
 
     out = tmp_path / "k.jsonl"
     assert kernel_speed.main(["--codec", "bitmap+exponent", "--sizes", "5000", "--densities", "0.5", "--dtypes",
@@ -110,7 +112,7 @@ def test_kernels_benchmark_bitmap_exponent_rows(tmp_path):
 
 
 def test_codec_costs_fits_every_op_the_pricing_charges(tmp_path, capsys):
-    import codec_costs
+    codec_costs = benchmark("codec_costs")
 
     out = tmp_path / "c.jsonl"
     assert codec_costs.main(["--sizes", "20000,400000", "--reps", "5", "--out", str(out)]) == 0
@@ -125,7 +127,7 @@ def test_codec_costs_fits_every_op_the_pricing_charges(tmp_path, capsys):
 
 
 def test_codec_in_step_times_each_call_and_restores_the_ops():
-    import codec_in_step
+    codec_in_step = benchmark("codec_in_step")
 
     compress = run.torch.ops.bitfx.compress.default
     # Three ReLU outputs that outweigh the weights: compressing them lowers
@@ -170,7 +172,7 @@ def test_same_budget_ratios_and_summarize(tmp_path, capsys):
 
 def test_op_overhead_cold_rows():
     """``op_overhead.py --cold``: every call timed hot and after evicting the caches."""
-    import op_overhead
+    op_overhead = benchmark("op_overhead")
 
     rows = op_overhead.cold_rows([[64]], 3)
     assert [r[2] for r in rows] == ["torch.empty_like", "Tensor.add", "bitfx::compress", "bitfx::decompress"]
@@ -179,7 +181,7 @@ def test_op_overhead_cold_rows():
 
 def test_render_results_from_rows(tmp_path):
     """docs/results.md is rendered from rows: the latest run of each benchmark, with where it was measured."""
-    import render_results
+    render_results = benchmark("render_results")
 
     res = tmp_path / "results"
     for commit, saved in (("aaa", 100), ("bbb", 50)):  # two runs; only the latest counts
@@ -210,7 +212,7 @@ def test_render_results_from_rows(tmp_path):
 
 
 def test_committed_results_page_is_generated():
-    import render_results
+    render_results = benchmark("render_results")
 
     assert render_results.main(["--check"]) == 0, "run python benchmarks/render_results.py"
 
@@ -231,7 +233,7 @@ def test_run_model_checks_the_default_against_its_plan_stored_dense():
 def test_render_results_leaves_out_unrecorded_rows_and_empty_columns(tmp_path):
     """A row without its commit or machine is not shown; nor is a column no row has a figure in,
     nor a section whose rows are all left out."""
-    import render_results
+    render_results = benchmark("render_results")
 
     res = tmp_path / "results"
     res.mkdir()

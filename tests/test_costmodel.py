@@ -9,7 +9,7 @@ from helpers import assert_bit_identical, bitmap_coded, call_nodes, grads_of
 from torch._dynamo.utils import counters
 
 import bitfx
-import models
+from bitfx import models
 from bitfx.backend import Backend
 from bitfx.measure import model_saved_bytes
 from bitfx.options import Options

@@ -7,7 +7,7 @@ from helpers import (TransformerBlock, assert_bit_identical, compressed_somethin
                      squared_relu_ffn)
 
 import bitfx
-import models
+from bitfx import models
 from torch._dynamo.utils import counters
 
 # Inductor's C++ compile dominates these tests' time (conftest.py, "slow").

@@ -13,7 +13,7 @@ CORE = {"bitfx.format", "bitfx.kernels", "bitfx.kernels.cpu_ext", "bitfx.kernels
         "bitfx.kernels.triton_kernels", "bitfx.ops", "bitfx.runtime_stats", "bitfx.options", "bitfx.liveness",
         "bitfx.torch_internals", "bitfx.profiles", "bitfx.opsets"}
 FRONT = {"bitfx", "bitfx.__main__", "bitfx.backend", "bitfx.planner", "bitfx.cli_plan", "bitfx.fit",
-         "bitfx.measure", "bitfx.report", "bitfx.demo", "bitfx.calibrate", "bitfx.inductor_layouts"}
+         "bitfx.measure", "bitfx.report", "bitfx.demo", "bitfx.calibrate", "bitfx.inductor_layouts", "bitfx.models"}
 LAYER = {"core": 0, "passes": 1, "front end": 2}
 
 
@@ -106,3 +106,24 @@ def test_no_pass_measures():
                 continue
             bad = [n for n in named if n.startswith(("bitfx.calibrate", "bitfx.measure", "torch.profiler"))]
             assert not bad, f"{name} imports {bad}"
+
+
+def test_tests_import_no_benchmark_script_by_name():
+    """Tests import bitfx; a benchmark script is loaded by ``helpers.benchmark``, by its path.
+
+    A bare ``import run`` resolves through ``sys.path``: with the scripts'
+    folder on it, a test could load ``benchmarks/<x>.py`` where it meant a
+    package module, and a benchmark's model would pass for the package's.
+    """
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    bad = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                named = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            bad += [f"{path.name}:{node.lineno} imports {n}" for n in named if n in scripts]
+    assert not bad, "\n".join(bad)

@@ -6,7 +6,7 @@ import torch.nn as nn
 from helpers import compile_and_capture
 
 import bitfx
-import models
+from bitfx import models
 from bitfx import format as fmt
 from bitfx.measure import model_saved_bytes, step_peak
 

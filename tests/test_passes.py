@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import Codec, TransformerBlock, call_nodes, compile_and_capture, conv_bn_relu, mlp, saved_outputs, squared_relu_ffn
 
-import models
+from bitfx import models
 
 bitfx = torch.ops.bitfx
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import bitfx
-import models
+from bitfx import models
 from bitfx.liveness import simulate
 from bitfx.measure import model_saved_bytes
 
