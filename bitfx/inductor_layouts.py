@@ -141,7 +141,7 @@ def _layout_as_if_saved(x, node: fx.Node):
         dense = is_non_overlapping_and_dense_or_false(val)
         if dense and val.dim() == 4 and node in V.graph.nodes_prefer_channels_last:
             strides = ir.FlexibleLayout.stride_ordered_for_memory_format(x.get_size(), torch.channels_last)
-        is_view = val._is_view() or isinstance(getattr(x, "data", None), ir.BaseView)
+        is_view = torch_internals.is_view(val) or isinstance(getattr(x, "data", None), ir.BaseView)
         if is_view and not getattr(config, "strict_output_strides", False):
             x = ir.ExternKernel.require_stride_order(x, ir.get_stride_order(strides), allow_padding=True)
         else:

@@ -46,9 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size, guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import kernels
+from . import torch_internals
 from . import runtime_stats
 from .format import (
     check_bitmap_exp,
@@ -330,7 +331,7 @@ def fresh_size(shape_env) -> torch.SymInt:
     its outputs are bound where it is inserted, so it asks the ShapeEnv directly.
     """
     size = shape_env.create_unbacked_symint()
-    _constrain_range_for_size(size)
+    torch_internals.constrain_range_for_size(size)
     return size
 
 
@@ -466,11 +467,11 @@ def _cpu_shim(name: str):
 
 
 def _drop_cpu_shims() -> None:
-    _CPU_SHIMS._destroy()
+    torch_internals.drop_library(_CPU_SHIMS)
 
 
 def _after_cpu_load(error: str | None) -> None:
-    if _CPU_FALLBACK or _CPU_SHIMS.m is not None:
+    if _CPU_FALLBACK or torch_internals.library_registered(_CPU_SHIMS):
         return  # a second load() (tests clear its cache): the kernels are registered already
     _CPU_FALLBACK.append(None)
     if error is None:

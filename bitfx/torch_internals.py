@@ -75,11 +75,28 @@ NAMES = {
     "CustomSchedulerPass": ("torch._inductor.custom_graph_pass", "CustomSchedulerPass"),
     "get_hash_for_files": ("torch._inductor.custom_graph_pass", "get_hash_for_files"),
     "OrderedSet": ("torch.utils._ordered_set", "OrderedSet"),
+    "constrain_range_for_size": ("torch.fx.experimental.symbolic_shapes", "_constrain_range_for_size"),
+    "sympy_functions": ("torch.utils._sympy.functions", None),  # FloorDiv, Mod, Max, Min in SymInt expressions
 }
 # Names an older torch of the tested range lacks, and what bitfx does without them.
 OPTIONAL = {"CustomSchedulerPass": "torch 2.11: Inductor's own peak-memory reorder runs (has_scheduler_pass)"}
 # Modules to import first: select_decomp_table is filled by Inductor's lowerings.
 _BEFORE = {"select_decomp_table": "torch._inductor.lowering"}
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a FakeTensor in a lowering) is a view of another tensor's storage."""
+    return t._is_view()
+
+
+def library_registered(lib) -> bool:
+    """Whether a ``torch.library.Library`` still holds its registrations (not destroyed)."""
+    return lib.m is not None
+
+
+def drop_library(lib) -> None:
+    """Remove a ``torch.library.Library``'s registrations now (there is no public way)."""
+    lib._destroy()
 
 
 def __getattr__(name: str):
@@ -175,10 +192,10 @@ def _solve_min_cut(joint_graph, node_info, min_cut_options, dont_ban=None):
     stock = _stock["solve_min_cut"]
     if prices is None:
         return stock(joint_graph, node_info, min_cut_options, dont_ban)
-    key = (prices._stock_mode, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
-    if key not in prices._cuts:
-        prices._cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
-    saved, banned = prices._cuts[key]
+    key = (prices.stock_mode, dataclasses.astuple(min_cut_options), frozenset(dont_ban or ()))
+    if key not in prices.cuts:
+        prices.cuts[key] = stock(joint_graph, node_info, min_cut_options, dont_ban)
+    saved, banned = prices.cuts[key]
     return list(saved), type(banned)(banned)
 
 
@@ -201,7 +218,7 @@ def _estimator():
 
         def __call__(self, node) -> float:
             prices = active()
-            if prices is not None and not prices._stock_mode:
+            if prices is not None and not prices.stock_mode:
                 return prices.knapsack_value(node)
             prior = _stock["estimator"]
             if isinstance(prior, __getattr__("CustomRuntimeEstimator")):
@@ -230,7 +247,7 @@ def _solver():
 
         def __call__(self, memory, joint_graph, max_memory, node_info, nodes):
             prices = active()
-            if prices is not None and not prices._stock_mode and prices.slack_s is not None:
+            if prices is not None and not prices.stock_mode and prices.slack_s is not None:
                 return prices.solve_slack(memory, nodes)
             return self._prior(memory, joint_graph, max_memory, node_info, nodes)
 

@@ -66,43 +66,65 @@ def partition(
     def once(opts: Options, graph: fx.GraphModule, trace: bool = False) -> Partition:
         return _partition_once(graph, joint_inputs, num_fwd_outputs, opts, measured, fingerprint, kwargs, want, trace)
 
-    # The joint graph is partitioned again for each plan the guard compares:
-    # the partitioner rewrites the graph it is given (RNG pinning), so each
-    # one, this first one too, gets a copy.  compress=False keeps every
-    # decision of the compressed plan: the guard compares the plans
-    # compressed, then the one it takes is partitioned once more, stored dense.
-    if peak_target is not None:
-        from .peak import fit_peak
-
-        fitted = fit_peak(peak_target, lambda opts: once(opts, _copy(joint)), options)
-        log.info("bitfx: %s", fitted.note)
-        options = fitted.options
-    coded = dataclasses.replace(options, compress=True) if guarded and not options.compress else options
-    part = fitted.partition if peak_target is not None else once(coded, _copy(joint) if guarded else joint, trace=True)
-    chosen = None
-    if guarded and part.target is not None and part.target.kind == "free":
-        from .peak import guard
-
-        chosen = guard(part, lambda opts: once(opts, _copy(joint)), coded)
-        part = chosen.partition
-    if coded is not options:
-        part = once(dataclasses.replace(chosen.options if chosen else coded, compress=False), joint)
-    if chosen is not None:
-        part.peak_note, part.stock_peaks = chosen.note, chosen.stock_peaks
-        ti.counters["bitfx"]["peak_guard_checked"] += 1
-        if chosen.note:
-            ti.counters["bitfx"]["peak_guard_changed"] += 1
-            runtime_stats.register_guard(fingerprint, chosen.note)
-            log.info("bitfx: %s", chosen.note)
-        ti.trace_structured(
-            "artifact",
-            metadata_fn=lambda: {"name": "bitfx_peak_guard", "encoding": "json"},
-            payload_fn=lambda: {"note": chosen.note, "peaks": chosen.peaks},
-        )
+    part, choice = _choose(joint, options, once, guarded, peak_target)
+    if choice is not None and guarded:
+        part.peak_note, part.stock_peaks = choice.note, choice.stock_peaks
+        _record_guard(choice, fingerprint)
+    elif choice is not None:
+        log.info("bitfx: %s", choice.note)
     _record(part, options, input_names)
     if on_partition is not None:
         on_partition(part)
     return part.fw, part.bw
+
+
+def _choose(joint: fx.GraphModule, options: Options, once, guarded: bool, peak_target: int | None):
+    """The plan to take, and the peak guard's or the peak target's choice (None where nothing was compared).
+
+    Without a comparison the options' own plan is partitioned from
+    ``joint``.  With one, plans are compared compressed: ``compress=False``
+    keeps every decision of the compressed plan and changes only the
+    storage.  Each plan compared is partitioned from a copy of ``joint``
+    (the partitioner rewrites the graph it is given: RNG pinning); where the
+    plan taken is to be stored dense, it is partitioned once more, from
+    ``joint``, with the options it was chosen with.
+    """
+    from .peak import fit_peak, guard
+
+    if not guarded and peak_target is None:
+        return once(options, joint, True), None
+    coded = dataclasses.replace(options, compress=True)
+
+    def trial(opts: Options) -> Partition:
+        return once(opts, _copy(joint))
+
+    choice = None
+    if peak_target is not None:
+        choice = fit_peak(peak_target, trial, coded)
+        part, taken = choice.partition, choice.options
+    else:
+        part, taken = once(coded, _copy(joint), True), coded
+        # A fraction set through torch's activation_memory_budget is the user's choice: not guarded.
+        if part.target is not None and part.target.kind == "free":
+            choice = guard(part, trial, coded)
+            part, taken = choice.partition, choice.options
+    if not options.compress:
+        part = once(dataclasses.replace(taken, compress=False), joint)
+    return part, choice
+
+
+def _record_guard(choice, fingerprint: str) -> None:
+    """The peak guard's check, in the counters, the runtime stats and the structured trace."""
+    ti.counters["bitfx"]["peak_guard_checked"] += 1
+    if choice.note:
+        ti.counters["bitfx"]["peak_guard_changed"] += 1
+        runtime_stats.register_guard(fingerprint, choice.note)
+        log.info("bitfx: %s", choice.note)
+    ti.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "bitfx_peak_guard", "encoding": "json"},
+        payload_fn=lambda: {"note": choice.note, "peaks": choice.peaks},
+    )
 
 
 def _copy(joint: fx.GraphModule) -> fx.GraphModule:

@@ -13,7 +13,8 @@ import operator
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._sympy.functions import FloorDiv, Max, Min, Mod
+
+from bitfx import torch_internals
 
 
 class UnsupportedSymbolicExpr(Exception):
@@ -112,13 +113,14 @@ class SymIntEmitter:
         return node
 
 
+_SYM = torch_internals.sympy_functions  # torch's sympy functions in SymInt expressions
 _FOLDS = {
     sympy.Mul: operator.mul,
     sympy.Add: operator.add,
-    FloorDiv: operator.floordiv,
-    Mod: operator.mod,
-    Max: torch.sym_max,
-    Min: torch.sym_min,
+    _SYM.FloorDiv: operator.floordiv,
+    _SYM.Mod: operator.mod,
+    _SYM.Max: torch.sym_max,
+    _SYM.Min: torch.sym_min,
     sympy.Max: torch.sym_max,
     sympy.Min: torch.sym_min,
 }

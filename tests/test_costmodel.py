@@ -239,10 +239,8 @@ def test_fraction_keeps_stocks_recompute_of_statistics_over_convolutions():
         return [name], targets.Estimate(0.3, saved, recompute_s, 0.0, 0.0, 1.0, 0.0, recompute_flop_s=flop_s)
 
     stock, convs = plan("stock", 100, 0.01, 0.0), plan("convs", 36, 0.01, 0.01)
-    prices = costmodel.JointPrices(1, Options.from_dict({}))
-
     def choose(**caps):
-        got, _ = prices._smallest_within(lambda budget, slack=None: convs, 1.02, [stock, convs], max_bytes=100,
+        got, _ = costmodel.smallest_within(lambda budget, slack=None: convs, 1.02, [stock, convs], max_bytes=100,
                                          max_recompute_s=0.01, **caps)
         return got
 

@@ -191,7 +191,7 @@ def test_cli_keyword_inputs_and_huge_fake_shapes():
                 "--input", "labels:2x16:int64:0-100", "--inner", "eager", "--json", "--calibrate")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["calibrated"]
-    r = run_cli("models:relu_mlp", "--input-shape", "100000000000,1024", "--inner", "eager", "--json")
+    r = run_cli("bitfx.models:relu_mlp", "--input-shape", "100000000000,1024", "--inner", "eager", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["saved_bytes"]["baseline"] > 10**14  # planned at that size, never allocated
@@ -229,10 +229,10 @@ def test_plan_keeps_the_users_compiled_models():
 
 @pytest.mark.slow
 def test_cli_density_in_footer_and_json():
-    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25")
+    r = run_cli("bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25")
     assert r.returncode == 0, r.stderr
     assert "relu 0.25" in r.stdout.splitlines()[-1]
-    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25", "--json")
+    r = run_cli("bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--density", "0.25", "--json")
     densities = json.loads(r.stdout)["densities"]
     assert {"relu", "max_pool", "hardswish"} <= set(densities) and set(densities.values()) == {0.25}
 
@@ -241,7 +241,7 @@ def test_cli_density_in_footer_and_json():
 def test_cli_json():
     # An explicit budget: on this small graph the free default's peak guard may
     # take stock's plan (it does on torch 2.11), and the JSON would show no saving.
-    r = run_cli("models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--memory-budget", "0.9",
+    r = run_cli("bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--inner", "eager", "--memory-budget", "0.9",
                 "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -259,19 +259,19 @@ def assert_one_line_error(code: int, err: str, message: str):
     "args, message",
     [
         (["nomodule:thing", "--input-shape", "2,3"], "cannot load"),
-        (["models:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
+        (["bitfx.models:resnet18", "--input-shape", "2,x"], "bad --input-shape"),
         (["models", "--input-shape", "2"], "MODULE:CALLABLE"),
-        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "float77"], "bad --dtype"),
-        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "complex64"], "bad --dtype"),
-        (["models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "bool"], "bad --dtype"),
-        (["models:resnet18", "--input-shape", "2,5"], "Expected 3D (unbatched) or 4D"),
-        (["models:resnet18", "--input-shape", "100000000000,8"], "cannot be planned"),
-        (["models:BasicBlock", "--input-shape", "2,8,8,8"], "BasicBlock() raised TypeError"),
+        (["bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "float77"], "bad --dtype"),
+        (["bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "complex64"], "bad --dtype"),
+        (["bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--dtype", "bool"], "bad --dtype"),
+        (["bitfx.models:resnet18", "--input-shape", "2,5"], "Expected 3D (unbatched) or 4D"),
+        (["bitfx.models:resnet18", "--input-shape", "100000000000,8"], "cannot be planned"),
+        (["bitfx.models:BasicBlock", "--input-shape", "2,8,8,8"], "BasicBlock() raised TypeError"),
         (["test_planner:raising_factory", "--input-shape", "2,8"], "raised ValueError: factory failed"),
-        (["models:resnet18", "--input-shape", "2,3,32,32", "--density", "7"], "bad --density"),
-        (["models:resnet18", "--input-shape", "2,3,32,32", "--density", "-3"], "bad --density"),
-        (["models:resnet18", "--input", "x:2x3x32x32:float32:0-5"], "a range is for integer inputs"),
-        (["models:resnet18"], "--input-shape or --input"),
+        (["bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--density", "7"], "bad --density"),
+        (["bitfx.models:resnet18", "--input-shape", "2,3,32,32", "--density", "-3"], "bad --density"),
+        (["bitfx.models:resnet18", "--input", "x:2x3x32x32:float32:0-5"], "a range is for integer inputs"),
+        (["bitfx.models:resnet18"], "--input-shape or --input"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(args, message, capsys, monkeypatch):
@@ -285,7 +285,7 @@ def test_cli_errors_are_one_line_exit_2(args, message, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["nomodule:thing", "--input-shape", "2,3"], "cannot load"),
-    (["models:resnet18", "--input-shape", "2,5"], "Expected 3D (unbatched) or 4D"),
+    (["bitfx.models:resnet18", "--input-shape", "2,5"], "Expected 3D (unbatched) or 4D"),
 ])
 def test_cli_errors_are_one_line_exit_2_in_a_new_process(args, message):
     """As a user sees them: torch's own logging, left as a new process has it, prints nothing more."""

@@ -25,30 +25,92 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {"torch._check"}
 
 
-def _private_uses(path: Path) -> list[str]:
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _chain(node) -> list[str] | None:
+    """``a.b.c`` as ``["a", "b", "c"]``; None where it does not start at a name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
+
+
+def _defined(paths) -> set[str]:
+    """Every name the project itself defines: functions, classes, assignments, arguments, imports."""
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.alias):
+                names.add(node.asname or node.name.split(".")[0])
+    return names
+
+
+# Operator namespaces: an ATen op named with a leading underscore
+# (aten._to_copy) is an operator of the graph, not a private Python API.
+OP_NAMESPACES = {"aten", "prims"}
+
+
+def _private_uses(path: Path, own: set[str] = frozenset()) -> list[str]:
+    """Private torch names ``path`` touches.
+
+    * imports of a module with a private component (``torch._inductor``,
+      ``torch.utils._sympy``), or of a private name (``from
+      torch.fx.experimental.symbolic_shapes import _constrain_range_for_size``);
+    * ``torch._x`` attribute chains (``torch.ops`` aside);
+    * a private attribute (``lib._destroy()``, ``t._is_view()``) that the
+      project does not define itself (``own``): one of a torch object.
+    """
     found = []
+    where = f"{path.name}:"
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch._"):
-            found.append(f"{path.name}:{node.lineno} from {node.module}")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            if any(map(_private, node.module.split("."))) or any(_private(a.name) for a in node.names):
+                found.append(f"{where}{node.lineno} from {node.module} import {[a.name for a in node.names]}")
         elif isinstance(node, ast.Import):
-            found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name.startswith("torch._")]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
-                and node.attr.startswith("_") and not node.attr.startswith("__") and f"torch.{node.attr}" not in ALLOWED:
-            found.append(f"{path.name}:{node.lineno} torch.{node.attr}")
+            found += [f"{where}{node.lineno} import {a.name}" for a in node.names
+                      if a.name.split(".")[0] == "torch" and any(map(_private, a.name.split(".")))]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            chain = _chain(node)
+            if chain and chain[0] == "torch":
+                if chain[1] != "ops" and ".".join(chain[:2]) not in ALLOWED:
+                    found.append(f"{where}{node.lineno} {'.'.join(chain)}")
+            elif not (chain and chain[0] in OP_NAMESPACES) and node.attr not in own:
+                found.append(f"{where}{node.lineno} .{node.attr} (a private attribute bitfx does not define)")
     return found
 
 
-def test_no_other_module_touches_private_torch():
+def _sources():
     files = [*(ROOT / "bitfx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]
-    files = [f for f in files if f.name != "torch_internals.py"]
     assert len(files) > 20
-    assert [u for f in files for u in _private_uses(f)] == []
+    return files
+
+
+def test_no_other_module_touches_private_torch():
+    files = _sources()
+    own = _defined(files)
+    assert [u for f in files if f.name != "torch_internals.py" for u in _private_uses(f, own)] == []
 
 
 def test_the_checker_sees_private_uses(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch._inductor.config\nfrom torch._ops import OpOverload\nx = torch._C\ntorch._check(True)\n")
-    assert len(_private_uses(bad)) == 3
+    bad.write_text("import torch._inductor.config\nfrom torch._ops import OpOverload\nx = torch._C\ntorch._check(True)\n"
+                   "from torch.utils._sympy.functions import FloorDiv\n"
+                   "from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size\n"
+                   "lib._destroy()\nt._is_view()\nself._mine = 1\nself._mine\naten._to_copy\n")
+    uses = _private_uses(bad, _defined([bad]))
+    assert len(uses) == 7, uses
+    assert not any("_mine" in u or "_to_copy" in u for u in uses)
 
 
 def test_every_name_resolves_on_this_torch():
