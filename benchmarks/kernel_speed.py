@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_io  # noqa: E402
 
 import bitfx
+from bitfx import format as fmt
 from bitfx import kernels
+from bitfx.kernels import torch_ref
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,28 @@ def make_input(cfg: Config, device: torch.device) -> torch.Tensor:
 
 
 def _timed_row(cfg: Config, x: torch.Tensor, device: torch.device, reps: int, stored_bytes: int,
-               compress, decompress) -> dict:
+               compress, decompress, compress_into=None, decompress_into=None) -> dict:
     """Median times of ``compress()`` and ``decompress()``, interleaved with the two yardsticks:
     ``copy_`` into a tensor allocated before (the memory's limit: no page faults, as in a step
-    that reuses its allocator's memory) and ``clone`` (which pays for its fresh output)."""
+    that reuses its allocator's memory) and ``clone`` (which pays for its fresh output).
+
+    ``compress_into()`` and ``decompress_into()``, where given: the same
+    kernels writing into output allocated before, as ``copy_`` does
+    (``*_into_*`` columns).  An op allocates its output, and an allocation
+    over glibc's mmap threshold (32 MiB at most) is fresh memory each time,
+    whose page faults can cost more than the kernel: the two columns tell the
+    kernel from the allocator.
+    """
     into = torch.empty_like(x)
-    t = _interleaved(device, {"copy": lambda: into.copy_(x), "clone": lambda: x.clone(),
-                              "compress": compress, "decompress": decompress}, reps)
-    return {
+    fns = {"copy": lambda: into.copy_(x), "clone": lambda: x.clone(), "compress": compress, "decompress": decompress}
+    fns.update({name: fn for name, fn in (("compress_into", compress_into), ("decompress_into", decompress_into))
+                if fn is not None})
+    t = _interleaved(device, fns, reps)
+    extra = {}
+    for name in ("compress_into", "decompress_into"):
+        if name in t:
+            extra.update({f"{name}_us": t[name] * 1e6, f"{name}_vs_copy": t[name] / t["copy"]})
+    return {**extra, 
         **asdict(cfg),
         "dense_MB": x.nbytes / 1e6,
         "stored_ratio": stored_bytes / x.nbytes,
@@ -117,8 +133,29 @@ def run_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
     out = torch.empty_like(x)
     kernels.exp_decompress(k, stream, out)
     assert torch.equal(out.view(torch.uint8), x.view(torch.uint8))
-    return _timed_row(cfg, x, device, reps, stream.numel(),
-                      lambda: kernels.exp_compress(k, x), lambda: kernels.exp_decompress(k, stream, out))
+    ints = x.view(fmt.int_view_dtype(x.dtype))
+    n, head, ng = x.numel(), x.numel() * (x.element_size() - 1), fmt.exp_groups(x.numel())
+    preallocated = torch.empty_like(stream)
+
+    def compress_into():  # both passes, the stream allocated before
+        base, width = k.exp_header(ints)
+        preallocated[head: head + ng].copy_(base[:ng])
+        preallocated[head + ng: head + 2 * ng].copy_(width[:ng])
+        k.exp_encode(ints, preallocated)
+
+    compress_into()
+    assert torch.equal(preallocated, stream) and n == ints.numel()
+    if device.type != "cpu":
+        return _timed_row(cfg, x, device, reps, stream.numel(),
+                          lambda: kernels.exp_compress(k, x), lambda: kernels.exp_decompress(k, stream, out))
+    # On the CPU: the C++ ops, as a compiled step calls them (each allocates
+    # its output), and the kernels into memory allocated before.
+    ops = torch.ops.bitfx
+    payload = ops.exp_compress(x, [1])
+    assert torch.equal(payload, stream)
+    return _timed_row(cfg, x, device, reps, stream.numel(), lambda: ops.exp_compress(x, [1]),
+                      lambda: ops.exp_decompress(payload, [n], [1], x.dtype),
+                      compress_into, lambda: kernels.exp_decompress(k, stream, out))
 
 
 def run_bitmap_exponent(cfg: Config, device: torch.device, reps: int) -> dict:
@@ -138,7 +175,28 @@ def run(cfg: Config, device: torch.device, reps: int) -> dict:
     x = make_input(cfg, device)
     packed = bitfx.compress(x)
     assert torch.equal(bitfx.decompress(packed), x)
-    row = _timed_row(cfg, x, device, reps, packed.nbytes, lambda: bitfx.compress(x), lambda: bitfx.decompress(packed))
+    compress_into = decompress_into = None
+    if device.type == "cpu" and kernels.select(device) is not torch_ref:
+        k, ints = kernels.select(device), x.view(fmt.int_view_dtype(x.dtype))
+        bitmap_bytes = fmt.num_blocks(x.numel()) * fmt.BITMAP_BYTES_PER_BLOCK
+        payload = torch.empty(bitmap_bytes + x.numel() * x.element_size(), dtype=torch.uint8)
+
+        def compress_into():  # the count pass, its one host read, the compaction into memory allocated before
+            offsets = k.count(ints)
+            nnz = int(offsets[-1])
+            k.encode(ints, offsets, payload[:bitmap_bytes], payload[bitmap_bytes:].view(ints.dtype)[:nnz])
+
+        out = torch.empty_like(x)
+
+        def decompress_into():  # the op's kernels into memory allocated before
+            kernels.decompress(k, packed.offsets, packed.payload, out)
+
+        decompress_into()
+        assert torch.equal(out, x)
+
+    # bitfx.compress / decompress: the ops a compiled step calls, each allocating its output.
+    row = _timed_row(cfg, x, device, reps, packed.nbytes, lambda: bitfx.compress(x), lambda: bitfx.decompress(packed),
+                     compress_into, decompress_into)
     if device.type == "cuda":
         # copy_ moves 2 bytes per dense byte: that is the copy bandwidth.
         copy_bw = 2 * x.nbytes / (row["copy_us"] / 1e6)
@@ -199,6 +257,7 @@ def main(argv=None) -> int:
             *(["bitmap_only_ratio"] if args.codec == "bitmap+exponent" else []),
             "copy_us", "compress_us", "decompress_us", "copy_GBps", "compress_GBps", "decompress_GBps",
             "compress_vs_copy", "decompress_vs_copy", "compress_vs_clone", "decompress_vs_clone"]
+    cols += [c for c in ("compress_into_vs_copy", "decompress_into_vs_copy") if c in rows[0]]
     if device.type == "cuda":
         cols += ["compress_frac_copy_bw", "decompress_frac_copy_bw"]
     isa_note = f" isa={args.isa}" if args.isa else ""

@@ -19,7 +19,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 100_003]
 BACKENDS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels")),
+    # The C kernels at each ISA (bitfx_exp_set_isa): the AVX2 group kernels
+    # cover whole groups of 32, the scalar ones the rest.
+    *(pytest.param(("cpu", "cpu", isa), id=f"cpu-{isa}",
+                   marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels"))
+      for isa in ("scalar", "avx2")),
     pytest.param(
         ("triton", DEVICE),
         id=f"triton-{DEVICE}",
@@ -30,14 +34,21 @@ BACKENDS = [
 
 @pytest.fixture
 def backend(request):
-    name, dev = request.param
+    name, dev, *isa = request.param
     if name == "torch":
-        return torch_ref, torch.device(dev)
-    if name == "cpu":
-        return cpu_ext, torch.device(dev)
-    from bitfx.kernels import triton_kernels
+        yield torch_ref, torch.device(dev)
+    elif name == "cpu":
+        cpu_ext.set_isa(isa[0])
+        if cpu_ext.exponent_isa() != isa[0]:
+            pytest.skip(f"this CPU cannot run the {isa[0]} kernels")
+        try:
+            yield cpu_ext, torch.device(dev)
+        finally:
+            cpu_ext.set_isa("avx512")  # what the library picks when it loads
+    else:
+        from bitfx.kernels import triton_kernels
 
-    return triton_kernels, torch.device(dev)
+        yield triton_kernels, torch.device(dev)
 
 
 def ints(x):
@@ -127,7 +138,7 @@ def test_other_dtypes_are_refused(dtype):
         K.exp_compress(torch_ref, torch.zeros(8, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS[:2], indirect=True)
+@pytest.mark.parametrize("backend", BACKENDS[:3], indirect=True)
 def test_corrupt_streams_raise_on_cpu(backend):
     k, _ = backend
     x = torch.randn(100)
@@ -150,7 +161,11 @@ def test_corrupt_streams_raise_on_cpu(backend):
 
 OP_BACKENDS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels")),
+    # The C kernels at each ISA (bitfx_exp_set_isa): the AVX2 group kernels
+    # cover whole groups of 32, the scalar ones the rest.
+    *(pytest.param(("cpu", "cpu", isa), id=f"cpu-{isa}",
+                   marks=pytest.mark.skipif(not cpu_ext.available(), reason="no C++ kernels"))
+      for isa in ("scalar", "avx2")),
     pytest.param(("triton", DEVICE), id=f"triton-{DEVICE}",
                  marks=pytest.mark.skipif(not triton_usable(), reason="triton not installed")),
 ]
@@ -158,9 +173,18 @@ OP_BACKENDS = [
 
 @pytest.fixture
 def op_device(kernels, request):
-    choice, dev = request.param
+    choice, dev, *isa = request.param
     kernels(choice)
-    return torch.device(dev)
+    if not isa:
+        yield torch.device(dev)
+        return
+    cpu_ext.set_isa(isa[0])
+    if cpu_ext.exponent_isa() != isa[0]:
+        pytest.skip(f"this CPU cannot run the {isa[0]} kernels")
+    try:
+        yield torch.device(dev)
+    finally:
+        cpu_ext.set_isa("avx512")  # what the library picks when it loads
 
 
 def op_roundtrip(x):
@@ -195,7 +219,7 @@ def test_op_falls_back_to_raw_where_the_codec_does_not_pay(op_device, dtype):
     assert payload.numel() < x.numel() * x.element_size() and bit_equal(x, y)
 
 
-@pytest.mark.parametrize("op_device", OP_BACKENDS[:2], indirect=True)
+@pytest.mark.parametrize("op_device", OP_BACKENDS[:3], indirect=True)
 def test_op_opcheck_and_corrupt_payloads(op_device):
     x = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)
     opcheck(torch.ops.bitfx.exp_compress.default, (x, list(x.stride())))
@@ -248,7 +272,7 @@ def test_bitmap_exp_is_smaller_than_the_bitmap_alone():
     assert offsets.nbytes + payload.nbytes < 0.85 * (o2.nbytes + p2.nbytes)
 
 
-@pytest.mark.parametrize("op_device", OP_BACKENDS[:2], indirect=True)
+@pytest.mark.parametrize("op_device", OP_BACKENDS[:3], indirect=True)
 def test_bitmap_exp_corrupt_parts_raise(op_device):
     x = torch.relu(torch.randn(5000, generator=torch.Generator().manual_seed(0)))
     offsets, payload = torch.ops.bitfx.bitmap_exp_compress(x, [1])

@@ -422,8 +422,11 @@ static const count_block_fn COUNT_AT[3][4] = {
 };
 #endif
 
+int bitfx_exp_set_isa(int isa); /* exponent_cpu.c: the exponent codec follows the same choice */
+
 /* Use, for each element width, the best kernel that exists and the CPU runs
- * among ISAs up to isa (ISA_SCALAR: scalar everywhere).  Returns the ISA now
+ * among ISAs up to isa (ISA_SCALAR: scalar everywhere), and the same for the
+ * exponent codec (bitfx_exp_set_isa).  Returns the ISA now
  * used by width index w in bits 2w..2w+1, or -1 for an unknown isa. */
 int bitfx_set_isa(int isa) {
     if (isa < ISA_SCALAR || isa > ISA_AVX512) return -1;
@@ -443,6 +446,7 @@ int bitfx_set_isa(int isa) {
 #endif
         used |= pick << (2 * w);
     }
+    bitfx_exp_set_isa(isa);
     return used;
 }
 

@@ -225,6 +225,8 @@ def _open():
     lib.bitfx_unpack_bool.argtypes = [p, i64, p, i32]
     lib.bitfx_set_isa.argtypes = [i32]
     lib.bitfx_set_isa.restype = i32
+    lib.bitfx_exp_isa.argtypes = []
+    lib.bitfx_exp_isa.restype = i32
     lib.bitfx_ops_use_python.argtypes = [i32]
     lib.bitfx_exp_header.argtypes = [p, i64, i32, p, i32]
     lib.bitfx_exp_header.restype = i64
@@ -246,6 +248,8 @@ ISAS = ("scalar", "avx2", "avx512")  # in the C library's order: each level incl
 def set_isa(name: str) -> dict[int, str]:
     """Use, for each element size, the best bitmap kernels that exist and the CPU runs, up to ISA ``name``.
 
+    The exponent codec's kernels follow (:func:`exponent_isa`).
+
     ``"scalar"`` everywhere; ``"avx2"`` has kernels for 2- and 4-byte elements
     only, so 1- and 8-byte elements fall back to scalar; ``"avx512"`` (what the
     library picks when it loads) has every size, where the CPU has AVX-512
@@ -258,6 +262,15 @@ def set_isa(name: str) -> dict[int, str]:
         raise ValueError(f"unknown ISA {name!r}; choose one of {', '.join(ISAS)}")
     used = _lib().bitfx_set_isa(ISAS.index(name))
     return {1 << w: ISAS[(used >> (2 * w)) & 3] for w in range(4)}
+
+
+def exponent_isa() -> str:
+    """The ISA the exponent codec's kernels now run (set with the bitmap's by :func:`set_isa`).
+
+    ``"avx2"`` where the CPU has it and :func:`set_isa` allowed it (AVX-512
+    runs the AVX2 kernels), else ``"scalar"``.
+    """
+    return ISAS[_lib().bitfx_exp_isa()]
 
 
 def available() -> bool:
