@@ -83,6 +83,8 @@ def roundtrip(backend, x):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_random_bit_patterns_roundtrip(backend, dtype, n):
+    if backend[0] is not torch_ref and backend[0] is not cpu_ext and backend[1].type == "cpu":
+        n = min(n, 10_003)  # Triton's interpreter: 313 groups over several programs, in a second, not eight
     gen = torch.Generator().manual_seed(n)
     roundtrip(backend, random_bits(n, dtype, density=1.0, gen=gen))  # NaN payloads, infs, denormals
     roundtrip(backend, torch.randn(n, generator=gen).to(dtype) * 3.0)  # what activations look like
