@@ -133,6 +133,8 @@ def log_partition(part, enabled: bool) -> None:
     # (stock's budget 1, say) is not one the user gave: the note says why.
     target = "the peak guard's choice (below)" if part.peak_note else prices.target if prices else None
     line = plan_line(target, prices.chosen, prices.machine.name) if prices and prices.chosen else ""
+    if prices is not None and prices.replan_note:
+        line += f"\nre-plan: {prices.replan_note}"
     if part.peak_note:
         line += f"\npeak guard: {part.peak_note}"
     log_decisions(part.infos, enabled, line)

@@ -90,6 +90,8 @@ class PlanPrices:
         self.exponent: set[str] | None = None
         self.stock_mode = False  # solving stock's own plan: stock sizes, runtime estimator and solver
         self.slack_s: float | None = None  # set while the free default's time knapsack runs
+        # solve_min_cut results by their arguments (torch_internals): a cut depends on the sizes, so on this pricing
+        self.cuts: dict = {}
 
     def price_graph(self, joint: fx.Graph, static) -> None:
         """Decide, as the rewrite will, how each node of ``joint`` would be stored if saved.
@@ -482,7 +484,12 @@ class JointPrices:
         self.target: Target | None = None  # resolved in choose(), where torch's own budget is known
         self.chosen: Estimate | None = None
         self.candidates: list[Estimate] = []
-        self.cuts: dict = {}  # solve_min_cut results of this graph, by its arguments (torch_internals)
+        self.replan_note: str | None = None  # the trade a re-plan made (measured densities): see _no_worse
+
+    @property
+    def cuts(self) -> dict:
+        """The cuts solved under the pricing now in force (torch_internals caches them here)."""
+        return self.pricing.cuts
 
     @property
     def stock_mode(self) -> bool:
@@ -519,10 +526,49 @@ class JointPrices:
         self.pricing.price_graph(joint_graph, getattr(node_info, "static_lifetime_input_nodes", ()))
         search = PlanSearch(self.pricing, self.target, stock_choose, joint_graph, node_info, self.candidates)
         saved, self.chosen = search.run()
+        if self.pricing.measured and self.target.kind == "free" and self.options.enabled:
+            saved, self.chosen = self._no_worse(search, stock_choose, joint_graph, node_info, saved, self.chosen)
         torch_internals.counters["bitfx"]["plans_priced"] += len(self.candidates)
         log.debug("bitfx plan: %s -> %s, %d bytes saved, estimated slowdown %.3f",
                   self.target, self.chosen.label, self.chosen.saved_bytes, self.chosen.slowdown)
         return saved
+
+    def _no_worse(self, search: PlanSearch, stock_choose, joint_graph: fx.Graph, node_info, saved, chosen):
+        """A re-plan (measured densities) never stores more than the plan it replaces, unless it is faster.
+
+        The plan it replaces is the one made at the assumed densities.  It is
+        searched again here, then priced at the measured densities, as the
+        re-plan is.  It is taken where it stores less and is within the free
+        default's time (or no slower than the re-plan); otherwise the re-plan
+        stands, storing no more, or faster than a plan over the time limit.  Re-planning a bf16 GPT at a lower measured density once
+        stored more than the plan it replaced (0.368x stock against 0.347x):
+        at that density it chose the bitmap without the exponent codec.
+        """
+        measured = self.pricing
+        assumed = PlanPrices(measured.num_fwd_outputs, self.options)
+        assumed.machine = measured.machine
+        assumed.price_graph(joint_graph, measured.static)
+        self.pricing = assumed  # the partitioner's hooks answer from the pricing in force
+        try:
+            before, _ = PlanSearch(assumed, self.target, stock_choose, joint_graph, node_info, []).run()
+        finally:
+            self.pricing = measured
+        kept_exponent = measured.exponent
+        measured.exponent = assumed.exponent
+        old = search.estimate(None, before)  # the plan it replaces, at the measured densities
+        limit = (1.0 + FREE_SLOWDOWN) * (search.step_s + search.baseline)  # the free default's
+        if not (old.saved_bytes < chosen.saved_bytes and (old.total_s <= limit or old.total_s <= chosen.total_s)):
+            measured.exponent = kept_exponent
+            self.replan_note = (f"re-planned at the measured densities: stores {format_bytes(chosen.saved_bytes)} "
+                                f"against {format_bytes(old.saved_bytes)} for the plan at the assumed densities "
+                                f"(estimated {chosen.slowdown:.3f}x against {old.slowdown:.3f}x the step time)")
+            return saved, chosen
+        old = dataclasses.replace(old, exponent_coded=len(assumed.exponent or ()))
+        self.replan_note = (f"kept the plan made at the assumed densities: at the measured densities it stores "
+                            f"{format_bytes(old.saved_bytes)} where the re-plan would store "
+                            f"{format_bytes(chosen.saved_bytes)}, and is no slower (estimated {old.slowdown:.3f}x "
+                            f"against {chosen.slowdown:.3f}x the step time)")
+        return before, old
 
 
 def _recomputed(saved: list[fx.Node], node_info) -> set[fx.Node]:

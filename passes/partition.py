@@ -176,6 +176,8 @@ def _record(part: Partition, options: Options, input_names: list[str] | None) ->
     """What the chosen plan leaves behind: counters, runtime-stats keys, traces (the report is the front end's)."""
     if part.prices is not None:
         _trace_plan(part.prices)
+        if part.prices.replan_note:
+            log.info("bitfx: %s", part.prices.replan_note)
     if part.swapped:
         log.debug("bitfx: saving %d ReLU outputs instead of their inputs", part.swapped)
         ti.counters["bitfx"]["swapped"] += part.swapped
