@@ -159,6 +159,46 @@ def plan_accuracy(rows: list[dict]) -> list[str]:
                       "saved MiB", "predicted MiB", "measured on"], body))
 
 
+# The codecs' speed targets, as ratios to copy_ into memory allocated before
+# (issue 43): at 16M elements, 2 threads; at 1M, each at most 3x.
+KERNEL_TARGETS = {("bitmap", "compress"): 2.0, ("bitmap", "decompress"): 2.0,
+                  ("exponent", "compress"): 3.0, ("exponent", "decompress"): 2.5}
+
+
+def kernels(rows: list[dict]) -> list[str]:
+    """The latest CPU row of each (codec, dtype, size, density, threads), as ratios to copy_.
+
+    ``op``: the op a compiled step calls, allocating its output; ``kernel``:
+    the same kernels writing into memory allocated before, as copy_ does.
+    """
+    latest = {}
+    for r in rows:
+        if r.get("kernels") != "cpu_ext" or r.get("isa"):  # the C kernels at the ISA they load with
+            continue
+        latest[(r.get("codec", "bitmap"), r["dtype"], r["numel"], r["density"], r.get("threads"))] = r
+    body = []
+    for (codec, dtype, numel, density, threads), r in sorted(latest.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], kv[0][3], kv[0][4] or 0)):
+        cells = []
+        for op in ("compress", "decompress"):
+            target = None if threads != 2 else \
+                KERNEL_TARGETS.get((codec, op)) if numel >= 2**24 else 3.0 if numel >= 2**20 else None
+            ratio, into = r.get(f"{op}_vs_copy"), r.get(f"{op}_into_vs_copy")
+            best = into if into is not None else ratio  # the kernel's own time where measured
+            cells += [_num(ratio, 2), _num(into, 2),
+                      "" if target is None or best is None else f"{'yes' if best <= target else 'no'} (<= {target:g})"]
+        body.append([codec, dtype, f"{numel / 2**20:g}M", _num(density, 1), threads, _num(r["copy_GBps"], 1),
+                     *cells, _stamp(r)])
+    return (["Time of each codec as a ratio to `copy_` of the same tensor into memory allocated before, "
+             "interleaved in one process (`benchmarks/kernel_speed.py`, CPU). *op*: the op a compiled step "
+             "calls, which allocates its output (above glibc's 32 MiB mmap threshold that is fresh memory, "
+             "and its page faults, each call); *kernel*: the same kernels into memory allocated before. "
+             "*target*: issue 43's bound at 2 threads (16M elements: bitmap 2.0 each way, exponent 3.0 "
+             "and 2.5; 1M: 3.0), checked on the kernel figure where there is one.", ""]
+            + _table(["codec", "dtype", "size", "density", "threads", "copy GB/s", "compress op", "compress kernel",
+                      "target", "decompress op", "decompress kernel", "target", "measured on"], body))
+
+
 def timeline(rows: list[dict]) -> list[str]:
     """Each model's latest timeline rows, and its plot."""
     latest: dict = {}
@@ -181,6 +221,7 @@ SECTIONS = {
     "run": ("Held-out models: defaults and budgets (`benchmarks/run.py`)", run_frontier),
     "timeline": ("Memory timelines (`benchmarks/timeline.py`)", timeline),
     "plan_accuracy": ("The planner's step peak against measurements (`benchmarks/plan_accuracy.py`)", plan_accuracy),
+    "kernels": ("CPU codecs against a copy (`benchmarks/kernel_speed.py`)", kernels),
 }
 
 
