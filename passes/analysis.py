@@ -40,9 +40,9 @@ from .pricing import (  # noqa: F401  (KINDS: re-exported)
     DEFAULT_DENSITY,
     KINDS,
     Codec,
+    Machine,
     exp_ratio,
     exponent_pays,
-    machine_for,
     stored_bytes,
 )
 
@@ -277,9 +277,9 @@ def saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> list:
     return list(outputs[num_fwd_outputs:])
 
 
-def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
+def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options, machine: Machine,
             exponent: set[str] | None = None, measured: dict[str, float] | None = None) -> list[SavedTensor]:
-    """Classify every tensor saved by the partitioned forward graph ``gm``.
+    """Classify every tensor saved by the partitioned forward graph ``gm``, priced on ``machine``.
 
     ``exponent``: the names of the saved tensors the cost model chose to
     exponent-code (the free default's time left, see costmodel); None: every
@@ -296,7 +296,7 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     result: list[SavedTensor] = []
     by_node: dict[fx.Node, SavedTensor] = {}
     for i, node in saved:
-        info = _decide(node, i, kind, fwd_outputs, options, dens.get(node))
+        info = _decide(node, i, kind, fwd_outputs, options, machine, dens.get(node))
         if exponent is not None and node.name not in exponent:
             if info.codec is Codec.EXPONENT:
                 info = SavedTensor(node, i, Codec.DENSE, "dense; the exponent codec did not fit this plan's time "
@@ -309,8 +309,8 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options,
     return result
 
 
-def _decide(node, index, kind, fwd_outputs, options, density: float | None = None) -> SavedTensor:
-    """How ``node`` is stored if saved; ``density``: measured, else the assumed one."""
+def _decide(node, index, kind, fwd_outputs, options, machine: Machine, density: float | None = None) -> SavedTensor:
+    """How ``node`` is stored if saved, priced on ``machine``; ``density``: measured, else the assumed one."""
     val = node.meta["val"]
     keep = lambda why, k=None: SavedTensor(node, index, Codec.DENSE, why, k)  # noqa: E731
     if node.op == "placeholder":
@@ -325,7 +325,7 @@ def _decide(node, index, kind, fwd_outputs, options, density: float | None = Non
         return SavedTensor(node, index, Codec.BOOL, "bool mask: 1 bit per element")
     k = kind.get(node)
     if k is None:
-        return _exponent_or_keep(node, index, val, options)
+        return _exponent_or_keep(node, index, val, options, machine)
     if val.dtype.is_complex or val.dtype.itemsize not in (1, 2, 4, 8):
         return keep(f"dtype {val.dtype} not supported", k)
     if options.codec == "dense":
@@ -341,14 +341,14 @@ def _decide(node, index, kind, fwd_outputs, options, density: float | None = Non
     info.assumed_density = d
     if exp_ratio(val.dtype) is not None and (
         options.codec == "bitmap+exponent"
-        or options.codec == "auto" and exponent_pays(val, machine_for(node.graph), values_only=True)
+        or options.codec == "auto" and exponent_pays(val, machine, values_only=True)
     ):
         info.codec = Codec.BITMAP_EXPONENT
         info.reason += "; nonzeros exponent-coded"
     return info
 
 
-def _exponent_or_keep(node, index, val, options) -> SavedTensor:
+def _exponent_or_keep(node, index, val, options, machine: Machine) -> SavedTensor:
     """A saved tensor that is not sparse: the exponent codec, where the options let it pay."""
     ratio = exp_ratio(val.dtype)
     if options.codec in ("bitmap", "dense") or ratio is None:
@@ -356,7 +356,7 @@ def _exponent_or_keep(node, index, val, options) -> SavedTensor:
         if ratio is None and options.codec in ("auto", "bitmap+exponent"):
             why += f"; the exponent codec does not take {val.dtype}"
         return SavedTensor(node, index, Codec.DENSE, why)
-    if options.codec == "auto" and not exponent_pays(val, machine_for(node.graph)):
+    if options.codec == "auto" and not exponent_pays(val, machine):
         return SavedTensor(node, index, Codec.DENSE, "not sparse; too small for the exponent codec to pay (codec=auto)")
     info = SavedTensor(node, index, Codec.EXPONENT, f"dense {describe(node)}: exponents packed")
     info.assumed_ratio = ratio

@@ -108,7 +108,7 @@ class PlanPrices:
             fwd_outputs = set(outputs[: self.num_fwd_outputs])
             for node in joint.nodes:
                 if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
-                    info = _decide(node, -1, kind, fwd_outputs, self.options, dens.get(node))
+                    info = _decide(node, -1, kind, fwd_outputs, self.options, self.machine, dens.get(node))
                     if info.codec is not Codec.DENSE:
                         self.infos[node] = info
         self.static = set(static)

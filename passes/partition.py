@@ -24,7 +24,7 @@ from bitfx import torch_internals as ti
 from bitfx.options import Options, PeakBudget, densities_for
 
 from .analysis import SavedTensor, analyze, summarize
-from .pricing import Codec, _flops
+from .pricing import Codec, _flops, machine_for
 from .costmodel import JointPrices
 from .targets import Estimate, Target
 from .rewrite import demote_inexpressible, rewrite_backward, rewrite_forward, saved_placeholders
@@ -151,7 +151,8 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
     swapped = 0
     if options.enabled:
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
-        infos = analyze(fw, num_fwd_outputs, options, prices.exponent if prices else None, measured)
+        machine = prices.machine if prices is not None else machine_for(fw.graph)
+        infos = analyze(fw, num_fwd_outputs, options, machine, prices.exponent if prices else None, measured)
         for info in infos:  # the compress ops carry their key (bitfx.runtime_stats)
             info.stats_key = runtime_stats.key_for(fingerprint, info.node.name)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
@@ -164,7 +165,8 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
             rewrite_forward(fw, num_fwd_outputs, infos)
             rewrite_backward(bw, infos)
     elif want:
-        infos = analyze(fw, num_fwd_outputs, options)  # what stock saves, all of it dense
+        infos = analyze(fw, num_fwd_outputs, options, prices.machine if prices else machine_for(fw.graph))
+        # what stock saves, all of it dense
         for info in infos:  # stock's plan: the user's enabled=False, or the peak guard's choice
             info.codec, info.reason = Codec.DENSE, f"stock's plan stores it dense (bitfx's analysis: {info.reason})"
     return Partition(fw, bw, infos, num_fwd_outputs, prices.chosen if prices else None,
