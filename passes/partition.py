@@ -149,10 +149,12 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
         fw, bw = ti.min_cut_rematerialization_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     infos: list[SavedTensor] = []
     swapped = 0
+    # Both branches below priced the plan (prices is set); the machine is the one it was priced on, if
+    # the partitioner asked for a price at all.
+    machine = (prices.machine if prices is not None else None) or machine_for(fw.graph)
     if options.enabled:
         swapped = save_activations_not_inputs(fw, bw, num_fwd_outputs)
-        machine = prices.machine if prices is not None else machine_for(fw.graph)
-        infos = analyze(fw, num_fwd_outputs, options, machine, prices.exponent if prices else None, measured)
+        infos = analyze(fw, num_fwd_outputs, options, machine, prices.exponent, measured)
         for info in infos:  # the compress ops carry their key (bitfx.runtime_stats)
             info.stats_key = runtime_stats.key_for(fingerprint, info.node.name)
         placeholders = saved_placeholders(fw, bw, num_fwd_outputs)
@@ -165,7 +167,7 @@ def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, o
             rewrite_forward(fw, num_fwd_outputs, infos)
             rewrite_backward(bw, infos)
     elif want:
-        infos = analyze(fw, num_fwd_outputs, options, prices.machine if prices else machine_for(fw.graph))
+        infos = analyze(fw, num_fwd_outputs, options, machine)
         # what stock saves, all of it dense
         for info in infos:  # stock's plan: the user's enabled=False, or the peak guard's choice
             info.codec, info.reason = Codec.DENSE, f"stock's plan stores it dense (bitfx's analysis: {info.reason})"
