@@ -314,30 +314,39 @@ static void decompress_avx2_uint32_t(const uint8_t *bm, const void *vals_, int64
     TAIL_DECOMPRESS(uint32_t)
 }
 
+/* Sixteen elements (two bitmap bytes) per step: one 256-bit load and compare,
+ * and the two bytes of the mask from one movemask (packs_epi16 works within
+ * 128-bit lanes, so byte 0 of the result holds the low lane's flags and byte 2
+ * the high lane's).  Each 8-lane half is compacted by pshufb into a buffer on
+ * the stack, in L1, whose whole-register stores may run past the block's
+ * values; the values are then copied out at their exact length, so no store
+ * depends on a branch and none reaches the next block's values. */
 __attribute__((target("avx2,popcnt")))
 static void compress_avx2_uint16_t(const void *src_, int64_t len, int64_t nnz, uint8_t *bm,
                                    void *dst_) {
+    (void)nnz; /* the stack buffer takes the place of the nnz bound */
     const uint16_t *src = (const uint16_t *)src_;
     uint16_t *dst = (uint16_t *)dst_;
-    const __m128i zero = _mm_setzero_si128();
+    uint16_t buf[BLOCK + 16];
+    const __m256i zero = _mm256_setzero_si256();
     int64_t k = 0, i = 0;
-    memset(bm, 0, BM_BYTES);
-    for (; i + 8 <= len; i += 8) {
-        __m128i v = _mm_loadu_si128((const __m128i *)(src + i));
-        __m128i eq = _mm_packs_epi16(_mm_cmpeq_epi16(v, zero), zero); /* lane flags as bytes */
-        unsigned m = ~(unsigned)_mm_movemask_epi8(eq) & 0xFFu;
-        bm[i >> 3] = (uint8_t)m;
-        __m128i packed = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)COMPACT16[m]));
-        int pc = __builtin_popcount(m);
-        if (k + 8 <= nnz) {
-            _mm_storeu_si128((__m128i *)(dst + k), packed);
-        } else {
-            uint16_t tmp[8];
-            _mm_storeu_si128((__m128i *)tmp, packed);
-            memcpy(dst + k, tmp, (size_t)pc * sizeof(uint16_t));
-        }
-        k += pc;
+    for (; i + 16 <= len; i += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i eq = _mm256_cmpeq_epi16(v, zero);
+        unsigned mm = ~(unsigned)_mm256_movemask_epi8(_mm256_packs_epi16(eq, eq));
+        unsigned m0 = mm & 0xFFu, m1 = (mm >> 16) & 0xFFu;
+        uint16_t pair = (uint16_t)(m0 | (m1 << 8));
+        memcpy(bm + (i >> 3), &pair, 2);
+        __m128i p0 = _mm_shuffle_epi8(_mm256_castsi256_si128(v), _mm_loadu_si128((const __m128i *)COMPACT16[m0]));
+        __m128i p1 = _mm_shuffle_epi8(_mm256_extracti128_si256(v, 1), _mm_loadu_si128((const __m128i *)COMPACT16[m1]));
+        _mm_storeu_si128((__m128i *)(buf + k), p0);
+        k += __builtin_popcount(m0);
+        _mm_storeu_si128((__m128i *)(buf + k), p1);
+        k += __builtin_popcount(m1);
     }
+    memcpy(dst, buf, (size_t)k * sizeof(uint16_t));
+    /* The tail ORs its bits into bytes that start clear. */
+    if (i < len) memset(bm + (i >> 3), 0, (size_t)(BM_BYTES - (i >> 3)));
     TAIL_COMPRESS(uint16_t)
 }
 
