@@ -199,6 +199,35 @@ def kernels(rows: list[dict]) -> list[str]:
                       "target", "decompress op", "decompress kernel", "target", "measured on"], body))
 
 
+def calibrate_effect(rows: list[dict]) -> list[str]:
+    """Each model's latest run: stock, and the free default priced with the codec speeds before and after."""
+    latest: dict = {}
+    for run in results_io.runs(rows):
+        by_model: dict = {}
+        for r in run:  # one command measures several models
+            by_model.setdefault((r["model"], r.get("autocast", "")), []).append(r)
+        latest.update(by_model)
+    out = ["What the free default codes when its profile holds the codec speeds measured before and after "
+           "a kernel change (the before profile with only its codec fields replaced), in one process, "
+           "timed in interleaved rounds (`benchmarks/calibrate_effect.py`). *coded*: saved tensors by codec "
+           "in the plan; *saved*: measured saved-activation bytes; *predicted*: the plan's.", ""]
+    for (model, autocast), run in sorted(latest.items()):
+        body = []
+        for r in run:
+            codecs = r.get("profile_codecs") or {}
+            speeds = (f"bitmap {codecs['encode'] / 1e9:.1f}/{codecs['decode'] / 1e9:.1f}, exponent "
+                      f"{codecs['exp_encode'] / 1e9:.1f}/{codecs['exp_decode'] / 1e9:.1f} GB/s") if codecs else ""
+            coded = ", ".join(f"{k} {v}" for k, v in (r.get("tensors_by_codec") or {}).items())
+            body.append([r["config"], speeds, coded, _mib(r["saved_activation_bytes"]), _num(r["saved_x_stock"]),
+                         _mib(r["predicted_saved_bytes"]) if "predicted_saved_bytes" in r else "",
+                         _num(r["step_ms"], 1), _num(r["step_x_stock"])])
+        out += [f"{run[-1]['label']}{', bf16 autocast' if autocast else ', fp32'}; {_stamp(run[-1])}.", ""]
+        out += _table(["config", "codec speeds (encode/decode)", "coded", "saved MiB", "saved x stock",
+                       "predicted MiB", "step ms", "step x stock"], body)
+        out.append("")
+    return out
+
+
 def timeline(rows: list[dict]) -> list[str]:
     """Each model's latest timeline rows, and its plot."""
     latest: dict = {}
@@ -222,6 +251,7 @@ SECTIONS = {
     "timeline": ("Memory timelines (`benchmarks/timeline.py`)", timeline),
     "plan_accuracy": ("The planner's step peak against measurements (`benchmarks/plan_accuracy.py`)", plan_accuracy),
     "kernels": ("CPU codecs against a copy (`benchmarks/kernel_speed.py`)", kernels),
+    "calibrate_effect": ("Plans before and after faster codecs (`benchmarks/calibrate_effect.py`)", calibrate_effect),
 }
 
 

@@ -35,6 +35,7 @@ import torch.fx as fx
 from bitfx import torch_internals
 from bitfx.options import Options
 
+from bitfx.liveness import storage_root
 from bitfx.opsets import ZERO_PRESERVING
 from .pricing import (  # noqa: F401  (KINDS: re-exported)
     DEFAULT_DENSITY,
@@ -293,10 +294,16 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options, machine:
         if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
     ]
     fwd_outputs = set(gm.graph.find_nodes(op="output")[0].args[0][:num_fwd_outputs])
+    shared = _shared_storages([n for _, n in saved], fwd_outputs)
     result: list[SavedTensor] = []
     by_node: dict[fx.Node, SavedTensor] = {}
     for i, node in saved:
-        info = _decide(node, i, kind, fwd_outputs, options, machine, dens.get(node))
+        if node in shared:
+            info = SavedTensor(node, i, Codec.DENSE, f"a view of {storage_root(node).name}, which other saved tensors "
+                               "or outputs keep alive: coding the view would add a payload and free nothing",
+                               kind.get(node))
+        else:
+            info = _decide(node, i, kind, fwd_outputs, options, machine, dens.get(node))
         if exponent is not None and node.name not in exponent:
             if info.codec is Codec.EXPONENT:
                 info = SavedTensor(node, i, Codec.DENSE, "dense; the exponent codec did not fit this plan's time "
@@ -307,6 +314,22 @@ def analyze(gm: fx.GraphModule, num_fwd_outputs: int, options: Options, machine:
         result.append(info)
         by_node[node] = info
     return result
+
+
+def _shared_storages(saved: list[fx.Node], fwd_outputs: set[fx.Node]) -> set[fx.Node]:
+    """The saved views whose storage stays alive whatever bitfx does with them.
+
+    Inductor returns a saved view as a view of its base's buffer (attention's
+    q, k and v: selects of one qkv buffer).  Coding one view stores a payload
+    beside a buffer that the other views, the base itself (saved, a forward
+    output or a graph input) keep alive.
+    """
+    roots: dict[fx.Node, int] = {}
+    for n in saved:
+        roots[storage_root(n)] = roots.get(storage_root(n), 0) + 1
+    kept = {storage_root(n) for n in fwd_outputs if isinstance(n, fx.Node)}
+    return {n for n in saved if storage_root(n) is not n and (
+        roots[storage_root(n)] > 1 or storage_root(n) in kept or storage_root(n).op == "placeholder")}
 
 
 def _decide(node, index, kind, fwd_outputs, options, machine: Machine, density: float | None = None) -> SavedTensor:

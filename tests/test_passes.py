@@ -284,6 +284,19 @@ def test_exponent_codec_rewrites_dense_saved_floats():
     assert len(call_nodes(cap.bw, bitfx.bitmap_exp_decompress.default)) == 1
 
 
+def test_views_of_a_storage_kept_alive_are_not_coded():
+    """Attention's q, k and v are saved as selects of one qkv buffer: coding one of them would store
+    a payload beside the buffer, which the other two keep alive."""
+    model = models.GPT(vocab=128, dim=64, depth=1, heads=4)
+    cap, _ = compile_and_capture(model, torch.randint(0, 128, (2, 32)), codec="bitmap+exponent")
+    views = [i for i in cap.infos if i.node.target is torch.ops.aten.select.int]
+    assert len(views) == 3
+    assert all(i.codec is Codec.DENSE and "free nothing" in i.reason for i in views)
+    assert not [n for n in call_nodes(cap.fw, bitfx.exp_compress.default)
+                if n.args[0].target is torch.ops.aten.select.int]
+    assert call_nodes(cap.fw, bitfx.exp_compress.default), "the other dense tensors are still coded"
+
+
 @pytest.mark.parametrize("codec", ["bitmap", "dense"])
 def test_codec_switch_turns_codecs_off(codec):
     cap, _ = compile_and_capture(conv_bn_relu(), torch.randn(2, 3, 10, 10), codec=codec)
