@@ -1,7 +1,7 @@
 """The planner's predictions against measurements: saved bytes and the step peak.
 
     python benchmarks/plan_accuracy.py [--models resnet18,mobilenet_v3_small] [--batch 4] [--size 96]
-                                       [--autocast bf16] [--inner inductor]
+                                       [--autocast bf16] [--inner inductor] [--configs bittrain]
 
 Models are torchvision's by name, and ``gpt_sqrelu``: train_lm.py's
 squared-ReLU GPT (d=256, 4 layers), with ``--size`` its sequence length.
@@ -84,7 +84,8 @@ def measure_one(model_name: str, config: str, batch: int, size: int, autocast: s
             "saved_bytes": saved, "saved_predicted": plan.saved_bytes["bittrain"],
             "peak_bytes": peak.peak, "peak_check": peak.check, "peak_predicted": predicted,
             "peak_error": predicted / peak.peak - 1 if peak.peak else None,
-            "peak_phase": at.phase, "peak_node": at.node}
+            "peak_phase": at.phase, "peak_node": at.node, "peak_guard": plan.peak_guard,
+            "priced_on": plan.estimate.get("priced_on")}
 
 
 def main(argv=None) -> int:
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", choices=["", "bf16"], default="")
     ap.add_argument("--inner", default="inductor")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # model:config, in the child process
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="which of inductor, inductor@0.9, bittrain (after a change to bitfx's plans, bittrain alone)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.one:
@@ -103,7 +106,9 @@ def main(argv=None) -> int:
         return 0
     path = None
     for name in args.models.split(","):
-        for config in CONFIGS:
+        for config in args.configs.split(","):
+            if config not in CONFIGS:
+                ap.error(f"--configs: {config!r} is not one of {', '.join(CONFIGS)}")
             cmd = [sys.executable, __file__, "--one", f"{name}:{config}", "--batch", str(args.batch),
                    "--size", str(args.size), "--autocast", args.autocast, "--inner", args.inner]
             row = results_io.json_from_process(cmd)

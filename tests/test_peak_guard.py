@@ -150,15 +150,29 @@ def test_guard_rule_takes_stock_where_the_saving_does_not_lower_the_peak():
 def test_guard_rule_takes_the_lowest_peak_within_the_free_time_else_the_fastest():
     # The default peaks above stock@0.9 (90): fractions are tried down to the first within 90.
     plans = {"stock": (100, None), "stock@0.9": (90, 1.0 + FREE_SLOWDOWN / 2), "b1": (95, 1.001),
-             "b0.95": (89, 1.0 + FREE_SLOWDOWN / 4)}
+             "b0.95": (84, 1.0 + FREE_SLOWDOWN / 4)}
     got, tried = _guard(99, 1.01, plans)
     assert got.partition.name == "b0.95" and "is above stock's" in got.note
     assert "b0.9" not in tried  # stops at the first fraction within the limit
     # Nothing within the free time: the fastest within the limit.
-    plans["b0.95"] = (89, 1.5)
+    plans["b0.95"] = (84, 1.5)
     plans["stock@0.9"] = (90, 1.2)
     got, _ = _guard(99, 1.01, plans)
     assert got.partition.name == "stock@0.9"
+
+
+def test_guard_rule_wants_a_plan_of_bitfx_below_stock_by_the_margin():
+    """Within the limit by less than PEAK_MARGIN is not enough: the model's errors on two plans do not cancel."""
+    limit = 90
+    inside = limit * (1 - peak.PEAK_MARGIN)
+    plans = {"stock": (100, None), "stock@0.9": (limit, 1.005), "b1": (inside + 1, 1.001), "b0.95": (inside - 1, 1.01)}
+    got, _ = _guard(inside + 1, 1.01, plans)
+    assert got.partition.name == "b0.95" and "the guard's margin" in got.note
+    plans["b0.95"] = (inside + 0.5, 1.01)  # no plan of bitfx's clears the margin: stock's lower plan
+    got, _ = _guard(inside + 1, 1.01, plans)
+    assert got.partition.name == "stock@0.9"
+    got, _ = _guard(inside - 1, 1.01, plans)
+    assert got.partition.name == "default" and got.note is None
 
 
 @pytest.mark.parametrize("model,x,inner", [(small_cnn, (2, 3, 32, 32), "eager"),
