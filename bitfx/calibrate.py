@@ -50,6 +50,8 @@ log = logging.getLogger("bitfx")
 # between bends with the cache hierarchy and drives the per-call cost to 0.
 SIZES = (1024, 1 << 22)
 QUICK_SIZES = (1024, 1 << 20)
+# Machine fields that only a full `calibrate` measures (CPU convolution-backward scratch).
+SCRATCH_FIELDS = ("conv_scratch_channels_last", "conv_scratch_contiguous", "depthwise_scratch_by_dtype")
 
 
 def _cache_root() -> Path:
@@ -159,15 +161,18 @@ def measure(device_type: str = "cpu", quick: bool = False) -> dict:
         exp_encode=fits["exp_compress"][1], exp_decode=fits["exp_decompress"][1],
         exp_call=(fits["exp_compress"][0] + fits["exp_decompress"][0]) / 2,
         flops_by_dtype=tuple(sorted(flops.items())),
-        # Not in the quick profile: it runs in a compile's worker thread, and
-        # the profiler started off the main thread prints an error line at
-        # exit.  The built-in ratios stand until `calibrate` measures them.
         **(conv_scratch() if device_type == "cpu" and not quick else {}),
     )
+    # The quick profile does not measure the convolution scratch: it runs in
+    # a compile's worker thread, and the profiler started off the main thread
+    # prints an error line at exit.  Its fields are left out of the file, so
+    # that the built-in ratios stand until `calibrate` measures them.
+    unmeasured = set(SCRATCH_FIELDS) if quick or device_type != "cpu" else set()
     return {
         "device": device_type, "device_name": device_name(device_type), "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "quick": quick, "machine": {k: v for k, v in dataclasses.asdict(machine).items() if k != "name"},
+        "quick": quick, "machine": {k: v for k, v in dataclasses.asdict(machine).items()
+                                    if k != "name" and k not in unmeasured},
         "timings": {op: [[b, t] for b, t in pts] for op, pts in timings.items()},
     }
 
@@ -185,7 +190,9 @@ def from_profile(profile: dict, source: str) -> Machine:
     # A field the profile lacks (one saved by an older bitfx) keeps the built-in value.
     builtin = MACHINES[profile["device"]]
     fields = {f.name: getattr(builtin, f.name) for f in dataclasses.fields(Machine) if f.name != "name"}
-    fields.update(profile["machine"])
+    # Quick profiles saved before they left their scratch fields out carry
+    # zeros there, which were never measured.
+    fields.update({k: v for k, v in profile["machine"].items() if not (profile.get("quick") and k in SCRATCH_FIELDS)})
     for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
         fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "

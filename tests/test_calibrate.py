@@ -65,6 +65,26 @@ def test_calibrate_writes_a_profile_that_prices_plans(profile_env, tmp_path, cap
     assert machine.name.startswith(f"cpu: profile {out}") and machine.bandwidth == m["bandwidth"]
     assert machine.flop_rate(torch.bfloat16) == dict(m["flops_by_dtype"])["bfloat16"]
     assert machine.flop_rate(torch.float16) == m["flops"]  # not measured: the fp32 rate
+    # The quick profile does not measure the convolution scratch: the built-in figures price it.
+    assert not set(calibrate.SCRATCH_FIELDS) & m.keys()
+    builtin = calibrate.MACHINES["cpu"]
+    for field in calibrate.SCRATCH_FIELDS:
+        assert getattr(machine, field) == getattr(builtin, field), field
+
+
+def test_a_quick_profile_with_zero_scratch_keeps_the_built_in_scratch(profile_env, tmp_path):
+    """Quick profiles once saved the unmeasured scratch fields as zeros, which priced oneDNN's
+    convolution-backward scratch at nothing."""
+    fields = {k: v for k, v in dataclasses.asdict(calibrate.MACHINES["cpu"]).items() if k != "name"}
+    fields.update(conv_scratch_channels_last=0.0, conv_scratch_contiguous=0.0, depthwise_scratch_by_dtype=[])
+    path = tmp_path / "old-quick.json"
+    path.write_text(json.dumps({"device": "cpu", "device_name": "x", "torch": torch.__version__,
+                                "date": "2026-12-04T00:00:00Z", "quick": True, "machine": fields}))
+    profile_env.setenv("BITFX_PROFILE", str(path))
+    machine = calibrate.machine("cpu")
+    builtin = calibrate.MACHINES["cpu"]
+    assert machine.conv_scratch_channels_last == builtin.conv_scratch_channels_last > 0
+    assert machine.depthwise_scratch_by_dtype == builtin.depthwise_scratch_by_dtype != ()
 
 
 def test_a_slow_codec_profile_codes_fewer_tensors(profile_env, tmp_path):
