@@ -77,6 +77,7 @@ NAMES = {
     "OrderedSet": ("torch.utils._ordered_set", "OrderedSet"),
     "constrain_range_for_size": ("torch.fx.experimental.symbolic_shapes", "_constrain_range_for_size"),
     "sympy_functions": ("torch.utils._sympy.functions", None),  # FloorDiv, Mod, Max, Min in SymInt expressions
+    "PyCodeCache": ("torch._inductor.codecache", "PyCodeCache"),  # diagnostics only: rewritten_inductor_modules
 }
 # Names an older torch of the tested range lacks, and what bitfx does without them.
 OPTIONAL = {"CustomSchedulerPass": "torch 2.11: Inductor's own peak-memory reorder runs (has_scheduler_pass)"}
@@ -357,6 +358,42 @@ def reorder_by_emitted_kernels():
 
 
 _REORDER: list = []
+
+
+@contextlib.contextmanager
+def rewritten_inductor_modules(rewrite):
+    """Inside: each Python module Inductor writes is passed through ``rewrite(source) -> source`` before it loads.
+
+    For diagnostics that must see what the generated code does statement by
+    statement (``benchmarks/inductor_live_bytes.py``).  Only modules loaded
+    from source are seen: turn Inductor's FX-graph cache off
+    (``TORCHINDUCTOR_FX_GRAPH_CACHE=0``) to see every graph.  The rewritten
+    source replaces the file in Inductor's cache directory, so use a
+    directory of its own (``TORCHINDUCTOR_CACHE_DIR``).
+    """
+    cache = __getattr__("PyCodeCache")
+    original = cache.__dict__["load_by_key_path"]
+    if list(inspect.signature(original.__func__).parameters)[:3] != ["cls", "key", "path"]:
+        raise RuntimeError(f"bitfx: torch {torch.__version__}'s PyCodeCache.load_by_key_path is not (key, path, ...)")
+    seen: set[str] = set()
+
+    def load(cls, key, path, *args, **kwargs):
+        if path not in seen:
+            seen.add(path)
+            with open(path) as f:
+                source = f.read()
+            changed = rewrite(source)
+            if changed != source:
+                with open(path, "w") as f:
+                    f.write(changed)
+                getattr(cache, "modules_no_attr", {}).pop(path, None)  # a module loaded before the rewrite
+        return original.__func__(cls, key, path, *args, **kwargs)
+
+    cache.load_by_key_path = classmethod(load)
+    try:
+        yield
+    finally:
+        cache.load_by_key_path = original
 
 
 def import_compiler() -> None:

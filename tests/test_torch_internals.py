@@ -245,3 +245,30 @@ def test_reorder_by_kernel_runs_leaves_a_reorder_that_is_off():
     mine = torch_internals._kernel_run_reorder()
     with config.patch(_post_fusion_custom_pass=mine), torch_internals.reorder_by_emitted_kernels():
         assert config.reorder_for_peak_memory  # a pass already set: Inductor's own reorder runs as it was
+
+
+def test_rewritten_inductor_modules_runs_the_rewritten_code(tmp_path, monkeypatch):
+    """The diagnostics hook sees each generated module's source, and what it returns is what runs."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    seen = []
+
+    def rewrite(source):
+        if "def call(" not in source:
+            return source
+        seen.append(source)
+        return "import builtins\nbuiltins._bitfx_ran = getattr(builtins, '_bitfx_ran', 0) + 1\n" + source
+
+    import builtins
+
+    x = torch.randn(64)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        plain = torch.compile(lambda x: (x.sin() * 2).sum())(x)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch_internals.rewritten_inductor_modules(rewrite):
+        f = torch.compile(lambda x: (x.sin() * 2).sum())
+        assert torch.equal(f(x), plain)
+    assert seen and "def call(" in seen[0]
+    assert getattr(builtins, "_bitfx_ran", None) == len(seen)  # the rewritten modules are the ones loaded
+    del builtins._bitfx_ran
+    torch._dynamo.reset()
