@@ -191,11 +191,12 @@ PEAK_TOLERANCE = 0.01
 # fraction below the lower of stock's two: there the model's errors on two
 # plans of one graph do not cancel (oneDNN's backward scratch and the
 # layouts Inductor gives recomputed convolution inputs, which the model
-# does not know).  Measured by benchmarks/plan_accuracy.py (docs/results.md),
-# the default's error minus stock's lower plan's reached 5.0 points
-# (ResNet-50 bf16) and 4.8 (MobileNetV3-small fp32) outside DenseNet-121
-# (docs/design.md says why); on the squared-ReLU GPT it was negative.
-PEAK_MARGIN = 0.05
+# does not know).  It covers the largest gap measured by
+# benchmarks/plan_accuracy.py (docs/results.md) between a plan of bitfx's
+# error and stock's lower plan's: DenseNet-121 bf16's default, predicted
+# 9.5% low where stock at 0.9 was 1.2% high (10.7 points).  On the
+# squared-ReLU GPT the gap was negative.
+PEAK_MARGIN = 0.11
 
 
 def _convolves(part) -> bool:
