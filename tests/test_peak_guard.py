@@ -152,12 +152,12 @@ def test_guard_rule_takes_stock_where_the_saving_does_not_lower_the_peak():
 def test_guard_rule_takes_the_lowest_peak_within_the_free_time_else_the_fastest():
     # The default peaks above stock@0.9 (90): fractions are tried down to the first within 90.
     plans = {"stock": (100, None), "stock@0.9": (90, 1.0 + FREE_SLOWDOWN / 2), "b1": (95, 1.001),
-             "b0.95": (84, 1.0 + FREE_SLOWDOWN / 4)}
+             "b0.95": (79, 1.0 + FREE_SLOWDOWN / 4)}
     got, tried = _guard(99, 1.01, plans)
     assert got.partition.name == "b0.95" and "is above stock's" in got.note
     assert "b0.9" not in tried  # stops at the first fraction within the limit
     # Nothing within the free time: the fastest within the limit.
-    plans["b0.95"] = (84, 1.5)
+    plans["b0.95"] = (79, 1.5)
     plans["stock@0.9"] = (90, 1.2)
     got, _ = _guard(99, 1.01, plans)
     assert got.partition.name == "stock@0.9"
