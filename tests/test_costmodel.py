@@ -57,7 +57,7 @@ def dropout_mlp():
 def test_free_default_recomputes_batchnorm_relu_from_the_conv_output():
     """What PyTorch's budget does for free: backward recomputes BN+ReLU; no ReLU output is saved."""
     x = torch.randn(4, 3, 32, 32)
-    part = capture(cnn(), x)
+    part = capture(cnn(), x, peak_guard=False)  # the cost model's plan, before the peak guard's check
     saved_targets = {n.target for n in part.saved if isinstance(n, torch.fx.Node)}
     assert aten.convolution.default in saved_targets
     assert aten.relu.default not in saved_targets
