@@ -24,6 +24,7 @@ stored dense by the compressor.
 
 from __future__ import annotations
 
+import collections
 import re
 import operator
 from collections.abc import Sequence
@@ -324,12 +325,10 @@ def _shared_storages(saved: list[fx.Node], fwd_outputs: set[fx.Node]) -> set[fx.
     beside a buffer that the other views, the base itself (saved, a forward
     output or a graph input) keep alive.
     """
-    roots: dict[fx.Node, int] = {}
-    for n in saved:
-        roots[storage_root(n)] = roots.get(storage_root(n), 0) + 1
+    root = {n: storage_root(n) for n in saved}
+    sharers = collections.Counter(root.values())
     kept = {storage_root(n) for n in fwd_outputs if isinstance(n, fx.Node)}
-    return {n for n in saved if storage_root(n) is not n and (
-        roots[storage_root(n)] > 1 or storage_root(n) in kept or storage_root(n).op == "placeholder")}
+    return {n for n, r in root.items() if r is not n and (sharers[r] > 1 or r in kept or r.op == "placeholder")}
 
 
 def _decide(node, index, kind, fwd_outputs, options, machine: Machine, density: float | None = None) -> SavedTensor:

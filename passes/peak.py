@@ -267,7 +267,8 @@ def guard(default, trial: Callable[[Options], object], options: Options,
       it) within :data:`PEAK_TOLERANCE` of a default within the limit: the
       bytes the default saves do not lower the peak (it is late in
       backward, where the gradients are), and stock's plan is taken.
-    * The default :data:`PEAK_MARGIN` below the limit: kept.
+    * The default below the limit (on a graph with convolutions,
+      :data:`PEAK_MARGIN` below it): kept.
     * Else bitfx's plans at each fraction of :data:`BUDGET_GRID` are tried,
       largest first, up to the first that margin below the limit; of those
       that are, with stock's two plans (within the limit), the one with the
