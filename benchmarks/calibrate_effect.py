@@ -27,8 +27,8 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from tabulate import tabulate
@@ -74,28 +74,11 @@ class ProfiledRun(run.Run):
         self.config = f"bittrain ({label})"
 
     def priced(self):
-        return _env(BITFX_PROFILE=str(self.profile))
+        return mock.patch.dict(os.environ, {"BITFX_PROFILE": str(self.profile)})
 
     def step(self):
         with self.priced():  # a recompile, should a guard fail, prices with the same profile
             super().step()
-
-
-class _env:
-    def __init__(self, **values):
-        self.values, self.old = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.old[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def coded(w: run.Workload, profile: Path, autocast) -> dict:
@@ -103,7 +86,8 @@ def coded(w: run.Workload, profile: Path, autocast) -> dict:
     torch.manual_seed(0)
     model = w.make()
     x, _ = w.inputs("cpu")
-    with _env(BITFX_PROFILE=str(profile)), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+    priced = mock.patch.dict(os.environ, {"BITFX_PROFILE": str(profile)})
+    with priced, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
         p = bitfx.plan(model, x, inner="inductor")
     counts = collections.Counter(t.codec for t in p.tensors)
     return {"tensors_by_codec": dict(sorted(counts.items())),
@@ -125,11 +109,7 @@ def measure(w: run.Workload, paths: dict[str, Path], rounds: int, min_seconds: f
         runs.append(ProfiledRun(w, label, path, device, autocast))
     memory = [r.memory() for r in runs]
     progress(f"{w.name}: interleaved timing ({rounds} rounds at least, {min_seconds:g} s at least)")
-    start, i = time.perf_counter(), 0
-    while i < rounds or time.perf_counter() - start < min_seconds:
-        for r in runs[i % len(runs):] + runs[:i % len(runs)]:
-            r.timed_step()
-        i += 1
+    run.interleave(runs, rounds, min_seconds)
     stock_saved, stock_times = memory[0][0], runs[0].times
     rows = []
     for r, (saved, _peak) in zip(runs, memory, strict=True):

@@ -287,6 +287,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def interleave(runs: list[Run], rounds: int, min_seconds: float) -> None:
+    """One timed step of each run per round, ``rounds`` at least and ``min_seconds`` at least.
+
+    Each round starts at the next run, so that none always runs right after
+    the same other one (whose step leaves the caches full of its own tensors).
+    """
+    start, i = time.perf_counter(), 0
+    while i < rounds or time.perf_counter() - start < min_seconds:
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            run.timed_step()
+        i += 1
+
+
 def run_model(w: Workload, configs: list[str], device: torch.device, steps: int, progress,
               autocast: torch.dtype | None = None, min_seconds: float = 0.0) -> list[dict]:
     """Compile every configuration (first step), measure memory, then time them in interleaved rounds.
@@ -329,11 +342,7 @@ def run_model(w: Workload, configs: list[str], device: torch.device, steps: int,
         progress(f"{w.name} {run.config}: memory")
         memory.append(run.memory())
     progress(f"{w.name}: interleaved timing rounds ({steps} at least, {min_seconds:g} s at least)")
-    start, i = time.perf_counter(), 0
-    while i < steps or time.perf_counter() - start < min_seconds:
-        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
-            run.timed_step()
-        i += 1
+    interleave(runs, steps, min_seconds)
     ref = next((run.times for run in runs if run.config == "inductor"), None)
     rows = []
     for run, (saved, peak) in zip(runs, memory, strict=True):
