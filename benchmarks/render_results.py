@@ -12,6 +12,7 @@ render to (the test suite runs it).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -69,13 +70,34 @@ def recorded(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("commit") and (r.get("machine") or {}).get("cpu")]
 
 
+def _is_frontier(config: str) -> bool:
+    name, _, budget = config.partition("@")
+    return bool(budget) and not (name == "inductor" and budget == "0.9")
+
+
+def _module_kind(name: str) -> str:
+    """A saved tensor's module path with its block index written ``*`` (``blocks.*.mlp``)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
 def train_lm(rows: list[dict]) -> list[str]:
-    run = results_io.runs(rows)[-1]
+    latest: dict[str, list[dict]] = {}
+    for run in results_io.runs(rows):
+        latest[run[-1].get("act")] = run
+    out = []
+    for act, run in sorted(latest.items(), key=lambda kv: kv[0] != "sqrelu"):
+        out += _train_lm_run(run)
+    return out
+
+
+def _train_lm_run(run: list[dict]) -> list[str]:
     last = run[-1]
-    out = [f"Command: `{last.get('command')}`; {_stamp(last)}.",
+    model = "OPT (transformers, ReLU FFN)" if last.get("act") == "opt" else f"{last.get('act')} GPT"
+    out = [f"### {model}, d={last.get('dim')}, {last.get('layers')} layers, seq {last.get('seq')}, "
+           f"batch {last.get('batch')}", "",
+           f"Command: `{last.get('command')}`; {_stamp(last)}.",
            f"Corpus: the Python standard library's sources ({last.get('corpus_bytes')} bytes, "
-           f"SHA-256 {last.get('corpus_sha256')}); {last.get('act')} GPT, d={last.get('dim')}, "
-           f"{last.get('layers')} layers, seq {last.get('seq')}, batch {last.get('batch')}.", ""]
+           f"SHA-256 {last.get('corpus_sha256')}).", ""]
     final = [r for r in run if r.get("config") == "run" and r.get("trained_steps")]
     if final:
         f = final[-1]
@@ -83,7 +105,7 @@ def train_lm(rows: list[dict]) -> list[str]:
                 f"final loss {f['loss']:.4f}.", ""]
     body = []
     for r in run:
-        if "saved_activation_bytes" not in r:
+        if "saved_activation_bytes" not in r or _is_frontier(r["config"]):
             continue
         dens = ", ".join(f"{x['density']:.2f}" for x in r.get("ffn") or [])
         body.append([r["step"], r.get("autocast") or "fp32", r["config"], _mib(r["saved_activation_bytes"]),
@@ -91,7 +113,64 @@ def train_lm(rows: list[dict]) -> list[str]:
                      "ok" if r.get("peak_check") == "ok" else "no", _num(r["step_x_inductor"]), dens])
     out += _table(["step", "dtype", "config", "saved MiB", "x stock", "x stock@0.9", "step peak MiB", "peak check",
                    "step x stock", "FFN densities"], body)
-    out += ["", "![FFN density and saved bytes against step](../benchmarks/results/train_lm.png)"]
+    if last.get("act") != "opt":
+        out += ["", "![FFN density and saved bytes against step](../benchmarks/results/train_lm.png)"]
+    out += _train_lm_frontier(run) + _train_lm_breakdown(run)
+    return out + [""]
+
+
+def _train_lm_frontier(run: list[dict]) -> list[str]:
+    """bitfx@b against stock@b at the run's last checkpoint (``--frontier``)."""
+    step = max((r["step"] for r in run if _is_frontier(r.get("config", ""))), default=None)
+    if step is None:
+        return []
+    at = [r for r in run if r.get("step") == step and "saved_activation_bytes" in r]
+    body = []
+    for dtype in ("", "bf16"):
+        got = {r["config"]: r for r in at if (r.get("autocast") or "") == dtype}
+        budgets = sorted({c.partition("@")[2] for c in got if c.startswith("bittrain@")}, key=float, reverse=True)
+        for b in ["default", *budgets]:
+            stock, ours = (got.get("inductor"), got.get("bittrain")) if b == "default" else \
+                (got.get(f"inductor@{b}"), got.get(f"bittrain@{b}"))
+            if not (stock and ours):
+                continue
+            saved = ours["saved_activation_bytes"] / stock["saved_activation_bytes"]
+            time = ours["step_x_inductor"] if b == "default" else ours["step_x_stock_same_budget"]
+            target = ""
+            if b in ("0.9", "0.7", "0.5"):
+                target = "yes" if saved <= 0.85 and time <= 1.03 else "no"
+            body.append([dtype or "fp32", b, _mib(stock["saved_activation_bytes"]), _mib(ours["saved_activation_bytes"]),
+                         _num(saved), _mib(stock["peak_bytes"]), _mib(ours["peak_bytes"]), _num(time),
+                         _num(ours["saved_x_inductor"]), _num(ours["step_x_inductor"]), target])
+    tag = "opt" if run[-1].get("act") == "opt" else "gpt"
+    return ["", f"Frontier at step {step}: bitfx at each memory budget against stock at the same budget, "
+            "interleaved in one process (*target*: issue 39's bitfx@b <= 0.85x stock@b's saved bytes at "
+            "<= 1.03x its step time, for b in 0.9, 0.7, 0.5).", "",
+            *_table(["dtype", "budget", "stock saved MiB", "bitfx saved MiB", "saved x stock@b", "stock peak MiB",
+                     "bitfx peak MiB", "step x stock@b", "saved x stock", "step x stock", "target"], body),
+            "", f"![saved bytes against step time](../benchmarks/results/train_lm_frontier_{tag}.png)"]
+
+
+def _train_lm_breakdown(run: list[dict]) -> list[str]:
+    """The default plan's saved tensors at the last checkpoint, by module (block index as ``*``), op and codec."""
+    out = []
+    for r in run:
+        if r.get("config") != "breakdown":
+            continue
+        groups: dict[tuple, list] = {}
+        for t in r["tensors"]:
+            key = (_module_kind(t["name"]), t["op"], t["dtype"], t["codec"])
+            g = groups.setdefault(key, [0, 0, 0, "x".join(map(str, t["shape"]))])
+            g[0] += 1
+            g[1] += t["dense_bytes"]
+            g[2] += t["stored_bytes"]
+        total = sum(g[2] for g in groups.values()) or 1
+        body = [[*k[:2], shape, k[2], k[3], n, _mib(dense), _mib(stored), f"{100 * stored / total:.1f}%"]
+                for k, (n, dense, stored, shape) in sorted(groups.items(), key=lambda kv: -kv[1][2])]
+        out += ["", f"What the default plan keeps at step {r['step']}, {r.get('autocast') or 'fp32'} "
+                "(`bitfx.plan(calibrate=True)` at those weights; stored bytes at the densities it measured):", "",
+                *_table(["module", "op", "shape", "dtype", "stored as", "tensors", "dense MiB", "stored MiB",
+                         "share of stored"], body)]
     return out
 
 
@@ -245,7 +324,7 @@ def timeline(rows: list[dict]) -> list[str]:
 
 
 SECTIONS = {
-    "train_lm": ("A squared-ReLU GPT trained under bitfx (`benchmarks/train_lm.py`)", train_lm),
+    "train_lm": ("Transformers trained under bitfx (`benchmarks/train_lm.py`)", train_lm),
     "pruning": ("BitTrain's pruning claim (`benchmarks/pruning.py`)", pruning),
     "run": ("Held-out models: defaults and budgets (`benchmarks/run.py`)", run_frontier),
     "timeline": ("Memory timelines (`benchmarks/timeline.py`)", timeline),

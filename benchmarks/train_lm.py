@@ -40,11 +40,21 @@ time over ``--rounds`` interleaved rounds, as a ratio to ``inductor`` paired
 by round.  The FFNs' measured densities and the bytes their ReLU outputs are
 stored in come from ``bitfx.stats()``.
 
+**The frontier** (``--frontier 0.9,0.7,0.5,0.3``): at the last checkpoint,
+also stock at each budget (``inductor@b``, PyTorch's
+``activation_memory_budget``) and bitfx at it (``bittrain@b``,
+``memory_budget=b``), in the same interleaved rounds; their rows carry
+bitfx@b's saved bytes and step time as ratios to stock@b's.  A
+``breakdown`` row per precision lists what the default plan keeps, tensor by
+tensor (``bitfx.plan(calibrate=True)`` at those weights).
+
 Rows append to ``benchmarks/results/train_lm.jsonl``; ``--plot`` draws
 density and saved bytes against step from them
 (``benchmarks/results/train_lm.png``, needs matplotlib).
 
     python benchmarks/train_lm.py --steps 1000 --dim 256 --layers 4 --seq 256 --bf16
+    python benchmarks/train_lm.py --steps 1000 --bf16 --checkpoints 0,1000 --frontier 0.9,0.7,0.5,0.3
+    python benchmarks/train_lm.py --act opt --steps 1000 --bf16 --checkpoints 0,1000 --frontier 0.9,0.7,0.5,0.3
 """
 
 from __future__ import annotations
@@ -127,23 +137,35 @@ def lm_loss(logits, y):
 CONFIGS = ["inductor", "inductor@0.9", "bittrain", "bittrain-dense", "bittrain-replan"]
 
 
+def frontier_configs(budgets: list[float]) -> list[str]:
+    """Stock and bitfx at each budget, after the checkpoint's usual configurations."""
+    return [c for b in budgets for c in (f"inductor@{b:g}", f"bittrain@{b:g}") if c not in CONFIGS]
+
+
 class Measured:
-    """One configuration over a copy of the model, compiled once (the replan: at each checkpoint)."""
+    """One configuration over a copy of the model, compiled once (the replan: at each checkpoint).
+
+    ``inductor@b``: stock under ``activation_memory_budget=b``; ``bittrain@b``:
+    bitfx with ``memory_budget=b``.
+    """
 
     def __init__(self, name: str, model: nn.Module, autocast: bool, tag: str, replanned=None):
         self.name, self.autocast = name, autocast
         self.model = model
         self.backend = None
+        base, _, budget = name.partition("@")
         entry = fresh_entry(model, f"train_lm {name} {tag}")
-        if name.startswith("inductor"):
+        if base == "inductor":
             self.fn = torch.compile(entry)
         else:
             if name == "bittrain-replan":
                 self.backend = replanned
+            elif base == "bittrain":
+                self.backend = bitfx.backend(memory_budget=float(budget)) if budget else bitfx.backend()
             else:
                 self.backend = bitfx.backend(compress=name != "bittrain-dense")
             self.fn = torch.compile(entry, backend=self.backend)
-        self.budget = 0.9 if name == "inductor@0.9" else None
+        self.budget = float(budget) if base == "inductor" and budget else None
         self.times: list[float] = []
 
     def loss(self, x, y):
@@ -180,11 +202,12 @@ def ffn_stats() -> list[bitfx.runtime_stats.TensorStats]:
     return sorted(rows, key=lambda r: (r.graph, len(r.node), r.node))
 
 
-def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) -> list[dict]:
-    device = x.device
+def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str,
+            configs: list[str] = CONFIGS) -> list[dict]:
     """Every configuration at these weights: bytes, peak, interleaved step times."""
+    device = x.device
     runs, ffn, replanned = [], {}, None
-    for name in CONFIGS:
+    for name in configs:
         model = make().to(device)
         model.load_state_dict(weights)
         runs.append(Measured(name, model, autocast, tag, replanned))
@@ -219,10 +242,33 @@ def measure(weights: dict, make, x, y, autocast: bool, rounds: int, tag: str) ->
                            "planned_density": s.planned_density, "stored_bytes": s.stored_bytes,
                            "codec": s.codec} for s in stats]
     base = {r["config"]: r["saved_activation_bytes"] for r in out}
+    times = {r.name: r.times for r in runs}
     for row in out:
         row["saved_x_inductor"] = row["saved_activation_bytes"] / base["inductor"]
         row["saved_x_inductor@0.9"] = row["saved_activation_bytes"] / base["inductor@0.9"]
+        # bitfx@b against stock@b (the frontier's comparison), step times paired by round.
+        name, _, budget = row["config"].partition("@")
+        if name == "bittrain" and budget and f"inductor@{budget}" in base:
+            row["saved_x_stock_same_budget"] = row["saved_activation_bytes"] / base[f"inductor@{budget}"]
+            row["step_x_stock_same_budget"] = statistics.median(
+                t / s for t, s in zip(times[row["config"]], times[f"inductor@{budget}"]))
     return out
+
+
+def breakdown(weights: dict, make, x, autocast: bool) -> list[dict]:
+    """What the default plan keeps, tensor by tensor, at the densities one forward at these weights measures.
+
+    From ``bitfx.plan(..., calibrate=True)``: the same partition the
+    backend makes, with each tensor's module (or node), op, dense and stored
+    bytes and codec.
+    """
+    model = make().to(x.device)
+    model.load_state_dict(weights)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        memory_plan = bitfx.plan(model, x, calibrate=True)
+    return [{"name": t.name, "op": t.op, "shape": list(t.shape), "dtype": t.dtype.replace("torch.", ""),
+             "dense_bytes": t.dense_bytes, "stored_bytes": t.stored_bytes, "codec": t.codec,
+             "density": t.density, "reason": t.reason} for t in memory_plan.tensors]
 
 
 # ------------------------------------------------------------------- train
@@ -242,6 +288,9 @@ def main(argv=None) -> int:
                    help="comma-separated steps to measure at (default: 0, every quarter, and the last)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per checkpoint")
     p.add_argument("--bf16", action="store_true", help="also measure under bf16 autocast at each checkpoint")
+    p.add_argument("--frontier", default=None, metavar="B,B,...",
+                   help="at the last checkpoint, also measure stock and bitfx at each memory budget "
+                        "(e.g. 0.9,0.7,0.5,0.3), and record the default plan's per-tensor breakdown")
     p.add_argument("--corpus-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
     p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/train_lm.jsonl)")
     p.add_argument("--plot", action="store_true", help="only draw the plot from the results file, and exit")
@@ -262,6 +311,7 @@ def main(argv=None) -> int:
     common = {"device": args.device, "act": args.act, "dim": args.dim, "layers": args.layers, "heads": args.heads, "seq": args.seq,
               "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "corpus": "python-stdlib", "corpus_sha256": sha, "corpus_bytes": data.numel()}
+    budgets = [float(b) for b in args.frontier.split(",")] if args.frontier else []
     device = torch.device(args.device)
     model = make_model(args).to(device)
     twin = copy.deepcopy(model)
@@ -276,10 +326,17 @@ def main(argv=None) -> int:
         if step in checkpoints:
             weights = copy.deepcopy(model.state_dict())
             rows = []
+            last = step == max(checkpoints)
+            configs = CONFIGS + (frontier_configs(budgets) if last else [])
             for autocast in (False, True) if args.bf16 else (False,):
-                for row in measure(weights, make, x_eval, y_eval, autocast, args.rounds, f"{step} {autocast}"):
+                for row in measure(weights, make, x_eval, y_eval, autocast, args.rounds, f"{step} {autocast}",
+                                   configs):
                     rows.append({**common, "step": step, "autocast": "bf16" if autocast else "",
                                  "loss": losses[-1] if losses else None, **row})
+                if last and budgets:
+                    rows.append({**common, "step": step, "autocast": "bf16" if autocast else "",
+                                 "config": "breakdown",
+                                 "tensors": breakdown(weights, make, x_eval, autocast)})
             rows.append({**common, "step": step, "config": "run", "loss": losses[-1] if losses else None,
                          "identical_steps": identical, "trained_steps": len(losses),
                          "losses": losses if step == args.steps else None,
@@ -343,7 +400,55 @@ def plot(path: Path) -> int:
     target = path.with_suffix(".png")
     fig.savefig(target, dpi=110)
     print(f"wrote {target}")
+    plt.close(fig)
+    for run in results_io.runs(results_io.read_rows(path)):
+        plot_frontier(run, path)
     return 0
+
+
+def plot_frontier(run: list[dict], path: Path) -> None:
+    """Saved bytes against step time, both relative to stock's default, for a run with ``--frontier`` rows.
+
+    One panel per precision; stock and bitfx each a line through their
+    budgets, the defaults marked.  Writes ``<path stem>_frontier_<gpt|opt>.png``.
+    """
+    import matplotlib.pyplot as plt
+
+    at = [r for r in run if "@" in r.get("config", "") and r["config"] != "inductor@0.9"]
+    if not at:
+        return
+    step = max(r["step"] for r in at)
+    rows = [r for r in run if r.get("step") == step and "saved_x_inductor" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, dtype in zip(axes, ("", "bf16")):
+        got = {r["config"]: r for r in rows if (r.get("autocast") or "") == dtype}
+        for name, marker in (("inductor", "s"), ("bittrain", "o")):
+            pts = sorted(((float(c.partition("@")[2]), r) for c, r in got.items() if c.startswith(name + "@")),
+                         reverse=True, key=lambda p: p[0])
+            if not pts:
+                continue
+            line = ax.plot([r["step_x_inductor"] for _, r in pts], [r["saved_x_inductor"] for _, r in pts],
+                           marker=marker, label="stock" if name == "inductor" else "bitfx")[0]
+            for b, r in pts:
+                ax.annotate(f"{b:g}", (r["step_x_inductor"], r["saved_x_inductor"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 3))
+            if name in got:
+                ax.plot(got[name]["step_x_inductor"], got[name]["saved_x_inductor"], marker="*", markersize=12,
+                        color=line.get_color(), linestyle="", label=f"{line.get_label()} default")
+        ax.set(xlabel="step time / stock default", ylabel="saved activations / stock default",
+               title=f"{dtype or 'fp32'}, step {step}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    last = run[-1]
+    m = last.get("machine", {})
+    what = "OPT (ReLU)" if last.get("act") == "opt" else f"{last.get('act')} GPT"
+    fig.suptitle(f"{what} d={last.get('dim')} L={last.get('layers')} seq={last.get('seq')}, budgets labelled; "
+                 f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {last.get('torch')}", fontsize=9)
+    fig.tight_layout()
+    target = path.with_name(f"{path.stem}_frontier_{'opt' if last.get('act') == 'opt' else 'gpt'}.png")
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
