@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import profiles
-from .profiles import MACHINES, Machine
+from .profiles import MACHINES, Machine, im2col_numel
 
 log = logging.getLogger("bitfx")
 
@@ -51,7 +51,8 @@ log = logging.getLogger("bitfx")
 SIZES = (1024, 1 << 22)
 QUICK_SIZES = (1024, 1 << 20)
 # Machine fields that only a full `calibrate` measures (CPU convolution-backward scratch).
-SCRATCH_FIELDS = ("conv_scratch_channels_last", "conv_scratch_contiguous", "depthwise_scratch_by_dtype")
+SCRATCH_FIELDS = ("conv_scratch_channels_last", "conv_scratch_contiguous", "depthwise_scratch_by_dtype",
+                  "conv_scratch_by_dtype")
 
 
 def _cache_root() -> Path:
@@ -195,6 +196,7 @@ def from_profile(profile: dict, source: str) -> Machine:
     fields.update({k: v for k, v in profile["machine"].items() if not (profile.get("quick") and k in SCRATCH_FIELDS)})
     for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
         fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
+    fields["conv_scratch_by_dtype"] = tuple((str(d), *map(float, rest)) for d, *rest in fields["conv_scratch_by_dtype"])
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
                         f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
 
@@ -266,7 +268,48 @@ def conv_scratch() -> dict[str, float]:
     """
     return {"conv_scratch_channels_last": _conv_scratch(True), "conv_scratch_contiguous": _conv_scratch(False),
             "depthwise_scratch_by_dtype": tuple((str(d).replace("torch.", ""), _depthwise_scratch(d))
-                                                for d in (torch.bfloat16, torch.float32))}
+                                                for d in (torch.bfloat16, torch.float32)),
+            "conv_scratch_by_dtype": tuple((str(d).replace("torch.", ""), *_conv_scratch_of(d))
+                                           for d in (torch.float32, torch.bfloat16))}
+
+
+def _conv_scratch_of(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(channels-last, contiguous, im2col): :attr:`Machine.conv_scratch_by_dtype`'s entry for ``dtype``.
+
+    The im2col fraction from a forward 3x3 convolution whose im2col buffer
+    is 9x its input; the weight multiples from the weight gradient
+    :func:`_conv_scratch` measures, less that fraction of its im2col buffer.
+    oneDNN's native kernels allocate small shape-dependent buffers
+    (1-45% of an im2col buffer in fp32, measured), which are not this
+    path: a fraction under one half is recorded as none.
+    """
+    from .measure import cpu_peak_and_net
+
+    cl = torch.channels_last
+
+    def scratch(fn) -> int:
+        fn()
+        out = []
+        peak, _, _ = cpu_peak_and_net(lambda: out.append(fn()))
+        returned = sum(t.nbytes for r in out for t in (r if isinstance(r, tuple) else (r,)) if t is not None)
+        return max(peak - returned, 0)
+
+    w = torch.randn(32, 32, 3, 3, dtype=dtype).contiguous(memory_format=cl)
+    x = torch.randn(2, 32, 16, 16, dtype=dtype).contiguous(memory_format=cl)
+    conv = lambda x, w: torch.ops.aten.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # noqa: E731
+    im2col = im2col_numel(x.shape, w.shape, x.shape) * x.element_size()
+    frac = scratch(lambda: conv(x, w)) / im2col
+    frac = round(frac, 2) if frac >= 0.5 else 0.0
+    weights = []
+    for layout in (cl, torch.contiguous_format):
+        w = torch.randn(32, 32, 3, 3, dtype=dtype).contiguous(memory_format=layout)
+        x = torch.randn(2, 32, 8, 8, dtype=dtype).contiguous(memory_format=cl)
+        grad = conv(x, w).contiguous(memory_format=cl)
+        got = scratch(lambda: torch.ops.aten.convolution_backward(
+            grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]))
+        got -= frac * im2col_numel(x.shape, w.shape, grad.shape) * x.element_size()
+        weights.append(round(max(got, 0) / w.nbytes, 2))
+    return weights[0], weights[1], frac
 
 
 def _depthwise_scratch(dtype: torch.dtype) -> float:

@@ -39,17 +39,41 @@ class Machine:
     # allocates scratch per channel and kernel tap: bytes per channel per
     # tap, by dtype name (passes/peak.py says where it is counted).
     depthwise_scratch_by_dtype: tuple[tuple[str, float], ...] = ()
+    # By dtype name: (channels-last, contiguous, im2col).  The first two are
+    # a weight gradient's scratch in multiples of its weight's own bytes, for
+    # each weight layout; the third is the fraction of an im2col buffer
+    # (:func:`im2col_numel`) that a convolution and a weight gradient
+    # allocate: where a CPU has no native kernel for a dtype (bf16 without
+    # AVX-512 BF16), oneDNN lowers both to im2col and a GEMM.  A dtype with
+    # no entry is priced with the two fields above.
+    conv_scratch_by_dtype: tuple[tuple[str, float, float, float], ...] = ()
 
     def conv_scratch(self, channels_last: bool) -> float:
         return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
 
-    def conv_weight_scratch(self, channels_last: bool, numel: int, itemsize: int) -> float:
+    def _conv_entry(self, dtype) -> tuple[float, float, float] | None:
+        name = str(dtype).replace("torch.", "")
+        return next((tuple(e[1:]) for e in self.conv_scratch_by_dtype if e[0] == name), None)
+
+    def conv_weight_scratch(self, channels_last: bool, numel: int, itemsize: int, dtype=None,
+                            im2col: int = 0) -> float:
         """Scratch bytes of the weight gradient of a weight of ``numel`` elements.
 
-        oneDNN accumulates a weight gradient in fp32, so a bf16 weight's
-        scratch is fp32-sized (4x and 5x its own bytes, measured).
+        ``im2col``: the elements of the call's im2col buffer
+        (:func:`im2col_numel`).  Without an entry for ``dtype``, the weight's
+        scratch is taken to be fp32-sized, as oneDNN's was measured on an
+        AVX-512 Xeon (a bf16 weight's 4x and 5x its own bytes).
         """
-        return self.conv_scratch(channels_last) * numel * max(itemsize, 4)
+        entry = self._conv_entry(dtype) if dtype is not None else None
+        if entry is None:
+            return self.conv_scratch(channels_last) * numel * max(itemsize, 4)
+        cl, contiguous, frac = entry
+        return ((cl if channels_last else contiguous) * numel + frac * im2col) * itemsize
+
+    def conv_im2col_scratch(self, dtype, im2col: int, itemsize: int) -> float:
+        """Scratch bytes of a convolution (forward) whose im2col buffer has ``im2col`` elements."""
+        entry = self._conv_entry(dtype)
+        return entry[2] * im2col * itemsize if entry else 0.0
 
     def depthwise_scratch(self, dtype) -> float:
         name = str(dtype).replace("torch.", "")
@@ -61,6 +85,24 @@ class Machine:
     def flop_rate(self, dtype) -> float:
         name = str(dtype).replace("torch.", "")
         return next((f for d, f in self.flops_by_dtype if d == name), self.flops)
+
+
+def im2col_numel(x_shape, w_shape, out_shape) -> int:
+    """Elements of the im2col buffer of a convolution from ``x_shape`` by ``w_shape`` to ``out_shape``.
+
+    Batch x input channels x output positions x kernel taps.  None for a
+    1x1 kernel that keeps the image's size (the GEMM reads the input as it
+    is), nor for a grouped convolution (not measured).
+    """
+    if len(x_shape) < 3 or len(w_shape) != len(x_shape) or x_shape[1] != w_shape[1]:
+        return 0
+    kernel, out = list(w_shape[2:]), list(out_shape[2:])
+    if all(k == 1 for k in kernel) and out == list(x_shape[2:]):
+        return 0
+    n = int(x_shape[0]) * int(x_shape[1])
+    for d in (*out, *kernel):
+        n *= int(d)
+    return n
 
 
 # CPU: measured on an AMD EPYC without AVX-512 (Zen 3), 2 cores, torch 2.14.1:
@@ -89,6 +131,10 @@ class Machine:
 # (1 MiB L2) allocates 260 bytes in fp32 and about 8 in bf16: these vary by
 # CPU, so `calibrate` measures them.
 # MobileNetV3-small's 576-channel 5x5 layer: 22 MiB in bf16.
+# On that EPYC (AVX2, no native bf16), a bf16 convolution and its weight
+# gradient allocate exactly their im2col buffer (from a 1x1 stride-2 to a 7x7
+# kernel, batch 2-16, 1 and 2 threads), and a bf16 weight gradient nothing
+# weight-sized but a copy of a contiguous weight; fp32 allocates no im2col.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
@@ -96,7 +142,8 @@ MACHINES = {
     "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
                    exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
                    conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0,
-                   depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0))),
+                   depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0)),
+                   conv_scratch_by_dtype=(("float32", 2.0, 3.0, 0.0), ("bfloat16", 0.0, 1.0, 1.0))),
     "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }

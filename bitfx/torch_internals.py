@@ -473,28 +473,35 @@ def kernel_run_peak(order, freeable, graph_outputs) -> int:
 
 def extern_scratch(node) -> int:
     """Bytes an extern kernel allocates and frees inside its run: a CPU weight-gradient
-    ``convolution_backward``'s scratch, as the device profile gives it
-    (:meth:`bitfx.profiles.Machine.conv_scratch`; the planner's step model counts the same)."""
-    from .profiles import current
+    ``convolution_backward``'s scratch and a CPU ``convolution``'s im2col buffer, as the device
+    profile gives them (:class:`bitfx.profiles.Machine`; the planner's step model counts the same)."""
+    from .profiles import current, im2col_numel
 
     ir = getattr(node, "node", None)
-    if getattr(ir, "op_overload", None) is not torch.ops.aten.convolution_backward.default:
+    op = getattr(ir, "op_overload", None)
+    if op not in (torch.ops.aten.convolution_backward.default, torch.ops.aten.convolution.default):
         return 0
     inputs = getattr(ir, "inputs", ())
-    if len(inputs) < 3 or node.get_device() is None or node.get_device().type != "cpu":
+    if len(inputs) < 2 or node.get_device() is None or node.get_device().type != "cpu":
         return 0
+    try:
+        sizes = [[int(d) for d in t.get_size()] for t in inputs[:3]]
+        out_size = [int(d) for d in ir.get_size()] if op is torch.ops.aten.convolution.default else None
+        weight = inputs[1] if out_size is not None else inputs[2]
+        stride = [int(d) for d in weight.get_stride()]
+    except (TypeError, ValueError, AttributeError, NotImplementedError):  # symbolic or unknown sizes: not modelled
+        return 0
+    machine, dtype = current("cpu"), weight.get_dtype()
+    if out_size is not None:  # forward: input, weight
+        return int(machine.conv_im2col_scratch(dtype, im2col_numel(sizes[0], sizes[1], out_size), dtype.itemsize))
     mask = next((a for a in reversed(getattr(ir, "constant_args", ())) if isinstance(a, (list, tuple))
                  and len(a) == 3 and all(isinstance(b, bool) for b in a)), (True, True, True))
-    grad, weight = inputs[0], inputs[2]
-    try:
-        batch, size, stride = int(grad.get_size()[0]), [int(d) for d in weight.get_size()], \
-            [int(d) for d in weight.get_stride()]
-    except (TypeError, ValueError):  # symbolic sizes: not modelled
-        return 0
-    if not mask[1] or batch <= 1 or len(size) != 4:
+    grad, x, size = sizes
+    if not mask[1] or grad[0] <= 1 or len(size) != 4:
         return 0
     channels_last = stride[1] == 1 and size[1] > 1
-    return int(current("cpu").conv_weight_scratch(channels_last, math.prod(size), weight.get_dtype().itemsize))
+    return int(machine.conv_weight_scratch(channels_last, math.prod(size), dtype.itemsize, dtype,
+                                           im2col_numel(x, size, grad)))
 
 
 def reorder_by_kernel_runs(nodes):

@@ -20,6 +20,7 @@ import torch
 
 from bitfx.liveness import Liveness, simulate
 from bitfx.options import Options, format_bytes
+from bitfx.profiles import im2col_numel
 
 from .pricing import Codec, dense_bytes, machine_for
 from .targets import BUDGET_GRID, FREE_SLOWDOWN
@@ -113,7 +114,10 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
         channels_last = weight.name in copies or _channels_last(weight)
         w, groups = weight.meta.get("val"), n.args[-2]
-        scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size())
+        xv = x.meta.get("val")
+        im2col = im2col_numel(xv.shape, w.shape, grad.shape) if isinstance(xv, torch.Tensor) and isinstance(
+            w, torch.Tensor) else 0
+        scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size(), w.dtype, im2col)
                    if isinstance(w, torch.Tensor) else machine.conv_scratch(channels_last) * node_bytes(weight))
         generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
@@ -122,6 +126,23 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
             # calibrate measures this path's whole scratch, weight-sized buffers included
             scratch = machine.depthwise_scratch(grad.dtype) * w.shape[0] * w.shape[2] * w.shape[3]
         out[n] = int(scratch) + returned
+    return out
+
+
+def _conv_forward_workspaces(gm) -> dict:
+    """Scratch bytes of each CPU ``convolution`` (forward's, and those backward recomputes): its
+    im2col buffer, where the device profile says the convolution's dtype is lowered to one
+    (:meth:`~bitfx.profiles.Machine.conv_im2col_scratch`)."""
+    machine = None
+    out = {}
+    for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
+        x, w, y = (a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in (n.args[0], n.args[1], n))
+        if not all(isinstance(t, torch.Tensor) for t in (x, w, y)) or x.device.type != "cpu" or n.args[6]:
+            continue
+        machine = machine or machine_for(gm.graph)
+        scratch = machine.conv_im2col_scratch(x.dtype, im2col_numel(x.shape, w.shape, y.shape), x.element_size())
+        if scratch:
+            out[n] = int(scratch)
     return out
 
 
@@ -174,9 +195,10 @@ def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> Step
         return size_of(n)
 
     fw = simulate(part.fw.graph, size_of, inputs_resident=True,
-                  late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies})
+                  late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies},
+                  workspace=_conv_forward_workspaces(part.fw))
     channels_last_bw = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
-    workspace = _conv_backward_workspaces(part.bw, copies, channels_last_bw)
+    workspace = {**_conv_forward_workspaces(part.bw), **_conv_backward_workspaces(part.bw, copies, channels_last_bw)}
     bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]

@@ -84,7 +84,7 @@ def test_free_default_recomputes_parameter_casts_under_autocast():
                 and n.args[0].meta["val"].shape != x.shape]  # weights, not the input
 
     assert casts_saved(enabled=False), "stock saves bf16 copies of the conv weights"
-    assert not casts_saved()
+    assert not casts_saved(peak_guard=False)  # the cost model's choice, not the peak guard's
 
 
 def test_recomputed_casts_save_the_weights_themselves_under_inductor():
@@ -93,7 +93,8 @@ def test_recomputed_casts_save_the_weights_themselves_under_inductor():
     torch._dynamo.reset()
     model, x = cnn(), torch.randn(4, 3, 32, 32)
     weights = [p for p in model.parameters() if p.dim() == 4]
-    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor"))
+    # the plan that recomputes the casts (under the peak guard this small CNN keeps stock's plan)
+    compiled = torch.compile(model, backend=bitfx.backend(inner="inductor", peak_guard=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(x).float().sum().backward()  # compile
         got = []

@@ -285,3 +285,50 @@ def test_depthwise_5x5_backward_scratch_is_predicted(dtype, tmp_path, monkeypatc
     monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "none.json"))
     without = bitfx.plan(model, x, inner="eager", enabled=False).step_peak_bytes["bittrain"]
     assert p.step_peak_bytes["bittrain"] - without == pytest.approx(per_tap * c * 25, rel=0.05, abs=2**15)
+
+
+def test_im2col_numel_counts_batch_channels_output_positions_and_taps():
+    from bitfx.profiles import im2col_numel
+
+    assert im2col_numel((8, 64, 24, 24), (64, 64, 3, 3), (8, 64, 24, 24)) == 8 * 64 * 24 * 24 * 9
+    assert im2col_numel((8, 128, 24, 24), (128, 128, 3, 3), (8, 128, 12, 12)) == 8 * 128 * 144 * 9  # stride 2
+    assert im2col_numel((8, 64, 24, 24), (128, 64, 1, 1), (8, 128, 12, 12)) == 8 * 64 * 144  # 1x1, stride 2
+    assert im2col_numel((8, 64, 24, 24), (128, 64, 1, 1), (8, 128, 24, 24)) == 0  # 1x1 reads its input as is
+    assert im2col_numel((8, 64, 24, 24), (64, 1, 3, 3), (8, 64, 24, 24)) == 0  # grouped: not this path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_convolution_im2col_scratch_is_predicted(dtype, tmp_path, monkeypatch):
+    """Where this CPU lowers a dtype's convolutions to im2col and a GEMM (bf16 without native
+    kernels), forward and the weight gradient allocate the im2col buffer, 9x the input of a
+    3x3 convolution: the step peak model counts what ``calibrate`` measured here, and
+    without that entry it misses the peak by more than 10%."""
+    import json
+
+    from bitfx import calibrate
+
+    measured = calibrate.conv_scratch()
+    profile = {"device": "cpu", "device_name": "this machine", "torch": torch.__version__,
+               "date": "2026-01-01T00:00:00Z", "machine": measured}
+    (tmp_path / "cpu.json").write_text(json.dumps(profile))
+    monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "cpu.json"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2)).to(dtype)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 24, 24, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    predicted = bitfx.plan(model, x, inner="eager", enabled=False).step_peak_bytes["bittrain"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=bitfx.backend(inner="eager", enabled=False))
+    compiled(x).float().sum().backward()
+    got = step_peak(lambda: compiled(x).float().sum().backward(), model)
+    assert got.ok, got.check
+    assert predicted == pytest.approx(got.peak, rel=0.10), (predicted, got.peak, measured["conv_scratch_by_dtype"])
+    frac = {d: f for d, _, _, f in measured["conv_scratch_by_dtype"]}[str(dtype).replace("torch.", "")]
+    if frac:
+        none = {**profile, "machine": {**measured, "conv_scratch_by_dtype": [(d, cl, c, 0.0) for d, cl, c, _ in
+                                                                             measured["conv_scratch_by_dtype"]]}}
+        (tmp_path / "none.json").write_text(json.dumps(none))
+        monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "none.json"))
+        without = bitfx.plan(model, x, inner="eager", enabled=False).step_peak_bytes["bittrain"]
+        assert without < 0.9 * got.peak, (without, got.peak)
