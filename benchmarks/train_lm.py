@@ -365,14 +365,14 @@ def main(argv=None) -> int:
 
 
 def plot(path: Path) -> int:
-    """Density of each FFN and saved bytes against step, from the latest run in ``path``."""
+    """Density of each FFN and saved bytes against step, from the GPT's latest run in ``path``; each run's frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results_io.read_rows(path)
-    last = rows[-1]
+    last = next(r for r in reversed(rows) if r.get("act") != "opt")  # the GPT's run (OPT's has its frontier only)
     # The latest run: from the first of its step-0 rows on.
     start = max(i for i, r in enumerate(rows) if r.get("step") == 0 and r.get("act") == last.get("act"))
     while start > 0 and rows[start - 1].get("step") == 0:
@@ -419,8 +419,9 @@ def plot_frontier(run: list[dict], path: Path) -> None:
         return
     step = max(r["step"] for r in at)
     rows = [r for r in run if r.get("step") == step and "saved_x_inductor" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, dtype in zip(axes, ("", "bf16")):
+    dtypes = [d for d in ("", "bf16") if any((r.get("autocast") or "") == d for r in rows)]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
         got = {r["config"]: r for r in rows if (r.get("autocast") or "") == dtype}
         for name, marker in (("inductor", "s"), ("bittrain", "o")):
             pts = sorted(((float(c.partition("@")[2]), r) for c, r in got.items() if c.startswith(name + "@")),
