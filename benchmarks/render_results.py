@@ -81,16 +81,23 @@ def _module_kind(name: str) -> str:
 
 
 def train_lm(rows: list[dict]) -> list[str]:
-    latest: dict[str, list[dict]] = {}
+    # The latest run of each model, and of each model the latest that measured bf16 autocast
+    # where that is an older run (a machine without native bf16 measures fp32 only).
+    latest: dict[tuple, list[dict]] = {}
     for run in results_io.runs(rows):
-        latest[run[-1].get("act")] = run
-    out = []
-    for act, run in sorted(latest.items(), key=lambda kv: kv[0] != "sqrelu"):
-        out += _train_lm_run(run)
+        act = run[-1].get("act")
+        latest[(act, "")] = run
+        if any(r.get("autocast") for r in run):
+            latest[(act, "bf16")] = run
+    out, shown = [], []
+    for (act, _), run in sorted(latest.items(), key=lambda kv: (kv[0][0] != "sqrelu", kv[0])):
+        if not any(run is r for r in shown):
+            shown.append(run)
+            out += _train_lm_run(run, plot=run is latest[(act, "")] and act != "opt")
     return out
 
 
-def _train_lm_run(run: list[dict]) -> list[str]:
+def _train_lm_run(run: list[dict], plot: bool) -> list[str]:
     last = run[-1]
     model = "OPT (transformers, ReLU FFN)" if last.get("act") == "opt" else f"{last.get('act')} GPT"
     out = [f"### {model}, d={last.get('dim')}, {last.get('layers')} layers, seq {last.get('seq')}, "
@@ -113,7 +120,7 @@ def _train_lm_run(run: list[dict]) -> list[str]:
                      "ok" if r.get("peak_check") == "ok" else "no", _num(r["step_x_inductor"]), dens])
     out += _table(["step", "dtype", "config", "saved MiB", "x stock", "x stock@0.9", "step peak MiB", "peak check",
                    "step x stock", "FFN densities"], body)
-    if last.get("act") != "opt":
+    if plot:  # train_lm.py --plot draws the GPT's latest run
         out += ["", "![FFN density and saved bytes against step](../benchmarks/results/train_lm.png)"]
     out += _train_lm_frontier(run) + _train_lm_breakdown(run)
     return out + [""]
