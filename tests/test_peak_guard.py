@@ -249,21 +249,25 @@ def test_stats_table_says_where_the_guard_took_stocks_plan():
     assert "taking stock's default plan" in table
 
 
+def _use_profile(machine_fields: dict, path, monkeypatch) -> None:
+    """Price CPU graphs with a profile of ``machine_fields`` (BITFX_PROFILE), as calibrate would save it."""
+    import json
+
+    path.write_text(json.dumps({"device": "cpu", "device_name": "this machine", "torch": torch.__version__,
+                                "date": "2026-01-01T00:00:00Z", "machine": machine_fields}))
+    monkeypatch.setenv("BITFX_PROFILE", str(path))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_depthwise_5x5_backward_scratch_is_predicted(dtype, tmp_path, monkeypatch):
     """oneDNN's depthwise 5x5 weight gradient over channels-last input allocates per channel and
     tap, how much depending on the CPU (22 MiB in bf16 for MobileNetV3's 576-channel layer on
     one EPYC, next to nothing on another): the step peak model counts what ``calibrate``
     measured on this machine."""
-    import json
-
     from bitfx import calibrate
 
     measured = calibrate.conv_scratch()
-    profile = {"device": "cpu", "device_name": "this machine", "torch": torch.__version__,
-               "date": "2026-01-01T00:00:00Z", "machine": measured}
-    (tmp_path / "cpu.json").write_text(json.dumps(profile))
-    monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "cpu.json"))
+    _use_profile(measured, tmp_path / "cpu.json", monkeypatch)
     torch.manual_seed(0)
     c = 256
     model = nn.Sequential(nn.Conv2d(3, c, 1), nn.ReLU(), nn.Conv2d(c, c, 5, padding=2, groups=c),
@@ -280,9 +284,7 @@ def test_depthwise_5x5_backward_scratch_is_predicted(dtype, tmp_path, monkeypatc
     # ... and of that prediction, the profile's per-tap bytes are the depthwise layer's
     # scratch (in place of the weight-sized one; the step peak is a max, so not to the byte)
     per_tap = dict(measured["depthwise_scratch_by_dtype"])[str(dtype).replace("torch.", "")]
-    none = {**profile, "machine": {**measured, "depthwise_scratch_by_dtype": []}}
-    (tmp_path / "none.json").write_text(json.dumps(none))
-    monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "none.json"))
+    _use_profile({**measured, "depthwise_scratch_by_dtype": []}, tmp_path / "none.json", monkeypatch)
     without = bitfx.plan(model, x, inner="eager", enabled=False).step_peak_bytes["bittrain"]
     assert p.step_peak_bytes["bittrain"] - without == pytest.approx(per_tap * c * 25, rel=0.05, abs=2**15)
 
@@ -303,15 +305,10 @@ def test_convolution_im2col_scratch_is_predicted(dtype, tmp_path, monkeypatch):
     kernels), forward and the weight gradient allocate the im2col buffer, 9x the input of a
     3x3 convolution: the step peak model counts what ``calibrate`` measured here, and
     without that entry it misses the peak by more than 10%."""
-    import json
-
     from bitfx import calibrate
 
     measured = calibrate.conv_scratch()
-    profile = {"device": "cpu", "device_name": "this machine", "torch": torch.__version__,
-               "date": "2026-01-01T00:00:00Z", "machine": measured}
-    (tmp_path / "cpu.json").write_text(json.dumps(profile))
-    monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "cpu.json"))
+    _use_profile(measured, tmp_path / "cpu.json", monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2)).to(dtype)
@@ -326,9 +323,7 @@ def test_convolution_im2col_scratch_is_predicted(dtype, tmp_path, monkeypatch):
     assert predicted == pytest.approx(got.peak, rel=0.10), (predicted, got.peak, measured["conv_scratch_by_dtype"])
     frac = {d: f for d, _, _, f in measured["conv_scratch_by_dtype"]}[str(dtype).replace("torch.", "")]
     if frac:
-        none = {**profile, "machine": {**measured, "conv_scratch_by_dtype": [(d, cl, c, 0.0) for d, cl, c, _ in
-                                                                             measured["conv_scratch_by_dtype"]]}}
-        (tmp_path / "none.json").write_text(json.dumps(none))
-        monkeypatch.setenv("BITFX_PROFILE", str(tmp_path / "none.json"))
+        no_im2col = [(d, cl, c, 0.0) for d, cl, c, _ in measured["conv_scratch_by_dtype"]]
+        _use_profile({**measured, "conv_scratch_by_dtype": no_im2col}, tmp_path / "none.json", monkeypatch)
         without = bitfx.plan(model, x, inner="eager", enabled=False).step_peak_bytes["bittrain"]
         assert without < 0.9 * got.peak, (without, got.peak)
