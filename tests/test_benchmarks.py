@@ -256,3 +256,32 @@ def test_committed_results_page_has_no_unrecorded_rows_or_empty_tables():
     for i, line in enumerate(lines):
         if line.startswith("|---"):  # a table's separator: at least one row follows
             assert i + 1 < len(lines) and lines[i + 1].startswith("|"), lines[i - 1]
+
+
+def test_train_lm_frontier_and_breakdown_render_from_rows(tmp_path):
+    """train_lm.py --frontier rows: bitfx@b against stock@b, judged at 0.85x bytes and 1.03x time,
+    and the default plan's tensors grouped by module with the block index as ``*``."""
+    render_results = benchmark("render_results")
+    train_lm = benchmark("train_lm")
+    assert train_lm.frontier_configs([0.9, 0.5]) == ["bittrain@0.9", "inductor@0.5", "bittrain@0.5"]
+
+    def row(config, saved, step, **extra):
+        return {"act": "sqrelu", "dim": 8, "layers": 2, "seq": 4, "batch": 1, "step": 10, "autocast": "",
+                "config": config, "saved_activation_bytes": saved * 2**20, "saved_x_inductor": saved / 100,
+                "saved_x_inductor@0.9": saved / 80, "peak_bytes": 2**20, "peak_check": "ok",
+                "step_x_inductor": step, **extra}
+
+    rows = [row("inductor", 100, 1.0), row("inductor@0.9", 80, 1.0), row("bittrain", 40, 1.01),
+            row("bittrain@0.9", 60, 1.02, step_x_stock_same_budget=1.02),  # 0.75x at 1.02x: meets the bar
+            row("inductor@0.5", 50, 1.1), row("bittrain@0.5", 45, 1.1, step_x_stock_same_budget=1.0),  # 0.9x: misses
+            {"act": "sqrelu", "step": 10, "autocast": "", "config": "breakdown", "tensors": [
+                {"name": f"blocks.{i}.mlp", "op": "relu", "shape": [4, 8], "dtype": "float32", "dense_bytes": 2**20,
+                 "stored_bytes": 2**19, "codec": "bitmap", "density": 0.4, "reason": ""} for i in range(2)]}]
+    results_io.append_rows("train_lm", rows, tmp_path / "train_lm.jsonl")
+    text = render_results.render(tmp_path)
+    lines = text.splitlines()
+    assert next(x for x in lines if x.startswith("| fp32 | 0.9 |")).endswith("| yes |")
+    assert next(x for x in lines if x.startswith("| fp32 | 0.5 |")).endswith("| no |")
+    assert "| 0.750 |" in next(x for x in lines if x.startswith("| fp32 | 0.9 |"))
+    grouped = next(x for x in lines if x.startswith("| blocks.*.mlp | relu |"))
+    assert "| bitmap | 2 | 2.00 | 1.00 | 100.0% |" in grouped
