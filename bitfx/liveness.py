@@ -22,7 +22,10 @@ Rules:
   copy is allocated at the input's first use and freed after its last,
   unless it is an output (forward saves it for backward);
 * ``workspace`` bytes of a node are alive while it runs only (a kernel's
-  scratch buffers, an output produced in one layout and copied to another).
+  scratch buffers, an output produced in one layout and copied to another);
+* ``inlined`` nodes are computed inside their consumers' kernels and never
+  stored (Inductor's unrealized pointwise ops): they allocate nothing, and
+  a consumer that reads one reads its inputs, which live until then.
 """
 
 from __future__ import annotations
@@ -75,10 +78,23 @@ def simulate(
     late_inputs: dict[fx.Node, int] | None = None,
     workspace: dict[fx.Node, int] | None = None,
     keep_inputs: bool = False,
+    inlined: frozenset[fx.Node] | set[fx.Node] = frozenset(),
 ) -> Liveness:
     """Walk ``graph`` once, tracking live storage bytes."""
     late = dict(late_inputs or {})
     workspace = workspace or {}
+    reads_memo: dict[fx.Node, frozenset[fx.Node]] = {}
+
+    def reads(n: fx.Node) -> frozenset[fx.Node]:
+        # the storages ``n``'s kernel reads: an inlined input's own inputs, transitively
+        if n not in reads_memo:
+            out = set()
+            for a in n.all_input_nodes:
+                root = storage_root(a)
+                out |= reads(root) if root in inlined else {root}
+            reads_memo[n] = frozenset(out)
+        return reads_memo[n]
+
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -88,8 +104,9 @@ def simulate(
     # last use of each storage, through its aliases
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
-        for a in n.all_input_nodes:
-            root = storage_root(a)
+        if n in inlined:
+            continue
+        for root in reads(n):
             last_use[root] = max(last_use.get(root, -1), order[n])
     live: dict[fx.Node, int] = {}
     total = peak = 0
@@ -99,13 +116,15 @@ def simulate(
     for n in nodes:
         if n.op == "output":
             break
+        if n in inlined:
+            continue
         root = storage_root(n)
         if root is n and n not in late and not (n.op == "placeholder" and inputs_resident):
             size = size_of(n)
             if size:
                 live[n] = size
                 total += size
-        used = {storage_root(x) for x in n.all_input_nodes}
+        used = reads(n)
         for a in used:
             if a in late:  # first use of an input the graph copies
                 live[a] = late.pop(a)

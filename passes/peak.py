@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bitfx.liveness import Liveness, simulate
+from bitfx.liveness import Liveness, simulate, storage_root
+from bitfx.opsets import ALIAS_VIEWS
 from bitfx.options import Options, format_bytes
 from bitfx.profiles import im2col_numel
 
-from .pricing import Codec, dense_bytes, machine_for
+from .pricing import Codec, dense_bytes, fused_consumer, machine_for
 from .targets import BUDGET_GRID, FREE_SLOWDOWN
 
 
@@ -84,7 +85,8 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
     return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
 
 
-def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:
+def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False,
+                              saved_channels_last: bool = False) -> dict:
     """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
     (:class:`~bitfx.profiles.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
 
@@ -100,6 +102,15 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
     budget 0.9).  So it is counted for bf16 and fp16 gradients over inputs
     saved by forward, and under ``channels_last_bw``: a rule read off
     measurements, not a model of oneDNN's choice.
+
+    Operands not in channels-last are copied (the profile's
+    ``conv_layout_by_dtype``).  ``saved_channels_last``: forward ran with
+    Inductor's layout optimization, so what it saved is channels-last; a
+    backward without it passes every other operand at its FX strides
+    (``constrain_conv_bwd_to_fx_strides``).  MobileNetV2 fp32 at budget 0.9
+    recomputes its expansion blocks: each depthwise weight gradient copied
+    its recomputed input and its gradient (4.2 MiB at the 96-channel layer),
+    and the step peaked there, 24% above the model without the copies.
     """
     machine = None
     out = {}
@@ -119,6 +130,18 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
             w, torch.Tensor) else 0
         scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size(), w.dtype, im2col)
                    if isinstance(w, torch.Tensor) else machine.conv_scratch(channels_last) * node_bytes(weight))
+        if isinstance(w, torch.Tensor):
+            # Runtime layouts: without layout optimization in backward, Inductor
+            # passes the operands at their FX strides (contiguous), except what
+            # forward saved, which a layout-optimized forward laid channels-last.
+            x_cl = channels_last_bw or _channels_last(x) or (saved_channels_last and _from_forward(x))
+            g_cl = channels_last_bw or _channels_last(n.args[0])
+            depthwise = groups > 1 and w.shape[1] == 1
+            copied, replaces = machine.conv_layout_scratch(grad.dtype, node_bytes(x), node_bytes(n.args[0]),
+                                                           x_cl, g_cl, depthwise)
+            if replaces:  # the copies stand in for the weight-sized buffers; an im2col buffer stays
+                scratch = machine.conv_weight_scratch(channels_last, 0, w.element_size(), w.dtype, im2col)
+            scratch += copied
         generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
         if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
@@ -143,6 +166,58 @@ def _conv_forward_workspaces(gm) -> dict:
         scratch = machine.conv_im2col_scratch(x.dtype, im2col_numel(x.shape, w.shape, y.shape), x.element_size())
         if scratch:
             out[n] = int(scratch)
+    return out
+
+
+# Inductor stores a pointwise value read by more than one consumer when its
+# kernel would read more than this many buffers (config.realize_reads_threshold).
+REALIZE_READS = 4
+
+
+def _inlined(gm, inner: str) -> set:
+    """Pointwise nodes Inductor computes inside their consumers' kernels, never storing them.
+
+    Inductor lowers a pointwise op lazily and stores (realizes) it only for
+    a consumer that reads memory (an extern kernel such as a matmul or a
+    convolution, a fallback op such as bitfx's decoders, the graph's
+    output), or when several consumers would each recompute a kernel reading
+    more than ``REALIZE_READS`` buffers.  Every other pointwise value, such as
+    a recomputed ReLU6 or hardswish chain whose consumers are the backward's
+    pointwise ops and reductions, exists only in registers.  Counting those
+    as stored put MobileNetV2's bf16 backward 23% above the measured peak.
+    Eager runs every op (``inner="eager"``): nothing is inlined.
+    """
+    if inner != "inductor":
+        return set()
+    outputs = {storage_root(a) for a in next(reversed(gm.graph.nodes)).all_input_nodes}
+    inlined: set = set()
+    reads: dict = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or torch.Tag.pointwise not in getattr(n.target, "tags", ()) or n in outputs:
+            continue
+        # buffers its kernel reads, through the inlined producers it absorbs
+        reads[n] = set().union(*(reads.get(storage_root(a), {storage_root(a)}) for a in n.all_input_nodes))
+        consumers = _consumers(n)
+        if consumers is not None and (len(consumers) <= 1 or len(reads[n]) <= REALIZE_READS):
+            inlined.add(n)
+        else:
+            del reads[n]
+    return inlined
+
+
+def _consumers(node) -> list | None:
+    """The ops that read ``node`` (through views), or None if one of them needs it in memory."""
+    out = []
+    for u in node.users:
+        if u.op == "call_function" and u.target in ALIAS_VIEWS:
+            more = _consumers(u)
+            if more is None:
+                return None
+            out += more
+        elif fused_consumer(u):
+            out.append(u)
+        else:
+            return None
     return out
 
 
@@ -196,10 +271,13 @@ def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> Step
 
     fw = simulate(part.fw.graph, size_of, inputs_resident=True,
                   late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies},
-                  workspace=_conv_forward_workspaces(part.fw))
+                  workspace=_conv_forward_workspaces(part.fw), inlined=_inlined(part.fw, inner))
     channels_last_bw = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
-    workspace = {**_conv_forward_workspaces(part.bw), **_conv_backward_workspaces(part.bw, copies, channels_last_bw)}
-    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor")
+    saved_cl = inner == "inductor" and _layout_opt(part.fw)
+    workspace = {**_conv_forward_workspaces(part.bw),
+                 **_conv_backward_workspaces(part.bw, copies, channels_last_bw, saved_cl)}
+    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor",
+                  inlined=_inlined(part.bw, inner))
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
     return StepModel(top.peak, PeakAt(phase, top.peak_node, alive), fw, bw)

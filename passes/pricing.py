@@ -273,6 +273,13 @@ def store_seconds(node: fx.Node, machine: Machine) -> float:
     return machine.seconds_moving(dense_bytes(node.meta.get("val")))
 
 
+def fused_consumer(user: fx.Node) -> bool:
+    """Whether Inductor generates ``user``'s kernel, which reads a pointwise input without it in memory:
+    a fusible op (pointwise, a reduction, ``cat``) that is not an extern kernel."""
+    return (user.op == "call_function" and user.target is not operator.getitem and _op_types().is_fusible(user)
+            and not _flops(user, user.meta.get("val")))
+
+
 def _needs_memory(user: fx.Node) -> bool:
     """Whether ``user`` reads its input from memory rather than inside a fused kernel."""
     if user.op != "call_function":
