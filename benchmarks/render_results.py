@@ -49,6 +49,8 @@ def _stamp(r: dict) -> str:
     commit = r.get("commit") or "?"
     if r.get("dirty"):
         commit += " (uncommitted changes)"
+    if r.get("measured_commit"):  # re-predicted: the measurement is an earlier commit's
+        commit = f"{commit}, measured at {r['measured_commit']}"
     return f"{_where(r)}; torch {r.get('torch') or '?'}; commit {commit}"
 
 

@@ -52,7 +52,7 @@ SIZES = (1024, 1 << 22)
 QUICK_SIZES = (1024, 1 << 20)
 # Machine fields that only a full `calibrate` measures (CPU convolution-backward scratch).
 SCRATCH_FIELDS = ("conv_scratch_channels_last", "conv_scratch_contiguous", "depthwise_scratch_by_dtype",
-                  "conv_scratch_by_dtype", "conv_layout_by_dtype")
+                  "conv_scratch_by_dtype")
 
 
 def _cache_root() -> Path:
@@ -196,8 +196,7 @@ def from_profile(profile: dict, source: str) -> Machine:
     fields.update({k: v for k, v in profile["machine"].items() if not (profile.get("quick") and k in SCRATCH_FIELDS)})
     for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
         fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
-    for name in ("conv_scratch_by_dtype", "conv_layout_by_dtype"):
-        fields[name] = tuple((str(d), *map(float, rest)) for d, *rest in fields[name])
+    fields["conv_scratch_by_dtype"] = tuple((str(d), *map(float, rest)) for d, *rest in fields["conv_scratch_by_dtype"])
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
                         f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
 
@@ -271,9 +270,7 @@ def conv_scratch() -> dict[str, float]:
             "depthwise_scratch_by_dtype": tuple((str(d).replace("torch.", ""), _depthwise_scratch(d))
                                                 for d in (torch.bfloat16, torch.float32)),
             "conv_scratch_by_dtype": tuple((str(d).replace("torch.", ""), *_conv_scratch_of(d))
-                                           for d in (torch.float32, torch.bfloat16)),
-            "conv_layout_by_dtype": tuple((str(d).replace("torch.", ""), *_conv_layout_of(d))
-                                          for d in (torch.float32, torch.bfloat16))}
+                                           for d in (torch.float32, torch.bfloat16))}
 
 
 def _conv_scratch_of(dtype: torch.dtype) -> tuple[float, float, float]:
@@ -313,43 +310,6 @@ def _conv_scratch_of(dtype: torch.dtype) -> tuple[float, float, float]:
         got -= frac * im2col_numel(x.shape, w.shape, grad.shape) * x.element_size()
         weights.append(round(max(got, 0) / w.nbytes, 2))
     return weights[0], weights[1], frac
-
-
-def _conv_layout_of(dtype: torch.dtype) -> tuple[float, float, float]:
-    """(plain gradient, plain input, depthwise): :attr:`Machine.conv_layout_by_dtype`'s entry for ``dtype``.
-
-    A 1x1 weight gradient (no weight-sized or im2col scratch to separate)
-    with a contiguous gradient over a channels-last input, in units of the
-    gradient; with both contiguous, in units of both; a 3x3 depthwise one
-    with both channels-last, in units of its input.
-    """
-    from .measure import cpu_peak_and_net
-
-    cl, plain = torch.channels_last, torch.contiguous_format
-
-    def scratch(g, x, w, groups, pad) -> int:
-        def run():
-            return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0],
-                                                       groups, [True, True, False])
-
-        run()
-        out = []
-        peak, _, _ = cpu_peak_and_net(lambda: out.extend(run()))
-        return max(peak - sum(t.nbytes for t in out if t is not None), 0)
-
-    def t(*shape, layout=plain):
-        return torch.randn(*shape, dtype=dtype).contiguous(memory_format=layout)
-
-    w = t(16, 32, 1, 1)
-    x_cl, x_plain = t(4, 32, 16, 16, layout=cl), t(4, 32, 16, 16)
-    g_cl, g_plain = t(4, 16, 16, 16, layout=cl), t(4, 16, 16, 16)
-    base = scratch(g_cl, x_cl, w, 1, 0)
-    plain_grad = (scratch(g_plain, x_cl, w, 1, 0) - base) / g_plain.nbytes
-    plain_input = (scratch(g_plain, x_plain, w, 1, 0) - base) / (x_plain.nbytes + g_plain.nbytes)
-    x_dw = t(4, 32, 16, 16, layout=cl)
-    depthwise = scratch(t(4, 32, 16, 16, layout=cl), x_dw, t(32, 1, 3, 3, layout=cl), 32, 1) / x_dw.nbytes
-    # below a quarter: oneDNN's small shape-dependent buffers, not a copy
-    return tuple(round(v, 2) if v >= 0.25 else 0.0 for v in (plain_grad, plain_input, depthwise))
 
 
 def _depthwise_scratch(dtype: torch.dtype) -> float:

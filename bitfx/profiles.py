@@ -47,14 +47,6 @@ class Machine:
     # AVX-512 BF16), oneDNN lowers both to im2col and a GEMM.  A dtype with
     # no entry is priced with the two fields above.
     conv_scratch_by_dtype: tuple[tuple[str, float, float, float], ...] = ()
-    # By dtype name: (plain gradient, plain input, depthwise).  What a CPU
-    # weight gradient copies when its operands are not channels-last: over a
-    # channels-last input, a contiguous gradient costs this multiple of the
-    # gradient's bytes; over a contiguous input, this multiple of the input's
-    # and gradient's bytes together (in place of the weight-sized scratch);
-    # a 3x3 depthwise one allocates this multiple of its input whatever the
-    # layouts (in place of both).  A dtype with no entry copies nothing.
-    conv_layout_by_dtype: tuple[tuple[str, float, float, float], ...] = ()
 
     def conv_scratch(self, channels_last: bool) -> float:
         return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
@@ -77,21 +69,6 @@ class Machine:
             return self.conv_scratch(channels_last) * numel * max(itemsize, 4)
         cl, contiguous, frac = entry
         return ((cl if channels_last else contiguous) * numel + frac * im2col) * itemsize
-
-    def conv_layout_scratch(self, dtype, input_bytes: int, grad_bytes: int, input_channels_last: bool,
-                            grad_channels_last: bool, depthwise: bool) -> tuple[float, bool]:
-        """(bytes, replaces): what a weight gradient copies for its operands' layouts
-        (:attr:`conv_layout_by_dtype`), and whether that replaces its weight-sized scratch."""
-        name = str(dtype).replace("torch.", "")
-        entry = next((e[1:] for e in self.conv_layout_by_dtype if e[0] == name), None)
-        if entry is None:
-            return 0.0, False
-        plain_grad, plain_input, dw = entry
-        if depthwise and dw:
-            return dw * input_bytes, True
-        if not input_channels_last:
-            return plain_input * (input_bytes + grad_bytes), True
-        return (0.0 if grad_channels_last else plain_grad * grad_bytes), False
 
     def conv_im2col_scratch(self, dtype, im2col: int, itemsize: int) -> float:
         """Scratch bytes of a convolution (forward) whose im2col buffer has ``im2col`` elements."""
@@ -158,12 +135,6 @@ def im2col_numel(x_shape, w_shape, out_shape) -> int:
 # gradient allocate exactly their im2col buffer (from a 1x1 stride-2 to a 7x7
 # kernel, batch 2-16, 1 and 2 threads), and a bf16 weight gradient nothing
 # weight-sized but a copy of a contiguous weight; fp32 allocates no im2col.
-# The same EPYC's weight gradients, by operand layout (x input, g gradient):
-# fp32 copies a contiguous g beside a channels-last x (1.00x g), and both
-# over a contiguous x (1.00x x + g, no weight-sized scratch), depthwise or
-# not, 1x1 or 3x3, stride 1 or 2; bf16 copies a mismatched g (1.00x) and
-# nothing over a contiguous x, and a 3x3 depthwise one allocates 1.00x x in
-# every layout.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
@@ -172,8 +143,7 @@ MACHINES = {
                    exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
                    conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0,
                    depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0)),
-                   conv_scratch_by_dtype=(("float32", 2.0, 3.0, 0.0), ("bfloat16", 0.0, 1.0, 1.0)),
-                   conv_layout_by_dtype=(("float32", 1.0, 1.0, 0.0), ("bfloat16", 1.0, 0.0, 1.0))),
+                   conv_scratch_by_dtype=(("float32", 2.0, 3.0, 0.0), ("bfloat16", 0.0, 1.0, 1.0))),
     "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }

@@ -85,8 +85,7 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
     return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
 
 
-def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False,
-                              saved_channels_last: bool = False) -> dict:
+def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:
     """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
     (:class:`~bitfx.profiles.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
 
@@ -102,15 +101,6 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
     budget 0.9).  So it is counted for bf16 and fp16 gradients over inputs
     saved by forward, and under ``channels_last_bw``: a rule read off
     measurements, not a model of oneDNN's choice.
-
-    Operands not in channels-last are copied (the profile's
-    ``conv_layout_by_dtype``).  ``saved_channels_last``: forward ran with
-    Inductor's layout optimization, so what it saved is channels-last; a
-    backward without it passes every other operand at its FX strides
-    (``constrain_conv_bwd_to_fx_strides``).  MobileNetV2 fp32 at budget 0.9
-    recomputes its expansion blocks: each depthwise weight gradient copied
-    its recomputed input and its gradient (4.2 MiB at the 96-channel layer),
-    and the step peaked there, 24% above the model without the copies.
     """
     machine = None
     out = {}
@@ -130,18 +120,6 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
             w, torch.Tensor) else 0
         scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size(), w.dtype, im2col)
                    if isinstance(w, torch.Tensor) else machine.conv_scratch(channels_last) * node_bytes(weight))
-        if isinstance(w, torch.Tensor):
-            # Runtime layouts: without layout optimization in backward, Inductor
-            # passes the operands at their FX strides (contiguous), except what
-            # forward saved, which a layout-optimized forward laid channels-last.
-            x_cl = channels_last_bw or _channels_last(x) or (saved_channels_last and _from_forward(x))
-            g_cl = channels_last_bw or _channels_last(n.args[0])
-            depthwise = groups > 1 and w.shape[1] == 1
-            copied, replaces = machine.conv_layout_scratch(grad.dtype, node_bytes(x), node_bytes(n.args[0]),
-                                                           x_cl, g_cl, depthwise)
-            if replaces:  # the copies stand in for the weight-sized buffers; an im2col buffer stays
-                scratch = machine.conv_weight_scratch(channels_last, 0, w.element_size(), w.dtype, im2col)
-            scratch += copied
         generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
         if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
@@ -189,7 +167,7 @@ def _inlined(gm, inner: str) -> set:
     """
     if inner != "inductor":
         return set()
-    outputs = {storage_root(a) for a in next(reversed(gm.graph.nodes)).all_input_nodes}
+    outputs = {storage_root(a) for a in gm.graph.find_nodes(op="output")[0].all_input_nodes}
     inlined: set = set()
     reads: dict = {}
     for n in gm.graph.nodes:
@@ -273,9 +251,7 @@ def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> Step
                   late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies},
                   workspace=_conv_forward_workspaces(part.fw), inlined=_inlined(part.fw, inner))
     channels_last_bw = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
-    saved_cl = inner == "inductor" and _layout_opt(part.fw)
-    workspace = {**_conv_forward_workspaces(part.bw),
-                 **_conv_backward_workspaces(part.bw, copies, channels_last_bw, saved_cl)}
+    workspace = {**_conv_forward_workspaces(part.bw), **_conv_backward_workspaces(part.bw, copies, channels_last_bw)}
     bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor",
                   inlined=_inlined(part.bw, inner))
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
