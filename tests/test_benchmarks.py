@@ -285,3 +285,25 @@ def test_train_lm_frontier_and_breakdown_render_from_rows(tmp_path):
     assert "| 0.750 |" in next(x for x in lines if x.startswith("| fp32 | 0.9 |"))
     grouped = next(x for x in lines if x.startswith("| blocks.*.mlp | relu |"))
     assert "| bitmap | 2 | 2.00 | 1.00 | 100.0% |" in grouped
+
+
+def test_plan_accuracy_repredicts_stock_rows_measured_here_and_keeps_their_measurement(tmp_path):
+    """--repredict re-plans the latest stock rows of this machine and torch only (a stock plan's step
+    is the same whatever bitfx predicts); bitfx's default and other machines' rows are left alone."""
+    import torch
+
+    plan_accuracy = benchmark("plan_accuracy")
+    out = tmp_path / "plan_accuracy.jsonl"
+    here = {"machine": results_io.machine(), "torch": torch.__version__, "commit": "abc", "date": "2026-01-01"}
+    base = {"model": "mobilenet_v3_small", "autocast": "", "inner": "inductor", "batch": 2, "size": 32,
+            "saved_bytes": 1000, "peak_bytes": 5_000_000, "peak_check": "ok", "peak_predicted": 1, "peak_error": 0}
+    rows = [{**base, **here, "config": "inductor"},
+            {**base, **here, "config": "bittrain"},
+            {**base, **here, "config": "inductor@0.9", "machine": {"cpu": "elsewhere"}}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plan_accuracy.main(["--repredict", "--out", str(out)]) == 0
+    new = results_io.read_rows(out)[len(rows):]
+    assert [(r["config"], r["measured_commit"], r["peak_bytes"], r["saved_bytes"]) for r in new] == [
+        ("inductor", "abc", 5_000_000, 1000)]
+    assert new[0]["peak_predicted"] > 1_000_000
+    assert new[0]["peak_error"] == pytest.approx(new[0]["peak_predicted"] / 5_000_000 - 1)
