@@ -292,6 +292,7 @@ def test_plan_accuracy_repredicts_stock_rows_measured_here_and_keeps_their_measu
     is the same whatever bitfx predicts); bitfx's default and other machines' rows are left alone."""
     import torch
 
+    pytest.importorskip("torchvision")  # the benchmark's models
     plan_accuracy = benchmark("plan_accuracy")
     out = tmp_path / "plan_accuracy.jsonl"
     here = {"machine": results_io.machine(), "torch": torch.__version__, "commit": "abc", "date": "2026-01-01"}
