@@ -133,7 +133,7 @@ def repredict(args) -> int:
         if (r["config"] in STOCK_CONFIGS and r.get("machine") == here and r.get("torch") == torch.__version__
                 and r.get("inner") == args.inner):
             latest[(r["model"], r.get("autocast") or "", r["config"], r["batch"], r["size"])] = r
-    models = set(args.models.split(",")) if args.models_given else None
+    models = set(args.models.split(",")) if args.models else None
     path = None
     for (name, autocast, config, batch, size), old in sorted(latest.items()):
         if models is not None and name not in models:
@@ -155,7 +155,7 @@ def repredict(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet18,mobilenet_v3_small")
+    ap.add_argument("--models", default=None, help="default resnet18,mobilenet_v3_small (--repredict: every model)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--autocast", choices=["", "bf16"], default="")
@@ -169,7 +169,6 @@ def main(argv=None) -> int:
                     help="which of inductor, inductor@0.9, bittrain (after a change to bitfx's plans, bittrain alone)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    args.models_given = any(a == "--models" or a.startswith("--models=") for a in (argv or sys.argv[1:]))
     if args.predict_one:
         name, config = args.predict_one.split(":")
         print(json.dumps(predict_one(name, config, args.batch, args.size, args.autocast, args.inner)))
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(name, config, args.batch, args.size, args.autocast, args.inner)))
         return 0
     path = None
-    for name in args.models.split(","):
+    for name in (args.models or "resnet18,mobilenet_v3_small").split(","):
         for config in args.configs.split(","):
             if config not in CONFIGS:
                 ap.error(f"--configs: {config!r} is not one of {', '.join(CONFIGS)}")

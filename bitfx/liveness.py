@@ -70,6 +70,19 @@ def _is_view_getitem(node: fx.Node) -> bool:
     )
 
 
+def kernel_reads(node: fx.Node, inlined, memo: dict) -> frozenset[fx.Node]:
+    """The storages ``node``'s kernel reads: each input's owner (:func:`storage_root`), and for an
+    ``inlined`` one, what its own kernel would have read.  ``memo`` keeps each node's answer;
+    called in graph order, no lookup goes deeper than one level."""
+    if node not in memo:
+        out: set[fx.Node] = set()
+        for a in node.all_input_nodes:
+            root = storage_root(a)
+            out |= kernel_reads(root, inlined, memo) if root in inlined else {root}
+        memo[node] = frozenset(out)
+    return memo[node]
+
+
 def simulate(
     graph: fx.Graph,
     size_of: Callable[[fx.Node], int],
@@ -83,18 +96,7 @@ def simulate(
     """Walk ``graph`` once, tracking live storage bytes."""
     late = dict(late_inputs or {})
     workspace = workspace or {}
-    reads_memo: dict[fx.Node, frozenset[fx.Node]] = {}
-
-    def reads(n: fx.Node) -> frozenset[fx.Node]:
-        # the storages ``n``'s kernel reads: an inlined input's own inputs, transitively
-        if n not in reads_memo:
-            out = set()
-            for a in n.all_input_nodes:
-                root = storage_root(a)
-                out |= reads(root) if root in inlined else {root}
-            reads_memo[n] = frozenset(out)
-        return reads_memo[n]
-
+    memo: dict[fx.Node, frozenset[fx.Node]] = {}
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -104,9 +106,10 @@ def simulate(
     # last use of each storage, through its aliases
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
+        reads = kernel_reads(n, inlined, memo)  # in graph order: an inlined input's entry is already there
         if n in inlined:
             continue
-        for root in reads(n):
+        for root in reads:
             last_use[root] = max(last_use.get(root, -1), order[n])
     live: dict[fx.Node, int] = {}
     total = peak = 0
@@ -124,7 +127,7 @@ def simulate(
             if size:
                 live[n] = size
                 total += size
-        used = reads(n)
+        used = memo[n]
         for a in used:
             if a in late:  # first use of an input the graph copies
                 live[a] = late.pop(a)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitfx.liveness import Liveness, simulate, storage_root
+from bitfx.liveness import Liveness, kernel_reads, simulate, storage_root
 from bitfx.opsets import ALIAS_VIEWS
 from bitfx.options import Options, format_bytes
 from bitfx.profiles import im2col_numel
@@ -169,17 +169,14 @@ def _inlined(gm, inner: str) -> set:
         return set()
     outputs = {storage_root(a) for a in gm.graph.find_nodes(op="output")[0].all_input_nodes}
     inlined: set = set()
-    reads: dict = {}
+    memo: dict = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or torch.Tag.pointwise not in getattr(n.target, "tags", ()) or n in outputs:
             continue
-        # buffers its kernel reads, through the inlined producers it absorbs
-        reads[n] = set().union(*(reads.get(storage_root(a), {storage_root(a)}) for a in n.all_input_nodes))
         consumers = _consumers(n)
-        if consumers is not None and (len(consumers) <= 1 or len(reads[n]) <= REALIZE_READS):
+        # the buffers its kernel reads, through the inlined producers it absorbs
+        if consumers is not None and (len(consumers) <= 1 or len(kernel_reads(n, inlined, memo)) <= REALIZE_READS):
             inlined.add(n)
-        else:
-            del reads[n]
     return inlined
 
 
