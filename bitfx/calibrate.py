@@ -197,6 +197,8 @@ def from_profile(profile: dict, source: str) -> Machine:
     for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
         fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
     fields["conv_scratch_by_dtype"] = tuple((str(d), *map(float, rest)) for d, *rest in fields["conv_scratch_by_dtype"])
+    fields["conv_operand_copies_by_dtype"] = tuple((str(d), str(c), float(x), float(g))
+                                                   for d, c, x, g in fields["conv_operand_copies_by_dtype"])
     return Machine(name=f"{profile['device']}: profile {source} ({profile['device_name']}, measured "
                         f"{profile['date'][:10]}, torch {profile['torch']})", **fields)
 

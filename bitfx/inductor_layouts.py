@@ -63,9 +63,12 @@ _STRIDE_AT_3 = (torch.ops.bitfx.decompress.default, torch.ops.bitfx.bitmap_exp_d
 
 @functools.cache
 def install() -> None:
-    """Register the lowerings (once per process)."""
+    """Register the lowerings (once per process), and tell the step model how backward lays out restored tensors."""
+    from .passes.peak import set_restored_layouts
+
     for op in _PRODUCERS:
         torch_internals.register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
+    set_restored_layouts(apply_forward_layouts)
 
 
 def _remember(key: str, strides: list) -> None:

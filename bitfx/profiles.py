@@ -47,6 +47,10 @@ class Machine:
     # AVX-512 BF16), oneDNN lowers both to im2col and a GEMM.  A dtype with
     # no entry is priced with the two fields above.
     conv_scratch_by_dtype: tuple[tuple[str, float, float, float], ...] = ()
+    # The copies a weight-gradient ``convolution_backward`` makes of its
+    # operands when they are not laid out as it wants: by dtype name and
+    # case (:data:`COPY_CASES`), (input, gradient) multiples of their bytes.
+    conv_operand_copies_by_dtype: tuple[tuple[str, str, float, float], ...] = ()
 
     def conv_scratch(self, channels_last: bool) -> float:
         return self.conv_scratch_channels_last if channels_last else self.conv_scratch_contiguous
@@ -69,6 +73,28 @@ class Machine:
             return self.conv_scratch(channels_last) * numel * max(itemsize, 4)
         cl, contiguous, frac = entry
         return ((cl if channels_last else contiguous) * numel + frac * im2col) * itemsize
+
+    def conv_operand_copies(self, dtype, input_channels_last: bool, grad_channels_last: bool,
+                            depthwise_grad_input: bool, input_contiguous: bool = True,
+                            depthwise: bool = False) -> tuple[float, float]:
+        """(input, gradient) multiples a weight gradient copies, for these layouts; (0, 0) where none is known."""
+        name = str(dtype).replace("torch.", "")
+        cases = {c: (x, g) for d, c, x, g in self.conv_operand_copies_by_dtype if d == name}
+        if depthwise and "depthwise with input gradient" in cases:
+            # a depthwise kernel of its own, which takes the operands as they are
+            x, g = 0.0, 0.0
+        elif input_channels_last:
+            x, g = (0.0, 0.0) if grad_channels_last else cases.get("grad not channels-last", (0.0, 0.0))
+        else:
+            x, g = cases.get("input not channels-last, grad channels-last" if grad_channels_last
+                             else "neither channels-last", (0.0, 0.0))
+        extra = [c for c, on in (("depthwise with input gradient", depthwise_grad_input),
+                                 ("input neither channels-last nor contiguous",
+                                  not input_channels_last and not input_contiguous)) if on]
+        for case in extra:
+            dx, dg = cases.get(case, (0.0, 0.0))
+            x, g = x + dx, g + dg
+        return x, g
 
     def conv_im2col_scratch(self, dtype, im2col: int, itemsize: int) -> float:
         """Scratch bytes of a convolution (forward) whose im2col buffer has ``im2col`` elements."""
@@ -135,15 +161,44 @@ def im2col_numel(x_shape, w_shape, out_shape) -> int:
 # gradient allocate exactly their im2col buffer (from a 1x1 stride-2 to a 7x7
 # kernel, batch 2-16, 1 and 2 threads), and a bf16 weight gradient nothing
 # weight-sized but a copy of a contiguous weight; fp32 allocates no im2col.
+# Operand copies of a CPU weight gradient (convolution_backward), on that
+# EPYC (AVX2), torch 2.14.1, 4x64x24x24 inputs, 1x1 and 3x3 kernels,
+# depthwise or not, stride 1 and 2 (beside the weight-sized scratch above):
+# fp32 copies a gradient that is not channels-last beside a channels-last
+# input (1x the gradient), an input that is not (1x it and 1x the gradient,
+# 2x the gradient where that is channels-last); bf16 copies the gradient
+# where the two layouts differ, and a 3x3 depthwise one that also returns
+# the input gradient allocates 1x its input in any layout, and copies no
+# operand for a layout (a kernel of its own).  An input laid
+# out neither channels-last nor contiguous (Inductor gives some outputs a
+# permuted layout) is first made contiguous: 1x more, in both dtypes.  Inductor lays
+# out recomputed convolution inputs at their FX strides where backward's
+# layout optimization is off, which is what MobileNetV2's backward at
+# budget 0.9 peaks on.  calibrate does not measure these: these values hold
+# for any CPU profile until it does.
 # CUDA: not measured (no GPU has run bitfx yet); an H100-class balance is
 # assumed: 60 TFLOP/s, 3 TB/s, codecs at a third of the bandwidth, and 30 us
 # per call (the bitmap encoder reads its nonzero count on the host).
+COPY_CASES = ("grad not channels-last", "neither channels-last", "input not channels-last, grad channels-last",
+              "depthwise with input gradient", "input neither channels-last nor contiguous")
+CPU_OPERAND_COPIES = (
+    ("float32", "grad not channels-last", 0.0, 1.0),
+    ("float32", "neither channels-last", 1.0, 1.0),
+    ("float32", "input not channels-last, grad channels-last", 1.0, 2.0),
+    ("float32", "input neither channels-last nor contiguous", 1.0, 0.0),
+    ("bfloat16", "grad not channels-last", 0.0, 1.0),
+    ("bfloat16", "input not channels-last, grad channels-last", 0.0, 1.0),
+    ("bfloat16", "depthwise with input gradient", 1.0, 0.0),
+    ("bfloat16", "input neither channels-last nor contiguous", 1.0, 0.0),
+)
+
 MACHINES = {
     "cpu": Machine("cpu: built-in constants (2-core AMD EPYC Zen 3; run python -m bitfx calibrate)", flops=100e9, bandwidth=20e9, encode=12e9, decode=15e9, bitmap_call=20e-6,
                    exp_encode=3e9, exp_decode=5e9, exp_call=30e-6,
                    conv_scratch_channels_last=2.0, conv_scratch_contiguous=3.0,
                    depthwise_scratch_by_dtype=(("bfloat16", 1660.0), ("float32", 1028.0)),
-                   conv_scratch_by_dtype=(("float32", 2.0, 3.0, 0.0), ("bfloat16", 0.0, 1.0, 1.0))),
+                   conv_scratch_by_dtype=(("float32", 2.0, 3.0, 0.0), ("bfloat16", 0.0, 1.0, 1.0)),
+                   conv_operand_copies_by_dtype=CPU_OPERAND_COPIES),
     "cuda": Machine("cuda: built-in constants (assumed, unmeasured; run python -m bitfx calibrate --device cuda)", flops=60e12, bandwidth=3e12, encode=1e12, decode=1e12, bitmap_call=30e-6,
                     exp_encode=1e12, exp_decode=1e12, exp_call=30e-6),
 }

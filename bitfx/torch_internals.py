@@ -442,6 +442,54 @@ def _in_cpp_run(node) -> bool:
 
 def kernel_run_peak(order, freeable, graph_outputs) -> int:
     """Peak bytes of ``order`` with each run of C++ nodes allocated and freed as one kernel."""
+    return kernel_run_timeline(order, freeable, graph_outputs).peak
+
+
+@dataclasses.dataclass
+class RunPeak:
+    """The peak of a scheduled order (:func:`kernel_run_timeline`)."""
+
+    peak: int
+    node: str  # the FX node of the kernel running at the peak (an Inductor buffer's name where none is known)
+    alive: list[tuple[str, int]]  # (FX node, bytes) of the buffers alive there, largest first
+    # the strides Inductor gives each graph output, by FX node name (where static):
+    # what backward's placeholders for forward's saved tensors receive
+    output_strides: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    end: int = 0  # bytes alive when the graph returns (its outputs)
+    timeline: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (kernel's FX node, bytes while it runs)
+
+
+def _fx_name(item) -> str | None:
+    """The FX node an Inductor buffer or scheduler node was lowered from, or the graph input it is."""
+    if type(item).__name__ == "FreeableInputBuffer":
+        return item.name
+    irs = [getattr(n, "node", None) for n in item.get_nodes()] if hasattr(item, "get_nodes") else [item.node]
+    for ir in irs:
+        origin = getattr(ir, "origin_node", None) or next(iter(sorted(getattr(ir, "origins", ()) or (),
+                                                                      key=lambda o: o.name)), None)
+        if origin is not None:
+            return origin.name
+    return None
+
+
+def kernel_run_timeline(order, freeable, graph_outputs, resident=frozenset(), sizes=None,
+                        inplace=None, inputs=None) -> RunPeak:
+    """The peak of ``order`` with each run of C++ nodes allocated and freed as one kernel.
+
+    ``resident``: graph inputs that are resident (parameters, the user's
+    inputs): not counted.  ``sizes``: bytes by FX node name, for buffers
+    whose size Inductor does not know (bitfx's compressed payloads, sized
+    by unbacked symbols); every other buffer is Inductor's size.
+    ``inplace``: output buffer -> the input buffer whose storage it is
+    written into (:func:`inplace_updates`): nothing is allocated for it, and
+    the storage is freed when the output dies.  ``inputs``: bytes of graph
+    inputs Inductor never frees and so never counts (``primals_*``,
+    ``tangents_*``) that are storage of this step nonetheless (forward's
+    copies of parameters in another layout, the output gradients): alive
+    from the start to their last reader.
+    """
+    inplace = inplace or {}
+    taken = set(inplace.values())
     memory = __getattr__("inductor_memory")
     infos, _, _ = memory.compute_memory_timeline(order, freeable, graph_outputs)
     run, runs, previous = -1, [], False
@@ -459,16 +507,111 @@ def kernel_run_peak(order, freeable, graph_outputs) -> int:
     scratch = [0] * (run + 1)
     for node, r in zip(order, runs):
         scratch[r] += extern_scratch(node)
+    sizes = sizes or {}
+    spans = []  # (first run, last run or -1, bytes, FX name)
     for info in infos:
-        alloc[runs[info.start_step]] += info.size_alloc
-        if info.end_step != -1:
-            free[runs[info.end_step]] += info.size_free
+        name = _fx_name(info.buffer)
+        if name in resident and type(info.buffer).__name__ == "FreeableInputBuffer":
+            continue
+        size_alloc, size_free = info.size_alloc, info.size_free
+        if name not in sizes and type(info.buffer).__name__ != "FreeableInputBuffer":
+            # a multi-output op's buffers come from the op and its getitem: the getitem names the size
+            name = next((o.name for o in getattr(info.buffer.node, "origins", ()) or () if o.name in sizes), name)
+        if info.buffer.get_name() in inplace:
+            size_alloc = 0
+        if info.buffer.get_name() in taken:
+            size_free = 0
+        if name in sizes and type(info.buffer).__name__ == "FreeableInputBuffer":
+            size_alloc = size_free = sizes[name]
+        elif name in sizes and _unbacked(info.buffer):
+            # Inductor sizes an unbacked buffer at 0 (and a multi-output op's at
+            # its outputs'): allocated with the output, freed when it dies
+            size_alloc = size_free = sizes[name]
+        first = runs[info.start_step] if info.start_step >= 0 else 0
+        last = runs[info.end_step] if info.end_step != -1 else -1
+        alloc[first] += size_alloc
+        if last != -1:
+            free[last] += size_free
+        spans.append((first, last, max(size_alloc, size_free), name or info.buffer.get_name()))
+    names = [""] * len(alloc)
+    for n, r in zip(order, runs):
+        if not names[r] or n.is_extern():
+            names[r] = _fx_name(n) or n.get_name()
+    for name, nbytes in (inputs or {}).items():
+        if name in freeable:  # counted with Inductor's own
+            continue
+        readers = [runs[i] for i, n in enumerate(order) if any(d.name == name for d in n.read_writes.reads)]
+        if not readers:
+            continue  # cleared before the first kernel runs
+        alloc[0] += nbytes
+        free[max(readers)] += nbytes
+        spans.append((0, max(readers), nbytes, name))
     peak = live = 0
-    for a, f, w in zip(alloc, free, scratch):
+    at = 0
+    timeline = []
+    for r, (a, f, w) in enumerate(zip(alloc, free, scratch)):
         live += a
-        peak = max(peak, live + w)
+        timeline.append((names[r], live + w))
+        if live + w > peak:
+            peak, at = live + w, r
         live -= f
-    return peak
+    alive = sorted(((name, b) for first, last, b, name in spans if first <= at and (last == -1 or last >= at) and b),
+                   key=lambda kv: -kv[1])
+    return RunPeak(peak, names[at] if names else "", alive, end=live, timeline=timeline)
+
+
+class _InplaceRecorder:
+    """Stands in for the kernel C++ codegen writes while Inductor decides in-place updates."""
+
+    def __init__(self):
+        self.inplace_update_buffers: dict[str, str] = {}
+        self.args = self
+
+    def make_inplace(self, input_name: str, output_name: str) -> None:
+        pass
+
+
+def inplace_updates(order) -> dict[str, str]:
+    """The outputs Inductor's code will write into an input's storage: output buffer -> input buffer.
+
+    Code generation writes a pointwise output into an input that dies in
+    the same kernel, of the same size and dtype (``config.inplace_buffers``):
+    no allocation.  Here each node of ``order`` takes that decision
+    (``decide_inplace_update``) as codegen would, node after node, with a
+    recorder in place of the kernel; the scheduler's record of completed
+    operations is restored after.
+    """
+    V = __getattr__("V")
+    if not order:
+        return {}
+    scheduler = order[0].scheduler
+    recorder = _InplaceRecorder()
+    before = scheduler.completed_operations.copy()
+    try:
+        with V.set_kernel_handler(recorder):
+            for snode in order:
+                for node in snode.get_nodes():
+                    if type(node).__name__ == "SchedulerNode":
+                        node.decide_inplace_update()
+                scheduler.completed_operations.update(snode.get_operation_names())
+    finally:
+        scheduler.completed_operations.clear()
+        scheduler.completed_operations.update(before)
+    return dict(recorder.inplace_update_buffers)
+
+
+def _has_unbacked(t: torch.Tensor) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in t.shape)
+
+
+def _unbacked(buf) -> bool:
+    """Whether an Inductor buffer's size involves unbacked symbols (a size only known at run time)."""
+    try:
+        size = buf.node.get_size()
+    except (AttributeError, NotImplementedError):
+        return False
+    return any(getattr(s, "free_symbols", None) and any(str(sym).startswith("u") for sym in s.free_symbols)
+               for s in size)
 
 
 def extern_scratch(node) -> int:
@@ -496,12 +639,56 @@ def extern_scratch(node) -> int:
         return int(machine.conv_im2col_scratch(dtype, im2col_numel(sizes[0], sizes[1], out_size), dtype.itemsize))
     mask = next((a for a in reversed(getattr(ir, "constant_args", ())) if isinstance(a, (list, tuple))
                  and len(a) == 3 and all(isinstance(b, bool) for b in a)), (True, True, True))
-    grad, x, size = sizes
+    try:
+        strides = [[int(d) for d in t.get_stride()] for t in inputs[:2]]
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        strides = None
+    return int(conv_backward_scratch(machine, dtype, sizes[0], strides and strides[0], sizes[1],
+                                     strides and strides[1], sizes[2], stride, mask))
+
+
+def conv_backward_scratch(machine, dtype, grad, grad_stride, x, x_stride, size, stride, mask) -> float:
+    """Bytes a CPU ``convolution_backward`` allocates beyond the gradients it returns, by the profile
+    ``machine``: its weight-sized scratch, im2col buffer and operand copies.
+
+    Sizes and strides are the gradient's, the input's and the weight's; strides None where
+    unknown (no operand copies counted).
+    """
+    from .profiles import im2col_numel
+
     if not mask[1] or grad[0] <= 1 or len(size) != 4:
-        return 0
+        return 0.0
     channels_last = stride[1] == 1 and size[1] > 1
-    return int(machine.conv_weight_scratch(channels_last, math.prod(size), dtype.itemsize, dtype,
-                                           im2col_numel(x, size, grad)))
+    scratch = machine.conv_weight_scratch(channels_last, math.prod(size), dtype.itemsize, dtype,
+                                          im2col_numel(x, size, grad))
+    if x_stride is None or grad_stride is None:
+        return scratch
+    depthwise = size[1] == 1 and x[1] > 1
+    x_cl, g_cl = _is_channels_last(x, x_stride), _is_channels_last(grad, grad_stride)
+    x_contiguous = _is_contiguous(x, x_stride)
+    x_times, g_times = machine.conv_operand_copies(dtype, x_cl, g_cl, depthwise and bool(mask[0]), x_contiguous,
+                                                   depthwise)
+    if not x_cl and x_times > 0:
+        # where it copies the input into its own layout, it allocates no weight-sized scratch (fp32, measured)
+        scratch -= machine.conv_weight_scratch(channels_last, math.prod(size), dtype.itemsize, dtype, 0)
+    return scratch + (x_times * math.prod(x) + g_times * math.prod(grad)) * dtype.itemsize
+
+
+def _is_channels_last(size, stride) -> bool:
+    """Whether a 4-d tensor's strides are channels-last (size-1 dimensions' strides do not matter)."""
+    if len(size) != 4:
+        return False
+    n, c, h, w = size
+    want = [h * w * c, 1, w * c, c]
+    return all(s == t or d == 1 for s, t, d in zip(stride, want, size))
+
+
+def _is_contiguous(size, stride) -> bool:
+    want, step = [], 1
+    for d in reversed(size):
+        want.append(step)
+        step *= d
+    return all(s == t or d == 1 for s, t, d in zip(stride, reversed(want), size))
 
 
 def reorder_by_kernel_runs(nodes):
@@ -533,3 +720,117 @@ def reorder_by_kernel_runs(nodes):
                   "Inductor's estimate picks %s", {n: (k, i) for (n, _), k, i in zip(candidates, peaks, inductor)},
                   candidates[best][0], candidates[min(range(len(candidates)), key=inductor.__getitem__)][0])
     return candidates[best][1]
+
+
+# -- The step peak of a graph as Inductor will run it ---------------------------
+
+
+class _Scheduled(Exception):
+    """Raised from inside Inductor's scheduler by :func:`scheduled_peak` once the order is known."""
+
+    def __init__(self, result: RunPeak):
+        super().__init__("bitfx: scheduled")
+        self.result = result
+
+
+def _scheduled(e: BaseException | None) -> RunPeak | None:
+    while e is not None:
+        if isinstance(e, _Scheduled):
+            return e.result
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return None
+
+
+def _output_strides(names: list) -> dict[str, tuple[int, ...]]:
+    """The strides of the lowering graph's outputs (as compile_fx reports them to AOTAutograd), by FX name."""
+    V, ir = __getattr__("V"), __getattr__("ir")
+    got = {}
+    for name, out in zip(names, V.graph.graph_outputs or ()):
+        if name is None or not isinstance(out, ir.IRNode) or not out.has_tensor_output():
+            continue
+        try:
+            got[name] = tuple(int(s) for s in out.get_layout().stride)
+        except (TypeError, AttributeError, NotImplementedError):  # symbolic, or no layout
+            continue
+    return got
+
+
+def scheduled_peak(gm, *, is_backward: bool, kernel_runs: bool, layout_optimization: bool | None = None,
+                   resident=frozenset(), sizes: dict[str, int] | None = None,
+                   input_strides: dict[str, tuple[int, ...]] | None = None, prepare=None) -> RunPeak:
+    """The peak bytes of ``gm`` run as Inductor compiles it: lowered, fused and ordered, no code generated.
+
+    ``gm`` is lowered (on a copy: Inductor's passes rewrite the graph) from
+    its placeholders' fake values with ``compile_fx_inner``, as Inductor
+    compiles it, up to the scheduler's peak-memory reorder; there a
+    post-fusion pass orders the nodes as the real compile will (bitfx's
+    kernel-run reorder where ``kernel_runs``, else Inductor's own), walks
+    that order with :func:`kernel_run_timeline` and stops the compile.  So
+    what Inductor stores and in which order is Inductor's: pointwise values
+    it inlines, buffers it reuses, layouts it chooses.  What the extern
+    kernels allocate inside themselves comes from the device profile
+    (:func:`extern_scratch`).  ``layout_optimization=None`` lets Inductor
+    decide, as stock's compile does; bitfx compiles backward with False.
+    ``input_strides``: the strides of placeholders by name, where they
+    differ from the graph's (AOTAutograd gives backward's saved tensors
+    the strides Inductor chose in forward: ``RunPeak.output_strides``).
+    Every placeholder not in ``resident`` is counted from the start to its
+    last reader, at ``sizes`` or its fake value's bytes.  ``prepare(gm)``
+    rewrites the copy first, as the real compile's ``inner_compile`` does
+    (bitfx's backward takes forward's layouts for the tensors it restores).
+    """
+    import torch.fx as fx
+
+    config, memory, V = __getattr__("inductor_config"), __getattr__("inductor_memory"), __getattr__("V")
+    OrderedSet = __getattr__("OrderedSet")
+    reorder = config.reorder_for_peak_memory
+
+    def record(nodes):
+        order = nodes
+        if nodes and kernel_runs:
+            order = reorder_by_kernel_runs(nodes)
+        elif nodes and reorder:
+            scheduler = nodes[0].scheduler
+            order = memory.reorder_for_peak_memory(nodes, scheduler.name_to_buf, scheduler.name_to_fused_node,
+                                                   OrderedSet(V.graph.graph_inputs.keys()),
+                                                   OrderedSet(V.graph.get_output_names()))
+        result = RunPeak(0, "", [])
+        if order:
+            scheduler = order[0].scheduler
+            outputs = OrderedSet(V.graph.get_output_names())
+            _, freeable = memory.prepare_planning_info(order, scheduler.name_to_buf, scheduler.name_to_fused_node,
+                                                       OrderedSet(V.graph.graph_inputs.keys()), outputs)
+            result = kernel_run_timeline(order, freeable, outputs, resident, sizes, inplace_updates(order),
+                                         counted)
+        result.output_strides = _output_strides(output_names)
+        raise _Scheduled(result)
+
+    graph = fx.Graph()
+    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(old_output.meta)
+    copy = fx.GraphModule(gm, graph)
+    if prepare is not None:
+        prepare(copy)
+    output_names = [a.name if isinstance(a, fx.Node) else None for a in copy.graph.find_nodes(op="output")[0].args[0]]
+    inputs, counted = [], {}
+    for n in copy.graph.find_nodes(op="placeholder"):
+        val = n.meta["val"]
+        stride = (input_strides or {}).get(n.name)
+        if isinstance(val, torch.Tensor) and stride is not None and tuple(val.stride()) != stride:
+            with val.fake_mode:
+                val = torch.empty_strided(val.shape, stride, dtype=val.dtype, device=val.device)
+        inputs.append(val)
+        if n.name not in resident and isinstance(val, torch.Tensor) and not _has_unbacked(val):
+            counted[n.name] = int(val.numel()) * val.element_size()
+    patches = {"fx_graph_cache": False, "reorder_for_peak_memory": False, "_post_fusion_custom_pass": record}
+    if layout_optimization is not None:
+        patches["layout_optimization"] = layout_optimization
+    try:
+        with config.patch(patches):
+            __getattr__("compile_fx_inner")(copy, inputs, is_backward=is_backward)
+    except Exception as e:  # Inductor wraps what a pass raises
+        got = _scheduled(e)
+        if got is None:
+            raise
+        return got
+    raise RuntimeError("bitfx: Inductor compiled the graph without running its scheduler's post-fusion pass")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,7 +83,97 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
     if stored_by_name is None:
         stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
     payload_bytes = _payload_sizes(part, stored_by_name)
+    if inner == "inductor" and SCHEDULED:
+        return _scheduled_step(part, {n.name: b for n, b in payload_bytes.items()}, stock_compiled)
     return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
+
+
+# Under inner="inductor", the step peak is walked over the order and the
+# buffers of Inductor's own scheduler (the graphs lowered, nothing compiled):
+# see _scheduled_step.
+SCHEDULED = True
+
+
+# How bitfx's backward lays out the tensors it restores: the front end that
+# lowers bitfx's ops (bitfx.inductor_layouts) sets it when it installs them,
+# and the step model applies it to backward before lowering, as the real
+# compile does.
+_RESTORED_LAYOUTS: list = []
+
+
+def set_restored_layouts(prepare: Callable) -> None:
+    """``prepare(backward_gm)`` gives restored tensors forward's layouts (:func:`_scheduled_step` applies it)."""
+    _RESTORED_LAYOUTS[:] = [prepare]
+
+
+# Lowering a graph takes seconds; the guard and the planner ask for the same
+# graphs more than once (stock's plans, the plan taken).
+_SCHEDULED_MEMO: dict[str, object] = {}
+_SCHEDULED_MEMO_SIZE = 64
+
+
+def _scheduled_peak(gm, **kwargs):
+    """:func:`bitfx.torch_internals.scheduled_peak`, remembered by the graph, its inputs' layouts and the arguments."""
+    from bitfx import torch_internals as ti
+    from bitfx.profiles import current
+
+    def layout(n):
+        v = n.meta.get("val")
+        return (tuple(map(str, v.shape)), tuple(map(str, v.stride())), str(v.dtype)) if isinstance(v, torch.Tensor) \
+            else repr(v)
+
+    def arg(v):
+        if callable(v):
+            return getattr(v, "__qualname__", repr(v))
+        return sorted(v.items()) if isinstance(v, dict) else sorted(v) if isinstance(v, frozenset) else v
+
+    key = hashlib.sha1(repr((str(gm.graph), [layout(n) for n in gm.graph.find_nodes(op="placeholder")],
+                              sorted((k, arg(v)) for k, v in kwargs.items()),
+                              repr(current("cpu")))).encode()).hexdigest()
+    if key not in _SCHEDULED_MEMO:
+        if len(_SCHEDULED_MEMO) >= _SCHEDULED_MEMO_SIZE:
+            _SCHEDULED_MEMO.pop(next(iter(_SCHEDULED_MEMO)))
+        _SCHEDULED_MEMO[key] = ti.scheduled_peak(gm, **kwargs)
+    return _SCHEDULED_MEMO[key]
+
+
+def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepModel:
+    """The step peak of ``part`` as Inductor will run its two graphs (:func:`bitfx.torch_internals.scheduled_peak`).
+
+    Inductor decides which values it stores and in what order its kernels
+    run: it inlines pointwise values into their consumers, reuses buffers,
+    and reorders backward for peak memory, judging candidate orders by an
+    estimate that the kernels it emits can miss (under bf16 autocast the
+    fp32 casts of the weight gradients go last, in one kernel).  Here both
+    graphs are lowered with Inductor, and the order its scheduler will run
+    is walked with each run of fused C++ kernels allocated and freed
+    together, as generated code does.  Forward's inputs (parameters,
+    inputs) are resident; backward's inputs are forward's saved tensors,
+    alive until their last use, except the parameters and inputs
+    themselves (but for the copies in another layout that forward saves of
+    them, which count).
+    """
+    from bitfx import torch_internals as ti
+
+    placeholders = {p.name: p.meta.get("val") for p in part.fw.graph.find_nodes(op="placeholder")}
+    fw_inputs = set(placeholders)
+    fw = _scheduled_peak(part.fw, is_backward=False, kernel_runs=False, resident=frozenset(fw_inputs),
+                         sizes=sizes)
+    # A forward input that forward saves in another layout (Inductor's
+    # channels-last copies of conv weights and inputs) is new storage.
+    copies = {name for name, stride in fw.output_strides.items() if name in placeholders
+              and isinstance(placeholders[name], torch.Tensor) and tuple(placeholders[name].stride()) != stride}
+    bitfx_bw = not stock_compiled
+    bw = _scheduled_peak(part.bw, is_backward=True, kernel_runs=bitfx_bw and ti.has_scheduler_pass(),
+                         layout_optimization=False if bitfx_bw else None,
+                         resident=frozenset(fw_inputs - copies), sizes=sizes, input_strides=fw.output_strides,
+                         prepare=_RESTORED_LAYOUTS[0] if bitfx_bw and _RESTORED_LAYOUTS else None)
+    phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
+
+    def liveness(run) -> Liveness:
+        return Liveness(run.peak, run.node, run.end, dict(run.alive), run.timeline)
+
+    return StepModel(top.peak, PeakAt(phase, top.node, top.alive[:PEAK_ALIVE_SHOWN]), liveness(fw), liveness(bw))
 
 
 def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:

@@ -101,15 +101,18 @@ def test_every_compile_mode_is_accepted_and_reaches_inductor(mode, monkeypatch):
     def grads(backend):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        # Activations outweigh the weights, so compression lowers the peak (the peak guard keeps it).
-        m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
-                          nn.ReLU(), nn.Linear(128, 2))
+        # Six saved ReLU outputs outweigh backward's transients, so compression lowers the
+        # peak (measured: 3.00 MB against stock at 0.9's 3.21), and the peak guard keeps it.
+        layers = [nn.Linear(64, 128), nn.ReLU()]
+        for _ in range(5):
+            layers += [nn.Linear(128, 128), nn.ReLU()]
+        m = nn.Sequential(*layers, nn.Linear(128, 2))
         torch.compile(m, backend=backend, mode=mode)(torch.randn(1024, 64)).sum().backward()
         return [p.grad for p in m.parameters()]
 
     counters.clear()
     on = grads("bittrain")
-    assert bitmap_coded() == 3
+    assert bitmap_coded() == 6
     off = grads(bitfx.backend(compress=False))
     assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(on, off, strict=True))
     want = torch._inductor.list_mode_options(mode)

@@ -130,18 +130,20 @@ def test_codec_in_step_times_each_call_and_restores_the_ops():
     codec_in_step = benchmark("codec_in_step")
 
     compress = run.torch.ops.bitfx.compress.default
-    # Three ReLU outputs that outweigh the weights: compressing them lowers
-    # the step peak, so the peak guard keeps the codec (with two, the one
-    # decompressed first and its payload, alive together, would raise it).
+    # Six ReLU outputs that outweigh backward's transients: compressing them
+    # lowers the step peak, so the peak guard keeps the codec (with three,
+    # stock's plan at budget 0.9 peaks lower, measured).
     def deeper():
-        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
-                             nn.ReLU(), nn.Linear(128, 10))
+        layers = [nn.Linear(32, 128), nn.ReLU()]
+        for _ in range(5):
+            layers += [nn.Linear(128, 128), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(128, 10))
 
     w = run.Workload("deeper", deeper, (1024, 32))
     rows = codec_in_step.measure(w, 2)
-    # Three ReLU outputs stored compressed (the free default packs nothing else
+    # ReLU outputs stored compressed (the free default packs nothing else
     # here): one compress and one decompress each per step.
-    assert [r[1:3] for r in rows] == [["compress", 3], ["decompress", 3]]
+    assert [r[1] for r in rows] == ["compress", "decompress"] and rows[0][2] == rows[1][2] >= 3, rows
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     # Per step: the calls' sum, at least the median call's time per call (rounding aside).
     assert all(float(r[5]) >= r[2] * float(r[3]) / 2 and float(r[6]) > 0 for r in rows)

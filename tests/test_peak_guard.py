@@ -83,7 +83,7 @@ def test_the_guarded_default_measures_at_or_below_both_stock_plans():
 
 def test_where_the_peak_is_the_gradients_stock_plan_is_taken_and_said():
     """Weights outweigh activations: the peak is late in backward, where the gradients are.
-    Compressing saves bytes but not peak, so the faster plan (stock's) is taken.
+    Compressing saves bytes but not peak, so one of stock's plans (the lower) is taken.
     (Under Inductor: an eager backward holds its saved tensors until it returns.)"""
     model, x = mlp(512, 4), torch.randn(512, 64)
     stock, unguarded = peaks(model, x, "inductor", peak_guard=False)
@@ -92,8 +92,8 @@ def test_where_the_peak_is_the_gradients_stock_plan_is_taken_and_said():
     counters.clear()
     _, guarded = peaks(model, x, "inductor")
     assert not any(t.codec == "bitmap" for t in guarded.tensors)
-    assert guarded.step_peak_bytes["bittrain"] == stock["stock"]
-    assert "do not lower the step peak" in guarded.peak_guard
+    assert guarded.step_peak_bytes["bittrain"] == min(stock.values())
+    assert "taking stock's" in guarded.peak_guard
     assert counters["bitfx"]["peak_guard_changed"] >= 1
 
 
@@ -245,8 +245,7 @@ def test_stats_table_says_where_the_guard_took_stocks_plan():
     compiled = torch.compile(model, backend=bitfx.backend())
     compiled(torch.randn(512, 64)).sum().backward()
     table = runtime_stats.stats_table()
-    assert "peak guard:" in table and "do not lower the step peak" in table, table
-    assert "taking stock's default plan" in table
+    assert "peak guard:" in table and "taking stock's" in table, table
 
 
 def _use_profile(machine_fields: dict, path, monkeypatch) -> None:
