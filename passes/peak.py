@@ -176,10 +176,16 @@ def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepMo
     copies = {name for name, stride in fw.output_strides.items() if name in placeholders
               and isinstance(placeholders[name], torch.Tensor) and tuple(placeholders[name].stride()) != stride}
     bitfx_bw = not stock_compiled
+    # Without a convolution Inductor's layout optimization is off anyway, and
+    # without a restored tensor the layout hook changes nothing: the same
+    # lowering, remembered once for stock's compile and bitfx's.
+    convolves = bool(part.bw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default))
+    restores = any(getattr(n.target, "namespace", "") == "bitfx" for n in part.bw.graph.nodes
+                   if n.op == "call_function")
     bw = _scheduled_peak(part.bw, is_backward=True, kernel_runs=bitfx_bw and ti.has_scheduler_pass(),
-                         layout_optimization=False if bitfx_bw else None,
+                         layout_optimization=False if bitfx_bw or not convolves else None,
                          resident=frozenset(fw_inputs - copies), sizes=sizes, input_strides=fw.output_strides,
-                         prepare=_RESTORED_LAYOUTS[0] if bitfx_bw and _RESTORED_LAYOUTS else None)
+                         prepare=_RESTORED_LAYOUTS[0] if bitfx_bw and restores and _RESTORED_LAYOUTS else None)
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
 
     def liveness(run) -> Liveness:
