@@ -46,34 +46,17 @@ def kernels():
 
 # Tests marked ``slow`` compile whole models (most under Inductor, whose C++
 # compile dominates on a CPU): they run only with ``--runslow``, so that
-# ``python -m pytest -q`` takes minutes.  CI runs them too (.ci/run), split
-# between its two torch versions by ``--lane``, balanced by
-# tests/slow_durations.json (seconds per test on a 2-core machine, written by
-# pytest-split's ``pytest --runslow -m slow --store-durations --durations-path
-# tests/slow_durations.json``).
+# ``python -m pytest -q`` takes minutes.  CI runs the demo's (.ci/run).
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run the tests marked slow (whole-model compiles)")
-    parser.addoption("--lane", default=None, metavar="I:W0,W1,...",
-                     help="run lane I's share of the collected tests, the lanes weighted W0, W1, ...: each test, "
-                          "longest first (tests/slow_durations.json; the mean where unknown), goes to the lane "
-                          "with the least time per weight.  CI gives its torch with the GPU dry run the lighter "
-                          "lane.")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: compiles whole models; runs only with --runslow")
 
 
-@pytest.hookimpl(trylast=True)  # after -m and -k: the lanes share what they left
 def pytest_collection_modifyitems(config, items):
-    spec = config.getoption("--lane")
-    if spec:
-        from helpers import ci_lane
-
-        keep, other = ci_lane(items, spec)
-        config.hook.pytest_deselected(items=other)
-        items[:] = keep
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="compiles whole models: run with --runslow")

@@ -7,7 +7,6 @@ name, so that no test module can stand in for a package module.
 """
 
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -229,27 +228,3 @@ LAYOUTS = {
     "overlapping": lambda t: t.reshape(-1)[:200].as_strided((3, 5, 7, 9), (8, 4, 2, 1)),
     "overlapping_with_broadcast": lambda t: t.reshape(-1)[:50].as_strided((3, 5, 7, 9), (6, 0, 2, 1)),
 }
-
-
-# -- CI: the slow tests split between the torch versions (.ci/run) --------------
-
-SLOW_DURATIONS = Path(__file__).resolve().parent / "slow_durations.json"
-
-
-def ci_lane(items, spec: str):
-    """The items of lane ``I`` of ``I:W0,W1,...``, and the others (conftest's ``--lane``; every lane computes
-    the same assignment)."""
-    index, weights = spec.split(":")
-    index, weights = int(index), [float(w) for w in weights.split(",")]
-    if not 0 <= index < len(weights) or min(weights) <= 0:
-        raise ValueError(f"--lane {spec!r}: the index must name one of the positive weights")
-    known = json.loads(SLOW_DURATIONS.read_text()) if SLOW_DURATIONS.exists() else {}
-    mean = sum(known.values()) / len(known) if known else 1.0
-    load = [0.0] * len(weights)
-    mine = set()
-    for item in sorted(items, key=lambda i: (-known.get(i.nodeid, mean), i.nodeid)):
-        lane = min(range(len(weights)), key=lambda j: ((load[j] + known.get(item.nodeid, mean)) / weights[j], j))
-        load[lane] += known.get(item.nodeid, mean)
-        if lane == index:
-            mine.add(item.nodeid)
-    return [i for i in items if i.nodeid in mine], [i for i in items if i.nodeid not in mine]

@@ -37,8 +37,8 @@ def _run(args, env):
     return out.returncode, out.stdout + out.stderr
 
 
-# Slow: CI runs the demo itself on each torch (.ci/run); this test adds what
-# it prints, once per CI run.
+# Slow (a GPT trained four ways): CI runs it by name on the newest torch
+# (.ci/run).
 @pytest.mark.slow
 def test_demo_shows_compression_and_prints_no_profiler_lines(first_run_env, tmp_path):
     rc, text = _run(["demo", "--steps", "1", "--batch", "4"], first_run_env)

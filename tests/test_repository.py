@@ -1,7 +1,6 @@
 """The repository's own rules: test modules share helpers through one module; benchmarks use no tests."""
 
 import ast
-import json
 import re
 from pathlib import Path
 
@@ -45,17 +44,3 @@ def test_docs_name_no_machine_letters_or_commits():
             path, re.search(r"\b[Cc]ommits? [0-9a-f]{7,40}\b|\([0-9a-f]{7,12}\)|\b[0-9a-f]{7}\b(?=[;,)])", text))
 
 
-def test_ci_lanes_split_the_slow_tests_once_each_by_weight():
-    """.ci/run's two torch lanes each run their share of the slow tests (conftest's --lane)."""
-    from types import SimpleNamespace
-
-    from helpers import SLOW_DURATIONS, ci_lane
-
-    known = json.loads(SLOW_DURATIONS.read_text())
-    items = [SimpleNamespace(nodeid=n) for n in sorted(known)] + [SimpleNamespace(nodeid="tests/new.py::test_x")]
-    lanes = [ci_lane(items, f"{i}:45,55")[0] for i in range(2)]
-    ids = [{i.nodeid for i in lane} for lane in lanes]
-    assert not ids[0] & ids[1] and ids[0] | ids[1] == {i.nodeid for i in items}
-    mean = sum(known.values()) / len(known)
-    load = [sum(known.get(n, mean) for n in lane) for lane in ids]
-    assert abs(load[0] / sum(load) - 0.45) < 0.03, load
