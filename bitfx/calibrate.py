@@ -53,6 +53,10 @@ QUICK_SIZES = (1024, 1 << 20)
 # Machine fields that only a full `calibrate` measures (CPU convolution-backward scratch).
 SCRATCH_FIELDS = ("conv_scratch_channels_last", "conv_scratch_contiguous", "depthwise_scratch_by_dtype",
                   "conv_scratch_by_dtype")
+# Machine fields no calibration measures (a weight gradient's operand
+# copies): every profile prices them with the built-in values.  Profiles
+# saved before this carry them empty, which was never a measurement.
+UNMEASURED_FIELDS = ("conv_operand_copies_by_dtype",)
 
 
 def _cache_root() -> Path:
@@ -168,7 +172,7 @@ def measure(device_type: str = "cpu", quick: bool = False) -> dict:
     # a compile's worker thread, and the profiler started off the main thread
     # prints an error line at exit.  Its fields are left out of the file, so
     # that the built-in ratios stand until `calibrate` measures them.
-    unmeasured = set(SCRATCH_FIELDS) if quick or device_type != "cpu" else set()
+    unmeasured = set(UNMEASURED_FIELDS) | (set(SCRATCH_FIELDS) if quick or device_type != "cpu" else set())
     return {
         "device": device_type, "device_name": device_name(device_type), "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -193,7 +197,8 @@ def from_profile(profile: dict, source: str) -> Machine:
     fields = {f.name: getattr(builtin, f.name) for f in dataclasses.fields(Machine) if f.name != "name"}
     # Quick profiles saved before they left their scratch fields out carry
     # zeros there, which were never measured.
-    fields.update({k: v for k, v in profile["machine"].items() if not (profile.get("quick") and k in SCRATCH_FIELDS)})
+    fields.update({k: v for k, v in profile["machine"].items()
+                   if k not in UNMEASURED_FIELDS and not (profile.get("quick") and k in SCRATCH_FIELDS)})
     for name in ("flops_by_dtype", "depthwise_scratch_by_dtype"):  # JSON lists back to pairs
         fields[name] = tuple((str(d), float(f)) for d, f in fields.get(name, ()))
     fields["conv_scratch_by_dtype"] = tuple((str(d), *map(float, rest)) for d, *rest in fields["conv_scratch_by_dtype"])
@@ -275,6 +280,17 @@ def conv_scratch() -> dict[str, float]:
                                            for d in (torch.float32, torch.bfloat16))}
 
 
+def scratch_bytes(fn) -> int:
+    """CPU allocator bytes ``fn()`` allocates beyond the tensors it returns, after one warm-up call."""
+    from .measure import cpu_peak_and_net
+
+    fn()
+    out = []
+    peak, _, _ = cpu_peak_and_net(lambda: out.append(fn()))
+    returned = sum(t.nbytes for r in out for t in (r if isinstance(r, tuple) else (r,)) if t is not None)
+    return max(peak - returned, 0)
+
+
 def _conv_scratch_of(dtype: torch.dtype) -> tuple[float, float, float]:
     """(channels-last, contiguous, im2col): :attr:`Machine.conv_scratch_by_dtype`'s entry for ``dtype``.
 
@@ -285,29 +301,19 @@ def _conv_scratch_of(dtype: torch.dtype) -> tuple[float, float, float]:
     (1-45% of an im2col buffer in fp32, measured), which are not this
     path: a fraction under one half is recorded as none.
     """
-    from .measure import cpu_peak_and_net
-
     cl = torch.channels_last
-
-    def scratch(fn) -> int:
-        fn()
-        out = []
-        peak, _, _ = cpu_peak_and_net(lambda: out.append(fn()))
-        returned = sum(t.nbytes for r in out for t in (r if isinstance(r, tuple) else (r,)) if t is not None)
-        return max(peak - returned, 0)
-
     w = torch.randn(32, 32, 3, 3, dtype=dtype).contiguous(memory_format=cl)
     x = torch.randn(2, 32, 16, 16, dtype=dtype).contiguous(memory_format=cl)
     conv = lambda x, w: torch.ops.aten.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # noqa: E731
     im2col = im2col_numel(x.shape, w.shape, x.shape) * x.element_size()
-    frac = scratch(lambda: conv(x, w)) / im2col
+    frac = scratch_bytes(lambda: conv(x, w)) / im2col
     frac = round(frac, 2) if frac >= 0.5 else 0.0
     weights = []
     for layout in (cl, torch.contiguous_format):
         w = torch.randn(32, 32, 3, 3, dtype=dtype).contiguous(memory_format=layout)
         x = torch.randn(2, 32, 8, 8, dtype=dtype).contiguous(memory_format=cl)
         grad = conv(x, w).contiguous(memory_format=cl)
-        got = scratch(lambda: torch.ops.aten.convolution_backward(
+        got = scratch_bytes(lambda: torch.ops.aten.convolution_backward(
             grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]))
         got -= frac * im2col_numel(x.shape, w.shape, grad.shape) * x.element_size()
         weights.append(round(max(got, 0) / w.nbytes, 2))
@@ -321,41 +327,22 @@ def _depthwise_scratch(dtype: torch.dtype) -> float:
     and allocates what stock's bf16 backward was measured to (240 channels at
     6x6: 9.49 MiB here, 9.55 there).
     """
-    from .measure import cpu_peak_and_net
-
     c, k = 64, 5
     cl = torch.channels_last
     w = torch.randn(c, 1, k, k, dtype=dtype).contiguous(memory_format=cl)
     x = torch.randn(2, c, 6, 6, dtype=dtype).contiguous(memory_format=cl)
     grad = torch.randn(2, c, 6, 6, dtype=dtype).contiguous(memory_format=cl)
-
-    def run():
-        return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], c,
-                                                   [True, True, False])
-
-    run()
-    out = []
-    peak, _, _ = cpu_peak_and_net(lambda: out.extend(run()))
-    return max(peak - sum(t.nbytes for t in out if t is not None), 0) / (c * k * k)
+    return scratch_bytes(lambda: torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], c, [True, True, False])) / (c * k * k)
 
 
 def _conv_scratch(channels_last: bool) -> float:
-    from .measure import cpu_peak_and_net
-
     layout = torch.channels_last if channels_last else torch.contiguous_format
     w = torch.randn(32, 32, 3, 3).contiguous(memory_format=layout)
     x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
-
-    def run():
-        return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                   [True, True, False])
-
-    run()
-    out = []
-    peak, _, _ = cpu_peak_and_net(lambda: out.extend(run()))
-    returned = sum(t.nbytes for t in out if t is not None)
-    return max(peak - returned, 0) / w.nbytes
+    return scratch_bytes(lambda: torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])) / w.nbytes
 
 
 def key() -> str:

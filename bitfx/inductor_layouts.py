@@ -45,6 +45,7 @@ import torch.fx as fx
 
 from . import ops as _ops  # noqa: F401  (defines torch.ops.bitfx)
 from . import torch_internals
+from .passes.partition import compiled_as_stock
 from .passes.rewrite import LAYOUT_KEY
 from .passes.symbolic import SymIntEmitter
 
@@ -68,7 +69,17 @@ def install() -> None:
 
     for op in _PRODUCERS:
         torch_internals.register_lowering(op, type_promotion_kind=None)(functools.partial(_lower_with_own_layout, op))
-    set_restored_layouts(apply_forward_layouts)
+    set_restored_layouts(apply_forward_layouts, recorded_layouts, remember_layouts)
+
+
+def recorded_layouts(keys) -> dict[str, list]:
+    """The strides recorded under ``keys`` that no backward has taken yet."""
+    return {k: _LAYOUTS[k] for k in keys if k in _LAYOUTS}
+
+
+def remember_layouts(layouts: dict[str, list]) -> None:
+    for key, strides in layouts.items():
+        _remember(key, strides)
 
 
 def _remember(key: str, strides: list) -> None:
@@ -263,6 +274,9 @@ def keep_cast_inputs_in_place(gm: fx.GraphModule) -> int:
 def inner_compile(gm, example_inputs, **kwargs):
     """Inductor's ``compile_fx_inner``; forward layouts reach backward (see the module doc)."""
     config, compile_fx_inner = torch_internals.inductor_config, torch_internals.compile_fx_inner
+    if compiled_as_stock(gm):
+        # one of stock's plans, taken by the peak guard to peak where stock's does
+        return compile_fx_inner(gm, example_inputs, **kwargs)
     if kwargs.get("is_backward"):
         apply_forward_layouts(gm)
         # Stock's default backward has no convolution, so Inductor never turns

@@ -17,15 +17,12 @@ Rules:
   Inductor, whose compiled code releases its inputs as it goes), or, with
   ``keep_inputs``, counted until the graph returns (a backward graph run as
   Python: autograd holds its saved tensors until it returns);
-* ``late_inputs`` are inputs that the compiled graph copies before it uses
-  them (Inductor's channels-last copies of convolution weights): each
-  copy is allocated at the input's first use and freed after its last,
-  unless it is an output (forward saves it for backward);
 * ``workspace`` bytes of a node are alive while it runs only (a kernel's
-  scratch buffers, an output produced in one layout and copied to another);
-* ``inlined`` nodes are computed inside their consumers' kernels and never
-  stored (Inductor's unrealized pointwise ops): they allocate nothing, and
-  a consumer that reads one reads its inputs, which live until then.
+  scratch buffers, an output produced in one layout and copied to another).
+
+Graphs that Inductor compiles are walked over Inductor's own schedule
+instead (:func:`bitfx.torch_internals.scheduled_peak`): it decides which
+values are stored at all.
 """
 
 from __future__ import annotations
@@ -70,17 +67,9 @@ def _is_view_getitem(node: fx.Node) -> bool:
     )
 
 
-def kernel_reads(node: fx.Node, inlined, memo: dict) -> frozenset[fx.Node]:
-    """The storages ``node``'s kernel reads: each input's owner (:func:`storage_root`), and for an
-    ``inlined`` one, what its own kernel would have read.  ``memo`` keeps each node's answer;
-    called in graph order, no lookup goes deeper than one level."""
-    if node not in memo:
-        out: set[fx.Node] = set()
-        for a in node.all_input_nodes:
-            root = storage_root(a)
-            out |= kernel_reads(root, inlined, memo) if root in inlined else {root}
-        memo[node] = frozenset(out)
-    return memo[node]
+def _reads(node: fx.Node) -> frozenset[fx.Node]:
+    """The storages ``node`` reads: each input's owner (:func:`storage_root`)."""
+    return frozenset(storage_root(a) for a in node.all_input_nodes)
 
 
 def simulate(
@@ -88,15 +77,11 @@ def simulate(
     size_of: Callable[[fx.Node], int],
     *,
     inputs_resident: bool,
-    late_inputs: dict[fx.Node, int] | None = None,
     workspace: dict[fx.Node, int] | None = None,
     keep_inputs: bool = False,
-    inlined: frozenset[fx.Node] | set[fx.Node] = frozenset(),
 ) -> Liveness:
     """Walk ``graph`` once, tracking live storage bytes."""
-    late = dict(late_inputs or {})
     workspace = workspace or {}
-    memo: dict[fx.Node, frozenset[fx.Node]] = {}
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     output = nodes[-1]
@@ -106,10 +91,7 @@ def simulate(
     # last use of each storage, through its aliases
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
-        reads = kernel_reads(n, inlined, memo)  # in graph order: an inlined input's entry is already there
-        if n in inlined:
-            continue
-        for root in reads:
+        for root in _reads(n):
             last_use[root] = max(last_use.get(root, -1), order[n])
     live: dict[fx.Node, int] = {}
     total = peak = 0
@@ -119,19 +101,13 @@ def simulate(
     for n in nodes:
         if n.op == "output":
             break
-        if n in inlined:
-            continue
         root = storage_root(n)
-        if root is n and n not in late and not (n.op == "placeholder" and inputs_resident):
+        if root is n and not (n.op == "placeholder" and inputs_resident):
             size = size_of(n)
             if size:
                 live[n] = size
                 total += size
-        used = memo[n]
-        for a in used:
-            if a in late:  # first use of an input the graph copies
-                live[a] = late.pop(a)
-                total += live[a]
+        used = _reads(n)
         scratch = workspace.get(n, 0)
         if n.op != "placeholder":  # inputs are all there before the first op runs
             timeline.append((n.name, total + scratch))

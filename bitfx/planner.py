@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
+from . import torch_internals as ti
 from .backend import compile_graph
 from .options import Options, format_bytes
 from .passes.pricing import Codec
@@ -177,7 +178,7 @@ def _capture(model, inputs, kwargs, options: Options):
             *inputs, **kwargs
         )
     except Exception as e:  # Dynamo wraps what the backend raises
-        if not _stopped(e):
+        if ti.raised(e, _Stop) is None:
             raise
     if "partition" not in got:
         raise RuntimeError("bitfx.plan: the model ran without a backward graph (do its outputs require grad?)")
@@ -200,9 +201,7 @@ def _resident_placeholders(fw, example_inputs, model) -> set[str]:
 
 
 def _has_data(t: torch.Tensor) -> bool:
-    from .torch_internals import FakeTensor
-
-    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+    return t.device.type != "meta" and not isinstance(t, ti.FakeTensor)
 
 
 def _measure_densities(model, inputs, kwargs, options: Options) -> list[tuple[float, float | None, float | None]]:
@@ -492,10 +491,3 @@ def _op_name(node) -> str:
         target = node.args[0].target
     return getattr(target, "__name__", str(target)).split(".")[0]
 
-
-def _stopped(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, _Stop):
-            return True
-        e = getattr(e, "inner_exception", None) or e.__cause__
-    return False

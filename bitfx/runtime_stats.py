@@ -24,7 +24,6 @@ as if they had been given up front::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import threading
 from dataclasses import dataclass

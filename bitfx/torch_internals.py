@@ -508,7 +508,8 @@ def kernel_run_timeline(order, freeable, graph_outputs, resident=frozenset(), si
     for node, r in zip(order, runs):
         scratch[r] += extern_scratch(node)
     sizes = sizes or {}
-    spans = []  # (first run, last run or -1, bytes, FX name)
+    entries = []  # (buffer, first run, last run or -1, bytes allocated, bytes freed, FX name)
+    written_from = {}  # buffer -> the first run of a buffer that aliases it
     for info in infos:
         name = _fx_name(info.buffer)
         if name in resident and type(info.buffer).__name__ == "FreeableInputBuffer":
@@ -519,6 +520,17 @@ def kernel_run_timeline(order, freeable, graph_outputs, resident=frozenset(), si
             name = next((o.name for o in getattr(info.buffer.node, "origins", ()) or () if o.name in sizes), name)
         if info.buffer.get_name() in inplace:
             size_alloc = 0
+        first = runs[info.start_step] if info.start_step >= 0 else 0
+        last = runs[info.end_step] if info.end_step != -1 else -1
+        if type(info.buffer).__name__ != "FreeableInputBuffer" and info.buffer.get_aliases():
+            # No storage of its own: an input of a concatenation, written into
+            # its slice of the output (the output is allocated before the first
+            # is written), or a view an ATen fallback returns (mode="lite"
+            # lowers aten.t and detach so).  The scheduler already counts its
+            # readers as readers of the storage it aliases.
+            size_alloc = size_free = 0
+            for other in info.buffer.get_aliases():
+                written_from[other] = min(written_from.get(other, first), first)
         if info.buffer.get_name() in taken:
             size_free = 0
         if name in sizes and type(info.buffer).__name__ == "FreeableInputBuffer":
@@ -527,12 +539,14 @@ def kernel_run_timeline(order, freeable, graph_outputs, resident=frozenset(), si
             # Inductor sizes an unbacked buffer at 0 (and a multi-output op's at
             # its outputs'): allocated with the output, freed when it dies
             size_alloc = size_free = sizes[name]
-        first = runs[info.start_step] if info.start_step >= 0 else 0
-        last = runs[info.end_step] if info.end_step != -1 else -1
+        entries.append((info.buffer.get_name(), first, last, size_alloc, size_free, name or info.buffer.get_name()))
+    spans = []  # (first run, last run or -1, bytes, FX name)
+    for buf, first, last, size_alloc, size_free, name in entries:
+        first = min(first, written_from.get(buf, first))
         alloc[first] += size_alloc
         if last != -1:
             free[last] += size_free
-        spans.append((first, last, max(size_alloc, size_free), name or info.buffer.get_name()))
+        spans.append((first, last, max(size_alloc, size_free), name))
     names = [""] * len(alloc)
     for n, r in zip(order, runs):
         if not names[r] or n.is_extern():
@@ -601,17 +615,21 @@ def inplace_updates(order) -> dict[str, str]:
 
 
 def _has_unbacked(t: torch.Tensor) -> bool:
-    return any(isinstance(d, torch.SymInt) for d in t.shape)
+    """Whether a fake tensor's shape is only known at run time (a payload's nonzero count)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return bool(free_unbacked_symbols(t.shape))
 
 
 def _unbacked(buf) -> bool:
     """Whether an Inductor buffer's size involves unbacked symbols (a size only known at run time)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     try:
         size = buf.node.get_size()
     except (AttributeError, NotImplementedError):
         return False
-    return any(getattr(s, "free_symbols", None) and any(str(sym).startswith("u") for sym in s.free_symbols)
-               for s in size)
+    return bool(free_unbacked_symbols(list(size)))
 
 
 def extern_scratch(node) -> int:
@@ -671,6 +689,12 @@ def conv_backward_scratch(machine, dtype, grad, grad_stride, x, x_stride, size, 
     if not x_cl and x_times > 0:
         # where it copies the input into its own layout, it allocates no weight-sized scratch (fp32, measured)
         scratch -= machine.conv_weight_scratch(channels_last, math.prod(size), dtype.itemsize, dtype, 0)
+    if depthwise and max(size[2], size[3]) > 3 and (x_cl or (stride[1] == 1 and size[2] * size[3] > 1)):
+        # oneDNN's generic depthwise weight gradient: a kernel above 3x3 where the input or the
+        # weight is channels-last (fp32 and bf16, AVX2 and AVX-512 EPYCs).  Calibrate measures its
+        # whole scratch; an operand in another layout is copied into channels-last first.
+        return (machine.depthwise_scratch(dtype) * size[0] * size[2] * size[3]
+                + ((not x_cl) * math.prod(x) + (not g_cl) * math.prod(grad)) * dtype.itemsize)
     return scratch + (x_times * math.prod(x) + g_times * math.prod(grad)) * dtype.itemsize
 
 
@@ -733,12 +757,29 @@ class _Scheduled(Exception):
         self.result = result
 
 
-def _scheduled(e: BaseException | None) -> RunPeak | None:
+def raised(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The exception of ``kind`` that ``e`` wraps, if any.
+
+    Dynamo and Inductor wrap what a backend or a pass raises
+    (``BackendCompilerFailed.inner_exception``, or chained as the cause):
+    bitfx stops a compile on purpose this way and finds its own exception
+    again here.
+    """
     while e is not None:
-        if isinstance(e, _Scheduled):
-            return e.result
+        if isinstance(e, kind):
+            return e
         e = getattr(e, "inner_exception", None) or e.__cause__
     return None
+
+
+def copy_graph_module(gm):
+    """A copy of ``gm``'s graph (nodes and their meta) that passes can rewrite, keeping the output's meta."""
+    import torch.fx as fx
+
+    graph = fx.Graph()
+    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(old_output.meta)
+    return fx.GraphModule(gm, graph)
 
 
 def _output_strides(names: list) -> dict[str, tuple[int, ...]]:
@@ -805,10 +846,7 @@ def scheduled_peak(gm, *, is_backward: bool, kernel_runs: bool, layout_optimizat
         result.output_strides = _output_strides(output_names)
         raise _Scheduled(result)
 
-    graph = fx.Graph()
-    out, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(out).meta = dict(old_output.meta)
-    copy = fx.GraphModule(gm, graph)
+    copy = copy_graph_module(gm)
     if prepare is not None:
         prepare(copy)
     output_names = [a.name if isinstance(a, fx.Node) else None for a in copy.graph.find_nodes(op="output")[0].args[0]]
@@ -829,8 +867,8 @@ def scheduled_peak(gm, *, is_backward: bool, kernel_runs: bool, layout_optimizat
         with config.patch(patches):
             __getattr__("compile_fx_inner")(copy, inputs, is_backward=is_backward)
     except Exception as e:  # Inductor wraps what a pass raises
-        got = _scheduled(e)
+        got = raised(e, _Scheduled)
         if got is None:
             raise
-        return got
+        return got.result
     raise RuntimeError("bitfx: Inductor compiled the graph without running its scheduler's post-fusion pass")

@@ -67,6 +67,9 @@ def partition(
         return _partition_once(graph, joint_inputs, num_fwd_outputs, opts, measured, fingerprint, kwargs, want, trace)
 
     part, choice = _choose(joint, options, once, guarded, peak_target)
+    if choice is not None and choice.as_stock:
+        for gm in (part.fw, part.bw):
+            gm.graph.find_nodes(op="output")[0].meta[AS_STOCK] = True
     if choice is not None and guarded:
         part.peak_note, part.stock_peaks = choice.note, choice.stock_peaks
         _record_guard(choice, fingerprint)
@@ -96,14 +99,14 @@ def _choose(joint: fx.GraphModule, options: Options, once, guarded: bool, peak_t
     coded = dataclasses.replace(options, compress=True)
 
     def trial(opts: Options) -> Partition:
-        return once(opts, _copy(joint))
+        return once(opts, ti.copy_graph_module(joint))
 
     choice = None
     if peak_target is not None:
         choice = fit_peak(peak_target, trial, coded)
         part, taken = choice.partition, choice.options
     else:
-        part, taken = once(coded, _copy(joint), True), coded
+        part, taken = once(coded, ti.copy_graph_module(joint), True), coded
         # A fraction set through torch's activation_memory_budget is the user's choice: not guarded.
         if part.target is not None and part.target.kind == "free":
             choice = guard(part, trial, coded)
@@ -125,13 +128,6 @@ def _record_guard(choice, fingerprint: str) -> None:
         metadata_fn=lambda: {"name": "bitfx_peak_guard", "encoding": "json"},
         payload_fn=lambda: {"note": choice.note, "peaks": choice.peaks},
     )
-
-
-def _copy(joint: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    out, old_output = graph.graph_copy(joint.graph, {}, return_output_node=True)
-    graph.output(out).meta = dict(old_output.meta)
-    return fx.GraphModule(joint, graph)
 
 
 def _partition_once(joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int, options: Options,
@@ -198,6 +194,17 @@ def _record(part: Partition, options: Options, input_names: list[str] | None) ->
     _name_inputs(part.fw, part.infos, input_names)  # the report's and the planner's names
 
 
+# Set on the output node of both graphs of one of stock's plans that the
+# peak guard takes to be compiled as stock's pipeline compiles it
+# (bitfx.inductor_layouts reads it).
+AS_STOCK = "bitfx_compile_as_stock"
+
+
+def compiled_as_stock(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is to be compiled as stock's pipeline compiles it (see :data:`AS_STOCK`)."""
+    return bool(gm.graph.find_nodes(op="output")[0].meta.get(AS_STOCK))
+
+
 @dataclass
 class Partition:
     """What :func:`partition` produced: both graphs and the per-tensor decisions."""
@@ -215,6 +222,11 @@ class Partition:
     peak_note: str | None = None  # what the peak guard changed, and why (bitfx.passes.peak.guard)
     # the guard's predicted step peaks of stock's two plans ("stock", "stock@0.9")
     stock_peaks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def compiled_as_stock(self) -> bool:
+        """One of stock's plans, compiled as stock's pipeline compiles it (the peak guard's choice)."""
+        return compiled_as_stock(self.bw)
 
     @property
     def saved(self) -> list:

@@ -3,10 +3,12 @@
 The step peak (docs/design.md) is the most bytes alive above parameters,
 buffers and inputs during one forward and backward: saved activations,
 recomputed and decompressed tensors, gradients and kernel workspaces.
-:func:`predict_step` walks both graphs of a partition with
-:func:`bitfx.liveness.simulate`, sizing each compressed payload at its
-predicted bytes.  :func:`bitfx.plan` reports it; :func:`guard` uses it to
-keep the free default from raising the peak above stock's.
+:func:`predict_step` walks both graphs of a partition, sizing each
+compressed payload at its predicted bytes: over Inductor's own schedule
+under ``inner="inductor"`` (:func:`bitfx.torch_internals.scheduled_peak`),
+else op by op with :func:`bitfx.liveness.simulate`.  :func:`bitfx.plan`
+reports it; :func:`guard` uses it to keep the free default from raising
+the peak above stock's.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bitfx.liveness import Liveness, kernel_reads, simulate, storage_root
-from bitfx.opsets import ALIAS_VIEWS
+from bitfx.liveness import Liveness, simulate
 from bitfx.options import Options, format_bytes
 from bitfx.profiles import im2col_numel
 
-from .pricing import Codec, dense_bytes, fused_consumer, machine_for
+from .pricing import Codec, dense_bytes, machine_for
+from .rewrite import LAYOUT_KEY
 from .targets import BUDGET_GRID, FREE_SLOWDOWN
 
 
@@ -78,32 +80,17 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
 
     ``stock_compiled``: the partition as stock's own pipeline compiles it,
     where Inductor lays a backward that recomputes convolutions out
-    channels-last; bitfx compiles every backward (stock's plans too) without.
+    channels-last; bitfx compiles every backward without, but for one of
+    stock's plans that the guard takes to be compiled as stock's
+    (``part.compiled_as_stock``).
     """
+    stock_compiled = stock_compiled or part.compiled_as_stock
     if stored_by_name is None:
         stored_by_name = {info.node.name: info.stored_bytes() for info in part.infos}
     payload_bytes = _payload_sizes(part, stored_by_name)
-    if inner == "inductor" and SCHEDULED and not _lite():
+    if inner == "inductor":
         return _scheduled_step(part, {n.name: b for n, b in payload_bytes.items()}, stock_compiled)
-    return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner, stock_compiled)
-
-
-# Under inner="inductor", the step peak is walked over the order and the
-# buffers of Inductor's own scheduler (the graphs lowered, nothing compiled):
-# see _scheduled_step.
-SCHEDULED = True
-
-
-def _lite() -> bool:
-    """mode="lite" (``fallback_by_default``): every op an ATen fallback, priced by the graph walk.
-
-    On torch 2.11 the scheduled walk put a six-layer ReLU MLP's compressed
-    plan above stock's default there, where it measured 2.998 MB against
-    4.195 (the guard then took stock's); the graph walk ranks them right.
-    """
-    from bitfx.torch_internals import inductor_config
-
-    return bool(getattr(inductor_config, "fallback_by_default", False))
+    return _step_model(part, lambda n: payload_bytes.get(n, node_bytes(n)), inner)
 
 
 # How bitfx's backward lays out the tensors it restores: the front end that
@@ -113,9 +100,11 @@ def _lite() -> bool:
 _RESTORED_LAYOUTS: list = []
 
 
-def set_restored_layouts(prepare: Callable) -> None:
-    """``prepare(backward_gm)`` gives restored tensors forward's layouts (:func:`_scheduled_step` applies it)."""
-    _RESTORED_LAYOUTS[:] = [prepare]
+def set_restored_layouts(prepare: Callable, recorded: Callable, remember: Callable) -> None:
+    """``prepare(backward_gm)`` gives restored tensors the layouts lowering forward recorded under their
+    layout keys (:func:`_scheduled_step` applies it); ``recorded(keys)`` reads those strides, and
+    ``remember({key: strides})`` records them again."""
+    _RESTORED_LAYOUTS[:] = [(prepare, recorded, remember)]
 
 
 # Lowering a graph takes seconds; the guard and the planner ask for the same
@@ -142,11 +131,22 @@ def _scheduled_peak(gm, **kwargs):
     key = hashlib.sha1(repr((str(gm.graph), [layout(n) for n in gm.graph.find_nodes(op="placeholder")],
                               sorted((k, arg(v)) for k, v in kwargs.items()),
                               repr(current("cpu")))).encode()).hexdigest()
+    # Each rewrite tags its compressed nodes with new layout keys, which the
+    # graph's text does not show: a forward remembered here records the
+    # layouts of its restored tensors again under the keys of this graph, or
+    # backward would be lowered with them in the FX layout (MobileNetV3-small's
+    # default: one input copy and one restored tensor too few, -14.8%).
+    tagged = {n.name: n.meta[LAYOUT_KEY] for n in gm.graph.nodes if LAYOUT_KEY in n.meta}
     if key not in _SCHEDULED_MEMO:
         if len(_SCHEDULED_MEMO) >= _SCHEDULED_MEMO_SIZE:
             _SCHEDULED_MEMO.pop(next(iter(_SCHEDULED_MEMO)))
-        _SCHEDULED_MEMO[key] = ti.scheduled_peak(gm, **kwargs)
-    return _SCHEDULED_MEMO[key]
+        run = ti.scheduled_peak(gm, **kwargs)
+        found = _RESTORED_LAYOUTS[0][1](tagged.values()) if tagged and _RESTORED_LAYOUTS else {}
+        _SCHEDULED_MEMO[key] = (run, {name: found[k] for name, k in tagged.items() if k in found})
+    run, layouts = _SCHEDULED_MEMO[key]
+    if layouts and _RESTORED_LAYOUTS:
+        _RESTORED_LAYOUTS[0][2]({tagged[name]: strides for name, strides in layouts.items()})
+    return run
 
 
 def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepModel:
@@ -185,7 +185,7 @@ def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepMo
     bw = _scheduled_peak(part.bw, is_backward=True, kernel_runs=bitfx_bw and ti.has_scheduler_pass(),
                          layout_optimization=False if bitfx_bw or not convolves else None,
                          resident=frozenset(fw_inputs - copies), sizes=sizes, input_strides=fw.output_strides,
-                         prepare=_RESTORED_LAYOUTS[0] if bitfx_bw and restores and _RESTORED_LAYOUTS else None)
+                         prepare=_RESTORED_LAYOUTS[0][0] if bitfx_bw and restores and _RESTORED_LAYOUTS else None)
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
 
     def liveness(run) -> Liveness:
@@ -194,22 +194,15 @@ def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepMo
     return StepModel(top.peak, PeakAt(phase, top.node, top.alive[:PEAK_ALIVE_SHOWN]), liveness(fw), liveness(bw))
 
 
-def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = False) -> dict:
+def _conv_backward_workspaces(bw) -> dict:
     """Scratch bytes of each CPU weight-gradient ``convolution_backward``, from the device profile
     (:class:`~bitfx.profiles.Machine`'s ``conv_scratch`` and ``depthwise_scratch``; none known on CUDA).
 
     The depthwise term is what oneDNN's generic path allocates for a
-    depthwise weight gradient with a kernel above 3x3.  Which calls take that
-    path depends on strides Inductor picks after the FX graph.  On
-    MobileNetV3-small under bf16 autocast, every 5x5 depthwise layer whose
-    input backward read from forward (the bf16 cast forward saved) took it,
-    in stock's backward and in bitfx's (22 MiB for the 576-channel layer);
-    none whose input bitfx's backward recomputed, and none in fp32.  Stock's
-    pipeline lays a backward that recomputes convolutions out channels-last
-    (``channels_last_bw``), and its recomputed inputs took the path too (at
-    budget 0.9).  So it is counted for bf16 and fp16 gradients over inputs
-    saved by forward, and under ``channels_last_bw``: a rule read off
-    measurements, not a model of oneDNN's choice.
+    depthwise weight gradient with a kernel above 3x3.  It is counted where
+    the input is channels-last, and for bf16 and fp16 gradients over inputs
+    saved by forward: a rule read off measurements (MobileNetV3-small, whose
+    5x5 depthwise layers took that path so), not a model of oneDNN's choice.
     """
     machine = None
     out = {}
@@ -222,14 +215,14 @@ def _conv_backward_workspaces(bw, copies: set[str], channels_last_bw: bool = Fal
         # The gradients it returns are counted at its getitems, after it
         # ran; while it runs they are alive beside the scratch.
         returned = sum(dense_bytes(v) for v in n.meta["val"] if isinstance(v, torch.Tensor))
-        channels_last = weight.name in copies or _channels_last(weight)
+        channels_last = _channels_last(weight)
         w, groups = weight.meta.get("val"), n.args[-2]
         xv = x.meta.get("val")
         im2col = im2col_numel(xv.shape, w.shape, grad.shape) if isinstance(xv, torch.Tensor) and isinstance(
             w, torch.Tensor) else 0
         scratch = (machine.conv_weight_scratch(channels_last, w.numel(), w.element_size(), w.dtype, im2col)
                    if isinstance(w, torch.Tensor) else machine.conv_scratch(channels_last) * node_bytes(weight))
-        generic = (channels_last_bw or _channels_last(x)  # channels-last by its FX strides (eager runs them)
+        generic = (_channels_last(x)  # by its FX strides: eager runs them as they are
                    or (grad.dtype in (torch.bfloat16, torch.float16) and _from_forward(x)))
         if (generic and isinstance(w, torch.Tensor) and w.dim() == 4 and groups > 1 and w.shape[1] == 1
                 and max(w.shape[2], w.shape[3]) > 3):
@@ -256,81 +249,9 @@ def _conv_forward_workspaces(gm) -> dict:
     return out
 
 
-# Inductor stores a pointwise value read by more than one consumer when its
-# kernel would read more than this many buffers (config.realize_reads_threshold).
-REALIZE_READS = 4
-
-
-def _inlined(gm, inner: str) -> set:
-    """Pointwise nodes Inductor computes inside their consumers' kernels, never storing them.
-
-    Inductor lowers a pointwise op lazily and stores (realizes) it only for
-    a consumer that reads memory (an extern kernel such as a matmul or a
-    convolution, a fallback op such as bitfx's decoders, the graph's
-    output), or when several consumers would each recompute a kernel reading
-    more than ``REALIZE_READS`` buffers.  Every other pointwise value, such as
-    a recomputed ReLU6 or hardswish chain whose consumers are the backward's
-    pointwise ops and reductions, exists only in registers.  Counting those
-    as stored put MobileNetV2's bf16 backward 23% above the measured peak.
-    Eager runs every op (``inner="eager"``): nothing is inlined.
-    """
-    if inner != "inductor":
-        return set()
-    outputs = {storage_root(a) for a in gm.graph.find_nodes(op="output")[0].all_input_nodes}
-    inlined: set = set()
-    memo: dict = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or torch.Tag.pointwise not in getattr(n.target, "tags", ()) or n in outputs:
-            continue
-        consumers = _consumers(n)
-        # the buffers its kernel reads, through the inlined producers it absorbs
-        if consumers is not None and (len(consumers) <= 1 or len(kernel_reads(n, inlined, memo)) <= REALIZE_READS):
-            inlined.add(n)
-    return inlined
-
-
-def _consumers(node) -> list | None:
-    """The ops that read ``node`` (through views), or None if one of them needs it in memory."""
-    out = []
-    for u in node.users:
-        if u.op == "call_function" and u.target in ALIAS_VIEWS:
-            more = _consumers(u)
-            if more is None:
-                return None
-            out += more
-        elif fused_consumer(u):
-            out.append(u)
-        else:
-            return None
-    return out
-
-
 def _from_forward(node) -> bool:
     """Whether backward's ``node`` is a tensor forward saved: a placeholder, or one a bitfx op restored."""
     return node.op == "placeholder" or (node.op == "call_function" and getattr(node.target, "namespace", "") == "bitfx")
-
-
-def _conv_weight_copies(part, inner: str) -> set[str]:
-    """Forward inputs that Inductor copies to channels-last before its convolutions.
-
-    With Inductor's layout optimization on, each convolution weight is copied
-    in forward, and the copy, not the parameter, is what forward saves for
-    backward: those bytes are alive from the first convolution that uses the
-    weight until backward's last use of it.  A weight already laid out as
-    channels-last (1x1 kernels, and depthwise ones with one input channel,
-    whose contiguous strides are channels-last strides too) is used as it is.
-    """
-    if inner != "inductor" or not _layout_opt(part.fw):
-        return set()
-    conv = torch.ops.aten.convolution.default
-    return {n.args[1].name for n in part.fw.graph.find_nodes(op="call_function", target=conv)
-            if n.args[1].op == "placeholder" and not _channels_last(n.args[1])}
-
-
-def _layout_opt(gm) -> bool:
-    from bitfx.torch_internals import inductor_layout_opt
-
-    return inductor_layout_opt(gm)
 
 
 def _channels_last(node) -> bool:
@@ -338,28 +259,22 @@ def _channels_last(node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)
 
 
-def _step_model(part, size_of, inner: str, stock_compiled: bool = False) -> StepModel:
-    """Peak activation + gradient bytes over forward then backward.
+def _step_model(part, size_of, inner: str) -> StepModel:
+    """Peak activation + gradient bytes over forward then backward, op by op (an ``inner`` that runs
+    each op as it is: ``eager``, ``aot_eager``).
 
     Backward placeholders named like forward inputs are the parameters and
-    inputs themselves (already counted as resident), not new storage, except
-    the convolution weights' copies (:func:`_conv_weight_copies`).
+    inputs themselves (already counted as resident), not new storage.
+    Autograd holds a Python backward's saved tensors until it returns.
     """
-    fw_inputs = {p.name: p for p in part.fw.graph.find_nodes(op="placeholder")}
-    copies = _conv_weight_copies(part, inner)
+    fw_inputs = {p.name for p in part.fw.graph.find_nodes(op="placeholder")}
 
     def bw_size(n):
-        if n.op == "placeholder" and n.name in fw_inputs:
-            return node_bytes(n) if n.name in copies else 0
-        return size_of(n)
+        return 0 if n.op == "placeholder" and n.name in fw_inputs else size_of(n)
 
-    fw = simulate(part.fw.graph, size_of, inputs_resident=True,
-                  late_inputs={fw_inputs[c]: node_bytes(fw_inputs[c]) for c in copies},
-                  workspace=_conv_forward_workspaces(part.fw), inlined=_inlined(part.fw, inner))
-    channels_last_bw = stock_compiled and inner == "inductor" and _layout_opt(part.bw)
-    workspace = {**_conv_forward_workspaces(part.bw), **_conv_backward_workspaces(part.bw, copies, channels_last_bw)}
-    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=inner != "inductor",
-                  inlined=_inlined(part.bw, inner))
+    fw = simulate(part.fw.graph, size_of, inputs_resident=True, workspace=_conv_forward_workspaces(part.fw))
+    workspace = {**_conv_forward_workspaces(part.bw), **_conv_backward_workspaces(part.bw)}
+    bw = simulate(part.bw.graph, bw_size, inputs_resident=False, workspace=workspace, keep_inputs=True)
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
     alive = sorted(top.alive_at_peak.items(), key=lambda kv: -kv[1])[:PEAK_ALIVE_SHOWN]
     return StepModel(top.peak, PeakAt(phase, top.peak_node, alive), fw, bw)
@@ -395,6 +310,7 @@ class Guarded:
     peaks: dict[str, int]  # predicted step peak of each plan compared, by label
     # stock's two plans ("stock", "stock@0.9") predicted as stock's own pipeline compiles them (bitfx.fit)
     stock_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
+    as_stock: bool = False  # ``partition`` is one of stock's plans, to be compiled as stock's pipeline does
 
 
 @dataclass
@@ -405,6 +321,7 @@ class _Plan:
     seconds: float
     options: Options
     where: str  # "forward at <node>" / "backward at <node>"
+    as_stock: bool = False  # one of stock's plans, to be compiled as stock's own pipeline compiles it
 
 
 class _Plans:
@@ -415,18 +332,42 @@ class _Plans:
         self.trial, self.peak_of, self.base_s = trial, peak_of, base_s
         self.all: list[_Plan] = []
 
+    def seconds(self, part) -> float:
+        return part.estimate.total_s if part.estimate is not None else self.base_s
+
     def add(self, label: str, opts: Options, part=None) -> _Plan:
         part = self.trial(opts) if part is None else part
         peak, where = self.peak_of(part)
-        seconds = part.estimate.total_s if part.estimate is not None else self.base_s
-        self.all.append(_Plan(label, part, peak, seconds, opts, where))
+        self.all.append(_Plan(label, part, peak, self.seconds(part), opts, where))
         return self.all[-1]
 
-    def grid(self, options: Options, stop: Callable[[_Plan], bool] = lambda p: False) -> None:
-        """bitfx's plans at each fraction of :data:`BUDGET_GRID`, largest first, up to the first ``stop`` accepts."""
-        for b in BUDGET_GRID:
-            if stop(self.add(f"budget {b:g}", dataclasses.replace(options, memory_budget=b))):
+    def grid(self, options: Options, stop: Callable[[_Plan], bool] = lambda p: False,
+             priced: Callable[[float], bool] = lambda seconds: True) -> None:
+        """bitfx's plans at each fraction of :data:`BUDGET_GRID`, largest first, up to the first ``stop`` accepts.
+
+        Partitioning is cheap and pricing (the step model) is not: a plan whose
+        estimated seconds ``priced`` rejects is partitioned, then skipped.
+        """
+        for label, opts, part in self._partitioned(options):
+            if priced(self.seconds(part)) and stop(self.add(label, opts, part)):
                 return
+
+    def fastest_within(self, target: int, options: Options) -> None:
+        """Price bitfx's plans at each fraction of :data:`BUDGET_GRID` in order of estimated seconds, up to
+        the fastest whose predicted peak is within ``target`` (and any as fast): it is the fastest that fits."""
+        fastest = min((p.seconds for p in self.all if p.peak <= target), default=None)
+        for label, opts, part in sorted(self._partitioned(options), key=lambda c: self.seconds(c[2])):
+            seconds = self.seconds(part)
+            if fastest is not None and seconds > fastest:
+                return
+            if self.add(label, opts, part).peak <= target and fastest is None:
+                fastest = seconds
+
+    def _partitioned(self, options: Options):
+        """(label, options, partition) of bitfx's plan at each fraction of :data:`BUDGET_GRID`, largest first."""
+        for b in BUDGET_GRID:
+            opts = dataclasses.replace(options, memory_budget=b)
+            yield f"budget {b:g}", opts, self.trial(opts)
 
     def peaks(self) -> dict[str, int]:
         return {p.label: p.peak for p in self.all}
@@ -437,7 +378,8 @@ def _base_seconds(part) -> float:
 
 
 def guard(default, trial: Callable[[Options], object], options: Options,
-          peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
+          peak_of: Callable[[object], tuple[int, str]] | None = None,
+          stock_peak_of: Callable[[object], tuple[int, str]] | None = None) -> Guarded:
     """The free default, unless it raises the step peak or a faster plan peaks as low.
 
     ``default`` is the free default's partition; ``trial(options)``
@@ -458,43 +400,63 @@ def guard(default, trial: Callable[[Options], object], options: Options,
       step time, else the fastest.
 
     ``peak_of(partition)``: its predicted step peak and where it happens
-    (default: :func:`predict_step`'s, at the plan's assumed densities).
+    (default: :func:`predict_step`'s, at the plan's assumed densities), as
+    bitfx compiles it; ``stock_peak_of``: the same of stock's plans as
+    stock's pipeline compiles them (default: ``peak_of`` where that is
+    given).
     """
     base_s = _base_seconds(default)
     plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), base_s)
     d = plans.add("the free default", options, default)
     stock = plans.add("stock's default plan", dataclasses.replace(options, enabled=False, memory_budget=None))
     at_09 = plans.add("stock's plan at budget 0.9", dataclasses.replace(options, enabled=False, memory_budget=0.9))
-    # The limit is what stock's own pipeline peaks at; every plan compared,
-    # stock's too, is priced as bitfx compiles it (stock's plans if taken).
-    stock_peak_of = functools.partial(_peak_of, inner=options.inner, stock_compiled=True) if peak_of is None \
-        else peak_of
-    by_name = {"stock": stock_peak_of(stock.partition)[0], "stock@0.9": stock_peak_of(at_09.partition)[0]}
+    # The limit is what stock's own pipeline peaks at; every plan compared is
+    # priced as bitfx compiles it.
+    if stock_peak_of is None:
+        stock_peak_of = functools.partial(_peak_of, inner=options.inner, stock_compiled=True) if peak_of is None \
+            else peak_of
+    own = {"stock": stock_peak_of(stock.partition), "stock@0.9": stock_peak_of(at_09.partition)}
+    by_name = {k: v[0] for k, v in own.items()}
     lower = stock if by_name["stock"] <= by_name["stock@0.9"] else at_09
     limit = min(by_name.values())
     # What a plan of bitfx's must predict to be taken over stock's.
-    trusted = limit * (1 - (PEAK_MARGIN if _convolves(default) else 0.0))
+    margin = PEAK_MARGIN if _convolves(default) else 0.0
+    trusted = limit * (1 - margin)
+    # bitfx compiles backward its own way (forward's layouts, its kernel-run
+    # order): for one of stock's plans that is a plan of bitfx's, taken only
+    # by the margin below the same plan as stock's own pipeline compiles it.
+    # Otherwise that plan is compiled as stock's pipeline does, and peaks
+    # where stock's does.
+    for p, (peak, where) in ((stock, own["stock"]), (at_09, own["stock@0.9"])):
+        if not p.peak < peak * (1 - margin):
+            p.peak, p.where, p.as_stock = peak, where, True
     if d.peak <= limit:
         if stock.peak <= d.peak * (1 + PEAK_TOLERANCE) and base_s < d.seconds:
             note = (f"the bytes the free default saves do not lower the step peak (predicted {format_bytes(d.peak)}, "
                     f"in {d.where}; stock's default plan {format_bytes(stock.peak)}): taking stock's default plan, "
                     f"the faster, predicted step peak {format_bytes(stock.peak)}")
-            return Guarded(stock.partition, stock.options, note, plans.peaks(), by_name)
+            return Guarded(stock.partition, stock.options, note, plans.peaks(), by_name, stock.as_stock)
         if d.peak <= trusted:
             return Guarded(default, options, None, plans.peaks(), by_name)
     stock_plans = (stock, at_09)
-    plans.grid(options, stop=lambda p: p.peak <= trusted)
+    free_s = (1 + FREE_SLOWDOWN) * base_s
+    # Where one of stock's plans is within the limit and the free time, no
+    # slower plan can be taken: those are partitioned, never priced.
+    stock_free = any(p.peak <= limit and p.seconds <= free_s for p in stock_plans)
+    plans.grid(options, stop=lambda p: p.peak <= trusted,
+               priced=(lambda seconds: seconds <= free_s) if stock_free else (lambda seconds: True))
     # Stock's plans are within the limit as their own pipeline compiles them
     # (the lower one is the limit); bitfx's must be within it by the margin.
     fits = [p for p in plans.all if (p.peak <= limit if p in stock_plans else p.peak <= trusted)] \
         or [min(plans.all, key=lambda p: (p.peak, p.seconds))]
-    free = [p for p in fits if p.seconds <= (1 + FREE_SLOWDOWN) * base_s]
+    free = [p for p in fits if p.seconds <= free_s]
     best = min(free, key=lambda p: (p.peak, p.seconds)) if free else min(fits, key=lambda p: (p.seconds, p.peak))
     why = "above" if d.peak > limit else f"less than {PEAK_MARGIN:.0%} (the guard's margin on convolutions) below"
+    compiled = " (compiled as stock's pipeline compiles it)" if best.as_stock else ""
     note = (f"the free default's predicted step peak {format_bytes(d.peak)} (in {d.where}) is {why} "
-            f"{lower.label}'s {format_bytes(limit)}: taking {best.label}, predicted step peak "
+            f"{lower.label}'s {format_bytes(limit)}: taking {best.label}{compiled}, predicted step peak "
             f"{format_bytes(best.peak)}")
-    return Guarded(best.partition, best.options, note, plans.peaks(), by_name)
+    return Guarded(best.partition, best.options, note, plans.peaks(), by_name, best.as_stock)
 
 
 def fit_peak(target: int, trial: Callable[[Options], object], options: Options,
@@ -512,15 +474,15 @@ def fit_peak(target: int, trial: Callable[[Options], object], options: Options,
     first = trial(free)
     plans = _Plans(trial, peak_of or functools.partial(_peak_of, inner=options.inner), _base_seconds(first))
     plans.add("the free default", free, first)
-    plans.grid(options)
+    plans.fastest_within(target, options)
     fits = [p for p in plans.all if p.peak <= target]
     if not fits:
         smallest = min(plans.all, key=lambda p: p.peak)
         raise BudgetError(f"bitfx: no plan's predicted step peak fits {format_bytes(target)}: the smallest is "
                           f"{format_bytes(smallest.peak)} ({smallest.label})")
     best = min(fits, key=lambda p: (p.seconds, p.peak))
-    note = (f"step peak target {format_bytes(target)}: {best.label}, predicted {format_bytes(best.peak)} "
-            f"(of {len(plans.all)} plans, {len(fits)} fit)")
+    note = (f"step peak target {format_bytes(target)}: {best.label}, predicted {format_bytes(best.peak)}, "
+            f"the fastest of {len(BUDGET_GRID) + 1} plans that fits")
     return Guarded(best.partition, best.options, note, plans.peaks())
 
 

@@ -21,7 +21,6 @@ import enum
 import functools
 import logging
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -271,13 +270,6 @@ def store_seconds(node: fx.Node, machine: Machine) -> float:
     if any(_needs_memory(u) for u in node.users):
         return 0.0  # materialized for an extern consumer anyway
     return machine.seconds_moving(dense_bytes(node.meta.get("val")))
-
-
-def fused_consumer(user: fx.Node) -> bool:
-    """Whether Inductor generates ``user``'s kernel, which reads a pointwise input without it in memory:
-    a fusible op (pointwise, a reduction, ``cat``) that is not an extern kernel."""
-    return (user.op == "call_function" and user.target is not operator.getitem and _op_types().is_fusible(user)
-            and not _flops(user, user.meta.get("val")))
 
 
 def _needs_memory(user: fx.Node) -> bool:

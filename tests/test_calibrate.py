@@ -70,6 +70,23 @@ def test_calibrate_writes_a_profile_that_prices_plans(profile_env, tmp_path, cap
     builtin = calibrate.MACHINES["cpu"]
     for field in calibrate.SCRATCH_FIELDS:
         assert getattr(machine, field) == getattr(builtin, field), field
+    assert not set(calibrate.UNMEASURED_FIELDS) & m.keys()
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_profile_prices_operand_copies_with_the_built_in_values(profile_env, tmp_path, quick):
+    """No calibration measures a weight gradient's operand copies; profiles once saved them as an
+    empty table, which priced every copy at nothing wherever a profile existed (a user's first
+    compile saves one)."""
+    path = _write(tmp_path / "p.json", conv_operand_copies_by_dtype=())
+    profile = json.loads(path.read_text())
+    profile["quick"] = quick
+    path.write_text(json.dumps(profile))
+    profile_env.setenv("BITFX_PROFILE", str(path))
+    machine = calibrate.machine("cpu")
+    assert machine.name.startswith(f"cpu: profile {path}")
+    assert machine.conv_operand_copies_by_dtype == calibrate.MACHINES["cpu"].conv_operand_copies_by_dtype != ()
+    assert machine.conv_operand_copies(torch.float32, False, False, False) == (1.0, 1.0)
 
 
 def test_a_quick_profile_with_zero_scratch_keeps_the_built_in_scratch(profile_env, tmp_path):

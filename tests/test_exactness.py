@@ -155,7 +155,8 @@ def test_backward_compiles_with_stock_layouts(monkeypatch):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
                       nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
-    torch.compile(m, backend=bitfx.backend(inner="inductor"))(torch.randn(2, 3, 8, 8)).sum().backward()
+    # bitfx's own plan (the guard would take stock's here, compiled as stock's pipeline does)
+    torch.compile(m, backend=bitfx.backend(inner="inductor", peak_guard=False))(torch.randn(2, 3, 8, 8)).sum().backward()
     assert (False, True) in seen and (True, False) in seen and (True, True) not in seen, seen
 
 

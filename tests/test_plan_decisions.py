@@ -84,7 +84,9 @@ def test_plan_decisions_are_the_recorded_ones(name):
 if __name__ == "__main__":
     os.environ.setdefault("BITFX_PROFILE", "builtin")  # as tests/conftest.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    plans = {n: decisions(n) for n in CASES}
+    # read after planning: another torch's run may have recorded its plans meanwhile
     data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    data[TORCH] = {n: decisions(n) for n in CASES}
+    data[TORCH] = plans
     GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"recorded {len(CASES)} plans for torch {TORCH} in {GOLDEN}")

@@ -65,15 +65,13 @@ def test_liveness_outputs_never_die():
     assert live.peak == 100 and live.end == 80
 
 
-def test_liveness_copied_inputs_and_workspaces():
+def test_liveness_workspaces_are_alive_while_their_node_runs():
     g = hand_graph()
-    x = next(iter(g.find_nodes(op="placeholder")))
     mul = next(n for n in g.nodes if n.name == "mul")
-    # x is resident, but the graph copies it (10) at its first use (relu),
-    # and frees the copy after its last; mul needs 25 of scratch while it runs.
+    # mul needs 25 of scratch while it runs; relu dies after mul.
     live = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=True,
-                    late_inputs={x: 10}, workspace={mul: 25})
-    assert [t for _, t in live.timeline] == [110, 100, 165, 47]  # the copy dies after relu
+                    workspace={mul: 25})
+    assert [t for _, t in live.timeline] == [100, 100, 165, 47]
     assert live.peak == 165 and live.peak_node == "mul"
     assert live.alive_at_peak == {"relu": 100, "mul": 40, "mul (workspace)": 25}
     assert live.end == 7
@@ -84,45 +82,6 @@ def test_liveness_kept_inputs_live_until_the_graph_returns():
     freed = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=False)
     kept = simulate(g, sizes({"x": 10, "relu": 100, "mul": 40, "add": 7}), inputs_resident=False, keep_inputs=True)
     assert (freed.peak, kept.peak) == (140, 150) and kept.end == 17
-
-
-def test_liveness_inlined_nodes_allocate_nothing_and_keep_their_inputs_alive():
-    g = fx.Graph()
-    x = g.placeholder("x")
-    a = g.call_function(aten.relu.default, (x,), name="relu")
-    b = g.call_function(aten.mul.Tensor, (a, 2), name="mul")  # computed inside add's kernel
-    c = g.call_function(aten.mm.default, (x, x), name="mm")
-    d = g.call_function(aten.add.Tensor, (b, c), name="add")
-    g.output((d,))
-    table = sizes({"relu": 100, "mul": 40, "mm": 30, "add": 7})
-    stored = simulate(g, table, inputs_resident=True)
-    inlined = simulate(g, table, inputs_resident=True, inlined={b})
-    # stored: relu dies at mul, so mm runs beside mul alone (40 + 30); inlined:
-    # add reads relu itself, so relu lives through mm (100 + 30), and mul never exists.
-    assert [t for _, t in stored.timeline] == [100, 140, 70, 77]
-    assert [t for _, t in inlined.timeline] == [100, 130, 137]
-    assert inlined.peak == 137 and inlined.end == 7
-
-
-def test_recomputed_pointwise_chains_are_inlined_and_extern_inputs_stored():
-    from bitfx.passes.peak import _inlined
-
-    g = fx.Graph()
-    x, w = g.placeholder("x"), g.placeholder("w")
-    lo = g.call_function(aten.clamp_min.default, (x, 0.0), name="clamp_min")
-    hi = g.call_function(aten.clamp_max.default, (lo, 6.0), name="clamp_max")  # read by the matmul
-    m = g.call_function(aten.mm.default, (hi, w), name="mm")
-    mask = g.call_function(aten.le.Scalar, (x, 0.0), name="le")  # read by where alone
-    out = g.call_function(aten.where.self, (mask, m, m), name="where")
-    s = g.call_function(aten.sum.default, (out,), name="sum")
-    g.output((s,))
-    gm = fx.GraphModule({}, g)
-    for n in g.nodes:
-        if n.op == "placeholder":
-            n.meta["val"] = torch.empty(4, 4)
-    names = {n.name for n in _inlined(gm, "inductor")}
-    assert names == {"clamp_min", "le", "where"}
-    assert _inlined(gm, "eager") == set()
 
 
 def test_plan_says_where_the_peak_is_and_counts_inductors_weight_copies():
