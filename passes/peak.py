@@ -97,14 +97,21 @@ def predict_step(part, inner: str, stored_by_name: dict[str, int] | None = None,
 # lowers bitfx's ops (bitfx.inductor_layouts) sets it when it installs them,
 # and the step model applies it to backward before lowering, as the real
 # compile does.
-_RESTORED_LAYOUTS: list = []
+@dataclass(frozen=True)
+class _RestoredLayouts:
+    prepare: Callable  # prepare(backward_gm): restored tensors get forward's recorded layouts
+    recorded: Callable  # recorded(keys) -> {key: strides} recorded under those layout keys
+    remember: Callable  # remember({key: strides}): record them again
+
+
+_RESTORED_LAYOUTS: list[_RestoredLayouts] = []
 
 
 def set_restored_layouts(prepare: Callable, recorded: Callable, remember: Callable) -> None:
     """``prepare(backward_gm)`` gives restored tensors the layouts lowering forward recorded under their
     layout keys (:func:`_scheduled_step` applies it); ``recorded(keys)`` reads those strides, and
     ``remember({key: strides})`` records them again."""
-    _RESTORED_LAYOUTS[:] = [(prepare, recorded, remember)]
+    _RESTORED_LAYOUTS[:] = [_RestoredLayouts(prepare, recorded, remember)]
 
 
 # Lowering a graph takes seconds; the guard and the planner ask for the same
@@ -141,11 +148,11 @@ def _scheduled_peak(gm, **kwargs):
         if len(_SCHEDULED_MEMO) >= _SCHEDULED_MEMO_SIZE:
             _SCHEDULED_MEMO.pop(next(iter(_SCHEDULED_MEMO)))
         run = ti.scheduled_peak(gm, **kwargs)
-        found = _RESTORED_LAYOUTS[0][1](tagged.values()) if tagged and _RESTORED_LAYOUTS else {}
+        found = _RESTORED_LAYOUTS[0].recorded(tagged.values()) if tagged and _RESTORED_LAYOUTS else {}
         _SCHEDULED_MEMO[key] = (run, {name: found[k] for name, k in tagged.items() if k in found})
     run, layouts = _SCHEDULED_MEMO[key]
     if layouts and _RESTORED_LAYOUTS:
-        _RESTORED_LAYOUTS[0][2]({tagged[name]: strides for name, strides in layouts.items()})
+        _RESTORED_LAYOUTS[0].remember({tagged[name]: strides for name, strides in layouts.items()})
     return run
 
 
@@ -185,7 +192,7 @@ def _scheduled_step(part, sizes: dict[str, int], stock_compiled: bool) -> StepMo
     bw = _scheduled_peak(part.bw, is_backward=True, kernel_runs=bitfx_bw and ti.has_scheduler_pass(),
                          layout_optimization=False if bitfx_bw or not convolves else None,
                          resident=frozenset(fw_inputs - copies), sizes=sizes, input_strides=fw.output_strides,
-                         prepare=_RESTORED_LAYOUTS[0][0] if bitfx_bw and restores and _RESTORED_LAYOUTS else None)
+                         prepare=_RESTORED_LAYOUTS[0].prepare if bitfx_bw and restores and _RESTORED_LAYOUTS else None)
     phase, top = ("forward", fw) if fw.peak >= bw.peak else ("backward", bw)
 
     def liveness(run) -> Liveness:

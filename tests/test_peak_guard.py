@@ -341,9 +341,9 @@ def test_depthwise_5x5_backward_scratch_is_predicted(dtype, tmp_path, monkeypatc
 def test_the_scheduled_walk_counts_generic_depthwise_scratch_by_the_input_layout(dtype):
     """Under Inductor the step model prices each ``convolution_backward`` at the strides Inductor
     gave its operands.  Over a channels-last input, or with a channels-last weight (then copying
-    the input), oneDNN's 5x5 depthwise weight gradient allocates per channel and tap (MobileNetV3-small bf16, stock at 0.9, on a Zen 4 EPYC: 22 MB
-    in its 576-channel layer, which the walk had priced at nothing: -72.6% and -74.1%); with
-    both contiguous, next to nothing."""
+    the input), oneDNN's 5x5 depthwise weight gradient allocates per channel and tap
+    (MobileNetV3-small bf16, stock at 0.9, on a Zen 4 EPYC: 22 MB in its 576-channel layer, which
+    the walk had priced at nothing: -72.6% and -74.1%); with both contiguous, next to nothing."""
     import dataclasses
 
     from bitfx import calibrate
